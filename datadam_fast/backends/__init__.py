@@ -1,0 +1,182 @@
+"""Backend registry.
+
+A backend computes the per-sample spatial attention maps of several layers at once and their
+vector-Jacobian product. That is the only part of the loss that touches ``[N, C, H, W]`` data;
+per-class means and the squared distances act on ``[K, H*W]`` and run in PyTorch on top.
+
+Contract (every backend implements both, for a list of layers in one call):
+
+``forward(feats, power) -> (maps, norms)``
+    ``feats``: list of ``[N_l, C_l, H_l, W_l]`` tensors (fp32/bf16/fp16/fp64, any strides, same
+    device).  ``maps[l]``: ``[N_l, H_l*W_l]`` L2-normalised attention, float32 (float64 for
+    float64 input), contiguous.  ``norms[l]``: ``[N_l]`` the pre-normalisation L2 norms ``||a||``
+    (same float dtype).  The feature map is read once; ``|f|^p`` is never materialised.
+
+``backward(feats, maps, norms, grad_maps, power) -> grads``
+    ``grad_maps[l]``: ``[N_l, H_l*W_l]`` gradient w.r.t. ``maps[l]``.  Returns ``dL/dfeats[l]`` with
+    the shape, dtype and memory format (contiguous or channels_last) of ``feats[l]``, reading
+    ``feats[l]`` once and writing the gradient once.  Formula: ``reference.spatial_attention_backward``.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Callable, Dict, List, Sequence, Tuple
+
+import torch
+
+BACKEND_NAMES = ("reference", "triton", "cuda", "cpu")
+
+
+class BackendUnavailable(RuntimeError):
+    """Raised when a named backend cannot run here (no compiler, no GPU, no Triton ...)."""
+
+
+class Backend:
+    name = "abstract"
+
+    def supports(self, device: torch.device) -> bool:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def forward(self, feats: Sequence[torch.Tensor], power: float
+                ) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:  # pragma: no cover
+        raise NotImplementedError
+
+    def backward(self, feats: Sequence[torch.Tensor], maps: Sequence[torch.Tensor],
+                 norms: Sequence[torch.Tensor], grad_maps: Sequence[torch.Tensor],
+                 power: float) -> List[torch.Tensor]:  # pragma: no cover
+        raise NotImplementedError
+
+
+class ReferenceBackend(Backend):
+    """Plain PyTorch; the oracle, and the fallback on any device."""
+    name = "reference"
+
+    def supports(self, device):
+        return True
+
+    def forward(self, feats, power):
+        from .. import reference
+        maps, norms = [], []
+        for f in feats:
+            acc = torch.float64 if f.dtype == torch.float64 else torch.float32
+            a = f.to(acc).abs().pow(power).sum(dim=1).flatten(1)
+            n = a.norm(dim=1)
+            maps.append((a / n.clamp_min(reference.NORM_EPS).unsqueeze(1)).contiguous())
+            norms.append(n)
+        return maps, norms
+
+    def backward(self, feats, maps, norms, grad_maps, power):
+        from ..reference import spatial_attention_backward
+        out = []
+        for f, m, n, g in zip(feats, maps, norms, grad_maps):
+            grad = spatial_attention_backward(f, m, n, g, power)
+            if f.dim() == 4 and f.is_contiguous(memory_format=torch.channels_last) \
+                    and not f.is_contiguous():
+                grad = grad.contiguous(memory_format=torch.channels_last)
+            out.append(grad)
+        return out
+
+
+def _load_cpu() -> Backend:
+    from .cpu import CPUBackend
+    return CPUBackend()
+
+
+def _load_cuda() -> Backend:
+    from .cuda import CUDABackend
+    return CUDABackend()
+
+
+def _load_triton() -> Backend:
+    from .triton import TritonBackend
+    return TritonBackend()
+
+
+_FACTORIES: Dict[str, Callable[[], Backend]] = {
+    "reference": ReferenceBackend,
+    "cpu": _load_cpu,
+    "cuda": _load_cuda,
+    "triton": _load_triton,
+}
+_CACHE: Dict[str, Backend] = {}
+_FAILED: Dict[str, str] = {}
+_WARNED: set = set()
+
+
+def get_backend(name: str) -> Backend:
+    """Return the named backend, building/importing it on first use.
+
+    Raises :class:`BackendUnavailable` with the reason when it cannot run here.
+    """
+    if name not in _FACTORIES:
+        raise ValueError(f"unknown backend {name!r}; expected one of {('auto',) + BACKEND_NAMES}")
+    if name in _CACHE:
+        return _CACHE[name]
+    if name in _FAILED:
+        raise BackendUnavailable(_FAILED[name])
+    try:
+        backend = _FACTORIES[name]()
+    except BackendUnavailable as e:
+        _FAILED[name] = str(e)
+        raise
+    except Exception as e:  # import error, compiler failure ...
+        _FAILED[name] = f"backend {name!r} could not be loaded: {type(e).__name__}: {e}"
+        raise BackendUnavailable(_FAILED[name]) from e
+    _CACHE[name] = backend
+    return backend
+
+
+def _auto_order(device: torch.device) -> Tuple[str, ...]:
+    forced = os.environ.get("DATADAM_FAST_BACKEND")
+    if forced:
+        return (forced,)
+    if device.type == "cuda":
+        return ("triton", "cuda")
+    if device.type == "cpu":
+        return ("cpu",)
+    return ()
+
+
+def resolve_backend(name: str, device: torch.device) -> Backend:
+    """Map a user's ``backend=`` argument to a backend object for tensors on ``device``.
+
+    ``"auto"`` tries the fastest backend for the device and falls back to ``"reference"`` with a
+    one-time warning naming the reason. An explicit name raises if it cannot run.
+    """
+    if name != "auto":
+        backend = get_backend(name)
+        if not backend.supports(device):
+            raise BackendUnavailable(
+                f"backend {name!r} cannot run on device {device} "
+                + ("(set TRITON_INTERPRET=1 before importing triton to run Triton kernels on CPU)"
+                   if name == "triton" else ""))
+        return backend
+    reasons = []
+    for cand in _auto_order(device):
+        try:
+            backend = get_backend(cand)
+        except BackendUnavailable as e:
+            reasons.append(str(e))
+            continue
+        if backend.supports(device):
+            return backend
+        reasons.append(f"backend {cand!r} does not support device {device}")
+    key = (device.type, tuple(reasons))
+    if reasons and key not in _WARNED:
+        _WARNED.add(key)
+        warnings.warn("datadam_fast: falling back to the reference backend on "
+                      f"{device.type}: " + "; ".join(reasons), RuntimeWarning, stacklevel=3)
+    return get_backend("reference")
+
+
+def available_backends(device: torch.device) -> List[str]:
+    """Names of the backends that load and support ``device`` (builds extensions if needed)."""
+    names = []
+    for n in BACKEND_NAMES:
+        try:
+            if get_backend(n).supports(device):
+                names.append(n)
+        except BackendUnavailable:
+            pass
+    return names

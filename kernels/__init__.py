@@ -1,0 +1,1 @@
+"""Triton kernels, installed as ``datadam_fast.kernels`` (never as a top-level ``kernels``)."""
