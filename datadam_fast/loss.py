@@ -80,7 +80,8 @@ def attention_matching_loss(real_feats: RealInput, syn_feats: Sequence[torch.Ten
         with torch.no_grad():
             real_att = class_attention_means([f.detach() for f in real_feats], num_classes=K,
                                              power=power, backend=be.name) if real_feats else []
-            real_emb_mean = None if real_emb is None else _class_mean_rows(real_emb.detach().float(), K)
+            real_emb_mean = None if real_emb is None else _class_mean_rows(
+                real_emb.detach().to(torch.float64 if real_emb.dtype == torch.float64 else torch.float32), K)
     else:
         real_att = [t.detach() for t in targets.attention]
         real_emb_mean = None if targets.embedding is None else targets.embedding.detach()
