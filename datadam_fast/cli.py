@@ -1,0 +1,229 @@
+"""``datadam-fast`` command line: distill, evaluate, pack, backends."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import List, Optional
+
+EXIT_USAGE = 2
+
+
+def _add_distill(sub) -> None:
+    from .distill import DEFAULT_PRESET, PRESETS
+    p = sub.add_parser(
+        "distill", help="learn a synthetic set with DataDAM",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Distill a dataset into IPC synthetic images per class by attention matching. With no "
+                    "arguments it distills the bundled scikit-learn digits (no data, no network needed).")
+    p.add_argument("--dataset", default="digits",
+                   help="digits (bundled default), mnist, fashion_mnist, cifar10, cifar100, tinyimagenet, "
+                        "imagenet64, or folder (see --folder)")
+    p.add_argument("--data-root", default=None,
+                   help="where datasets live (<root>/mnist/raw/*.gz, <root>/cifar10/cifar-10-batches-py, ...); "
+                        "default $DATADAM_FAST_DATA, else ~/.cache/datadam_fast/data")
+    p.add_argument("--folder", default=None, help="with --dataset folder: an ImageFolder tree or a packed directory")
+    p.add_argument("--download", action="store_true", help="fetch missing official files (checksums verified)")
+    p.add_argument("--ipc", type=int, default=10, help="synthetic images per class")
+    p.add_argument("--iterations", type=int, default=200,
+                   help="distillation iterations (paper: 8000, official default 20000); 0 = random real subset")
+    p.add_argument("--batch-real", type=int, default=64, help="real images per class per iteration")
+    p.add_argument("--preset", default=DEFAULT_PRESET, choices=sorted(PRESETS),
+                   help="paper: InstanceNorm ConvNet, power 4; official: what the official code runs "
+                        "(BatchNorm ConvNet, power 1). Flags below override single values")
+    p.add_argument("--model", default="ConvNet", help="network used for distillation (fresh random init every iteration)")
+    p.add_argument("--norm", default=None, choices=["instancenorm", "batchnorm", "groupnorm", "layernorm", "none"],
+                   help="normalisation layer of the ConvNet (default from --preset)")
+    p.add_argument("--depth", type=int, default=None, help="ConvNet depth (default from image size: 3 for 32px, 4 for 64px)")
+    p.add_argument("--width", type=int, default=128, help="ConvNet channels")
+    p.add_argument("--power", type=float, default=None, help="attention power p >= 1 (default from --preset)")
+    p.add_argument("--task-balance", type=float, default=None,
+                   help="embedding-term balance lambda (coefficient 100*lambda); default 0.01, 0.02 at >= 64 px")
+    p.add_argument("--lr-img", type=float, default=None, help="SGD learning rate on pixels (default 1, 10 for IPC > 50)")
+    p.add_argument("--init", default="real", choices=["real", "noise"], help="initialise from random real images or noise")
+    p.add_argument("--no-dsa", action="store_true", help="disable differentiable Siamese augmentation")
+    p.add_argument("--real-chunk", type=int, default=0,
+                   help="stream the real side through the network this many classes at a time (0 = all at once); "
+                        "exact with instancenorm, refused with batchnorm")
+    p.add_argument("--backend", default="auto", choices=["auto", "reference", "cpu", "cuda", "triton"],
+                   help="loss backend")
+    p.add_argument("--seed", type=int, default=0, help="seed of every random draw (same seed, same result)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+    p.add_argument("--out", default="runs/distill", help="output directory (synthetic.pt, grid.png, metrics.jsonl, checkpoint.pt)")
+    p.add_argument("--checkpoint-every", type=int, default=100, help="write checkpoint.pt atomically every N iterations")
+    p.add_argument("--resume", action="store_true", help="continue the checkpoint in --out (same flags required)")
+    p.add_argument("--overwrite", action="store_true", help="allow writing into a non-empty --out")
+    p.add_argument("--eval-every", type=int, default=0,
+                   help="evaluate every N iterations (0 = only after the last iteration, -1 = never)")
+    p.add_argument("--eval-runs", type=int, default=3, help="networks trained per evaluation")
+    p.add_argument("--eval-epochs", type=int, default=300, help="training epochs per evaluation network (official 1000-1800)")
+    p.add_argument("--eval-model", default=None, help="network for evaluation (default: --model)")
+    p.add_argument("--log-every", type=int, default=10, help="write a metrics.jsonl line every N iterations")
+    p.add_argument("--nvtx", action="store_true", help="emit NVTX ranges for Nsight (also DATADAM_FAST_NVTX=1)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _add_evaluate(sub) -> None:
+    p = sub.add_parser(
+        "evaluate", help="train fresh networks on a synthetic set and test on real data",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="The standard protocol: SGD lr 0.01 momentum 0.9 wd 5e-4, lr x0.1 at half, DSA at train time, "
+                    "test on the full real test set; mean and std over runs (percent). Reads datadam-fast "
+                    "synthetic.pt and the official {'data': [images, labels]} files.")
+    p.add_argument("--synthetic", required=True, help="synthetic set file")
+    p.add_argument("--dataset", default=None, help="real dataset for testing (default: the one recorded in the file)")
+    p.add_argument("--data-root", default=None, help="dataset root (see distill --help)")
+    p.add_argument("--folder", default=None, help="with --dataset folder: the ImageFolder or packed directory")
+    p.add_argument("--model", default="ConvNet", help="network to train: ConvNet, ConvNetBN, ConvNetD4, AlexNet, VGG11, ResNet18, ...")
+    p.add_argument("--norm", default=None, help="override the model's normalisation layer")
+    p.add_argument("--runs", type=int, default=3, help="independent training runs")
+    p.add_argument("--epochs", type=int, default=300, help="training epochs per run")
+    p.add_argument("--batch", type=int, default=256, help="training batch size")
+    p.add_argument("--lr", type=float, default=0.01, help="network learning rate")
+    p.add_argument("--no-dsa", action="store_true", help="no augmentation while training")
+    p.add_argument("--frozen-model", default=None,
+                   help="official {'net_parameters': state_dict} file: test it without training (like distill_test_model.py)")
+    p.add_argument("--seed", type=int, default=0, help="seed")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+    p.add_argument("--json", default=None, help="write {'accuracies': [...], 'mean': m, 'std': s} here")
+
+
+def _add_pack(sub) -> None:
+    p = sub.add_parser("pack", help="decode an ImageFolder once into a memory-mapped uint8 array",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("src", help="ImageFolder root (<src>/<class>/*.jpg)")
+    p.add_argument("dst", help="output directory (images.u8, labels.npy, meta.json)")
+    p.add_argument("--size", type=int, default=64, help="output resolution (shorter side resize + center crop)")
+    p.add_argument("--workers", type=int, default=None, help="decoding processes")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="datadam-fast", description="Dataset distillation by attention matching.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    sub = parser.add_subparsers(dest="command", metavar="{distill,evaluate,pack,backends}")
+    _add_distill(sub)
+    _add_evaluate(sub)
+    _add_pack(sub)
+    sub.add_parser("backends", help="list the loss backends that run on this machine")
+    return parser
+
+
+def _data_opts(args) -> dict:
+    opts = {}
+    if getattr(args, "folder", None):
+        opts["path"] = args.folder
+    if getattr(args, "download", False):
+        opts["download"] = True
+    return opts
+
+
+def _cmd_distill(args) -> int:
+    from . import profiling
+    from .distill import DistillConfig, Distiller
+    if args.nvtx:
+        profiling.enable()
+    opts = _data_opts(args)
+    download = opts.pop("download", False)
+    cfg = DistillConfig(dataset=args.dataset, data_root=args.data_root, ipc=args.ipc, iterations=args.iterations,
+                        batch_real=args.batch_real, preset=args.preset, model=args.model, norm=args.norm,
+                        depth=args.depth, width=args.width, power=args.power, task_balance=args.task_balance,
+                        lr_img=args.lr_img, init=args.init, dsa=not args.no_dsa, real_chunk=args.real_chunk,
+                        backend=args.backend, seed=args.seed, device=args.device, eval_every=args.eval_every,
+                        eval_runs=args.eval_runs, eval_epochs=args.eval_epochs, eval_model=args.eval_model,
+                        log_every=args.log_every, checkpoint_every=args.checkpoint_every, data_opts=opts)
+    if download:
+        from .data import load_dataset
+        for split in ("train", "test"):
+            load_dataset(args.dataset, root=args.data_root, split=split, download=True, **opts)
+    d = Distiller(cfg, args.out, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
+    summary = d.run()
+    print(json.dumps({"out": args.out, **summary}))
+    return 0
+
+
+def _cmd_evaluate(args) -> int:
+    from .data import load_dataset
+    from .errors import UserError
+    from .evaluate import EvalConfig, evaluate_synthetic, frozen_model_accuracy, load_frozen_model, load_synthetic
+    images, labels, meta = load_synthetic(args.synthetic)
+    dataset = args.dataset or meta.get("dataset")
+    if not dataset:
+        raise UserError(f"{args.synthetic} does not record its dataset; pass --dataset")
+    opts = _data_opts(args)
+    test_set = load_dataset(dataset, root=args.data_root, split="test", **opts)
+    if args.frozen_model:
+        sd = load_frozen_model(args.frozen_model)
+        model = args.model if args.model != "ConvNet" else "ConvNetBN"
+        acc = frozen_model_accuracy(sd, test_set, model=model, device=args.device)
+        print(f"Trained Model Best {acc / 100:.4f}")
+        result = {"accuracies": [acc], "mean": acc, "std": 0.0, "model": model, "frozen_model": args.frozen_model}
+    else:
+        cfg = EvalConfig(model=args.model, epochs=args.epochs, runs=args.runs, lr=args.lr, batch_size=args.batch,
+                         dsa=not args.no_dsa, norm=args.norm)
+        result = evaluate_synthetic(images, labels, test_set, cfg, seed=args.seed, device=args.device, progress=True)
+        print(f"{cfg.model} on {dataset}: {result['mean']:.2f} ± {result['std']:.2f} % over {cfg.runs} runs "
+              f"({images.shape[0]} images, {cfg.epochs} epochs)")
+    if args.json:
+        out = {"accuracies": result["accuracies"], "mean": result["mean"], "std": result["std"],
+               "model": result.get("model"), "dataset": dataset, "synthetic": args.synthetic,
+               "epochs": None if args.frozen_model else args.epochs, "runs": len(result["accuracies"])}
+        tmp = args.json + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(out, f, indent=2)
+        os.replace(tmp, args.json)
+    return 0
+
+
+def _cmd_pack(args) -> int:
+    from .data import pack_image_folder
+    kw = {} if args.workers is None else {"workers": args.workers}
+    pack_image_folder(args.src, args.dst, args.size, **kw)
+    return 0
+
+
+def _cmd_backends(args) -> int:
+    import torch
+    from .backends import BACKEND_NAMES, BackendUnavailable, get_backend
+    devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+    for name in BACKEND_NAMES:
+        try:
+            b = get_backend(name)
+            ok = [str(d) for d in devices if b.supports(d)]
+            print(f"{name:10s} available on: {', '.join(ok) or 'no device here'}")
+        except BackendUnavailable as e:
+            print(f"{name:10s} unavailable: {str(e).splitlines()[0][:200]}")
+    return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help()
+        return EXIT_USAGE
+    if getattr(args, "threads", None):
+        import torch
+        torch.set_num_threads(args.threads)
+    from .errors import UserError
+    try:
+        from .data import DatasetError
+    except ImportError:  # pragma: no cover
+        DatasetError = UserError
+    handlers = {"distill": _cmd_distill, "evaluate": _cmd_evaluate, "pack": _cmd_pack, "backends": _cmd_backends}
+    try:
+        return handlers[args.command](args)
+    except (UserError, DatasetError) as e:
+        if args.debug:
+            raise
+        print(f"datadam-fast {args.command}: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("interrupted; resume with --resume (the last checkpoint is kept)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
