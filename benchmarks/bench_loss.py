@@ -1,0 +1,250 @@
+"""Speed and memory of the attention-matching loss, per backend, on DataDAM step shapes.
+
+Prints a table and writes JSON (device, versions, date, per-shape/per-provider medians, ratios).
+Providers: the eager reference, ``torch.compile(reference)`` and every fused backend that runs on
+the device. Times are medians over ``--repeat`` runs after warm-up; forward = the loss value
+(synthetic side building its graph), fwd+bwd = loss + ``backward()``.
+
+Memory: on CUDA, peak ``max_memory_allocated`` above the inputs; on CPU, the peak of the
+process's resident set above the inputs, sampled every 0.5 ms by a thread (an approximation).
+
+    python benchmarks/bench_loss.py                      # CPU: the 32x32 step shapes
+    python benchmarks/bench_loss.py --shapes all --device cuda
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import threading
+import time
+
+import torch
+
+import datadam_fast
+from datadam_fast import reference
+from datadam_fast.backends import BACKEND_NAMES, BackendUnavailable, get_backend
+
+# name: (K, Br, Bs, [(C, H, W), ...] matched layers, D embedding)
+SHAPES = {
+    # ConvNet-3 (width 128) on 32x32, CIFAR-10 step: 10 classes, 64 real / 10 synthetic per class
+    "convnet3-32px-K10": (10, 64, 10, [(128, 32, 32), (128, 16, 16)], 2048),
+    # ConvNetD4 on 64x64 (TinyImageNet, 200 classes) at IPC 10
+    "convnetd4-64px-K200": (200, 64, 10, [(128, 64, 64), (128, 32, 32), (128, 16, 16)], 2048),
+    # ImageNet-1K 64x64 at IPC 10; 16 real per class so one step fits an 80 GB GPU (stream for more)
+    "convnetd4-64px-K1000-Br16": (1000, 16, 10, [(128, 64, 64), (128, 32, 32), (128, 16, 16)], 2048),
+    # small shape for smoke tests
+    "tiny": (3, 4, 2, [(8, 9, 7), (8, 5, 3)], 16),
+}
+CPU_DEFAULT = ["convnet3-32px-K10"]
+GPU_DEFAULT = ["convnet3-32px-K10", "convnetd4-64px-K200", "convnetd4-64px-K1000-Br16"]
+PEAK_BW_GBS = {"H100 SXM": 3350.0, "H100 PCIe": 2000.0, "H100 NVL": 3900.0, "H200": 4800.0, "A100": 2039.0}
+
+
+def peak_bandwidth(name: str):
+    for k, v in PEAK_BW_GBS.items():
+        if all(part in name for part in k.split()):
+            return v
+    if "H100" in name:
+        return 3350.0
+    return None
+
+
+class RSSPeak:
+    """Peak resident-set growth of this process while the context is open (CPU memory)."""
+
+    def __init__(self, interval=0.0005):
+        self.interval = interval
+        self.peak = 0
+
+    @staticmethod
+    def rss():
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def __enter__(self):
+        self.base = self.rss()
+        self.peak = self.base
+        self._stop = False
+
+        def run():
+            while not self._stop:
+                self.peak = max(self.peak, self.rss())
+                time.sleep(self.interval)
+        self._t = threading.Thread(target=run, daemon=True)
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop = True
+        self._t.join()
+        self.peak = max(self.peak, self.rss())
+        self.delta = self.peak - self.base
+
+
+def make_inputs(shape, device, dtype, seed=0):
+    K, Br, Bs, layers, D = shape
+    g = torch.Generator(device="cpu").manual_seed(seed)
+
+    def t(*s):  # post-ReLU-like features: half zeros
+        return torch.randn(*s, generator=g, dtype=torch.float32).relu_().to(device=device, dtype=dtype)
+    real = [t(K * Br, *l) for l in layers]
+    syn = [t(K * Bs, *l).requires_grad_() for l in layers]
+    re = torch.randn(K * Br, D, generator=g).to(device=device, dtype=dtype)
+    se = torch.randn(K * Bs, D, generator=g).to(device=device, dtype=dtype).requires_grad_()
+    return real, syn, re, se
+
+
+def bytes_moved(real, syn, re, se, with_backward: bool) -> int:
+    """Minimum HBM/DRAM traffic of the op: read every input once (+ read syn and write its grad)."""
+    n = sum(x.numel() * x.element_size() for x in real + syn + [re, se])
+    if with_backward:
+        n += 2 * sum(x.numel() * x.element_size() for x in syn + [se])
+    return n
+
+
+def providers(device, names=None, with_compile=True):
+    out = {"eager": lambda *a, **k: reference.attention_matching_loss(*a, **k)}
+    if with_compile:
+        out["compile"] = torch.compile(reference.attention_matching_loss)
+    for n in BACKEND_NAMES:
+        if n == "reference":
+            continue
+        try:
+            b = get_backend(n)
+        except BackendUnavailable as e:
+            print(f"[skip] backend {n}: {str(e).splitlines()[0][:160]}", file=sys.stderr)
+            continue
+        if not b.supports(device) or (n == "triton" and device.type == "cpu"):
+            continue  # the Triton interpreter is a correctness tool, not a CPU backend
+        out[n] = (lambda name: (lambda *a, **k: datadam_fast.attention_matching_loss(*a, backend=name, **k)))(n)
+    if names:
+        out = {k: v for k, v in out.items() if k in names}
+    return out
+
+
+def bench_one(fn, args, K, device, repeat, warmup, backward):
+    real, syn, re, se = args
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    def run():
+        loss = fn(real, syn, re, se, num_classes=K, power=4.0)
+        if backward:
+            loss.backward()
+            for s in syn + [se]:
+                s.grad = None
+        return loss
+
+    for _ in range(warmup):
+        run()
+    sync()
+    times = []
+    for _ in range(repeat):
+        sync()
+        t0 = time.perf_counter()
+        run()
+        sync()
+        times.append(time.perf_counter() - t0)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        run()
+        sync()
+        mem = torch.cuda.max_memory_allocated() - base
+    else:
+        with RSSPeak() as m:
+            run()
+        mem = m.delta
+    return statistics.median(times), mem
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--shapes", nargs="*", default=None, help=f"names from {list(SHAPES)} or 'all'")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    ap.add_argument("--providers", nargs="*", default=None, help="subset of eager, compile, cpu, cuda, triton")
+    ap.add_argument("--no-compile", action="store_true", help="skip torch.compile (it compiles for ~15 s per shape)")
+    ap.add_argument("--repeat", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--json", default=None, help="output JSON path (default benchmarks/results/bench_loss_<device>_<date>.json)")
+    args = ap.parse_args(argv)
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype)
+    shape_names = args.shapes or (GPU_DEFAULT if device.type == "cuda" else CPU_DEFAULT)
+    if shape_names == ["all"]:
+        shape_names = [s for s in SHAPES if s != "tiny"]
+    dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine())
+    peak_bw = peak_bandwidth(dev_name) if device.type == "cuda" else None
+    provs = providers(device, args.providers, with_compile=not args.no_compile)
+    results = []
+    print(f"device: {dev_name} | torch {torch.__version__} | threads {torch.get_num_threads()} | dtype {args.dtype}")
+    hdr = f"{'shape':28s} {'provider':9s} {'fwd ms':>9s} {'fwd+bwd ms':>11s} {'peak MB':>9s} {'x eager':>8s} {'x compile':>9s}"
+    if peak_bw:
+        hdr += f" {'GB/s':>7s} {'%peak':>6s}"
+    print(hdr)
+    for sname in shape_names:
+        shape = SHAPES[sname]
+        try:
+            inputs = make_inputs(shape, device, dtype)
+        except (RuntimeError, MemoryError) as e:
+            print(f"{sname:28s} [skipped: inputs do not fit: {str(e).splitlines()[0][:80]}]")
+            continue
+        rows = {}
+        for pname, fn in provs.items():
+            try:
+                fwd, _ = bench_one(fn, inputs, shape[0], device, args.repeat, args.warmup, backward=False)
+                full, mem = bench_one(fn, inputs, shape[0], device, args.repeat, args.warmup, backward=True)
+            except (RuntimeError, MemoryError) as e:
+                print(f"{sname:28s} {pname:9s} [failed: {str(e).splitlines()[0][:100]}]")
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                continue
+            rows[pname] = {"forward_ms": fwd * 1e3, "fwd_bwd_ms": full * 1e3, "peak_extra_mb": mem / 2 ** 20}
+        for pname, r in rows.items():
+            if "eager" in rows:
+                r["speedup_vs_eager_fwd_bwd"] = rows["eager"]["fwd_bwd_ms"] / r["fwd_bwd_ms"]
+            if "compile" in rows:
+                r["speedup_vs_compile_fwd_bwd"] = rows["compile"]["fwd_bwd_ms"] / r["fwd_bwd_ms"]
+                r["speedup_vs_compile_fwd"] = rows["compile"]["forward_ms"] / r["forward_ms"]
+            moved = bytes_moved(*inputs, with_backward=True)
+            r["bytes_moved_fwd_bwd"] = moved
+            r["achieved_gbs_fwd_bwd"] = moved / (r["fwd_bwd_ms"] / 1e3) / 1e9
+            if peak_bw:
+                r["fraction_of_peak_bw"] = r["achieved_gbs_fwd_bwd"] / peak_bw
+            line = (f"{sname:28s} {pname:9s} {r['forward_ms']:9.2f} {r['fwd_bwd_ms']:11.2f} {r['peak_extra_mb']:9.1f} "
+                    f"{r.get('speedup_vs_eager_fwd_bwd', float('nan')):8.2f} {r.get('speedup_vs_compile_fwd_bwd', float('nan')):9.2f}")
+            if peak_bw:
+                line += f" {r['achieved_gbs_fwd_bwd']:7.0f} {100 * r['fraction_of_peak_bw']:5.1f}%"
+            print(line)
+            results.append({"shape": sname, "K": shape[0], "Br": shape[1], "Bs": shape[2], "layers": shape[3],
+                            "D": shape[4], "provider": pname, **r})
+        del inputs
+    out = {"device": dev_name, "device_type": device.type, "torch": torch.__version__,
+           "triton": _version("triton"), "datadam_fast": datadam_fast.__version__, "python": platform.python_version(),
+           "threads": torch.get_num_threads(), "dtype": args.dtype, "repeat": args.repeat,
+           "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+           "peak_bandwidth_gbs": peak_bw, "command": " ".join(["python", "benchmarks/bench_loss.py"] + (argv or sys.argv[1:])),
+           "results": results}
+    path = args.json or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                                     f"bench_loss_{device.type}_{datetime.date.today().isoformat()}.json")
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(out, f, indent=2)
+    print(f"wrote {path}")
+    return out
+
+
+def _version(mod):
+    try:
+        return __import__(mod).__version__
+    except Exception:
+        return None
+
+
+if __name__ == "__main__":
+    main()
