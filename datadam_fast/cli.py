@@ -36,7 +36,7 @@ def _add_distill(sub) -> None:
     p.add_argument("--norm", default=None, choices=["instancenorm", "batchnorm", "groupnorm", "layernorm", "none"],
                    help="normalisation layer of the ConvNet (default from --preset)")
     p.add_argument("--depth", type=int, default=None, help="ConvNet depth (default from image size: 3 for 32px, 4 for 64px)")
-    p.add_argument("--width", type=int, default=128, help="ConvNet channels")
+    p.add_argument("--width", type=int, default=None, help="ConvNet channels (default 128)")
     p.add_argument("--power", type=float, default=None, help="attention power p >= 1 (default from --preset)")
     p.add_argument("--task-balance", type=float, default=None,
                    help="embedding-term balance lambda (coefficient 100*lambda); default 0.01, 0.02 at >= 64 px")
@@ -78,6 +78,7 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--folder", default=None, help="with --dataset folder: the ImageFolder or packed directory")
     p.add_argument("--model", default="ConvNet", help="network to train: ConvNet, ConvNetBN, ConvNetD4, AlexNet, VGG11, ResNet18, ...")
     p.add_argument("--norm", default=None, help="override the model's normalisation layer")
+    p.add_argument("--width", type=int, default=None, help="override a ConvNet's width (default 128)")
     p.add_argument("--runs", type=int, default=3, help="independent training runs")
     p.add_argument("--epochs", type=int, default=300, help="training epochs per run")
     p.add_argument("--batch", type=int, default=256, help="training batch size")
@@ -162,7 +163,7 @@ def _cmd_evaluate(args) -> int:
         result = {"accuracies": [acc], "mean": acc, "std": 0.0, "model": model, "frozen_model": args.frozen_model}
     else:
         cfg = EvalConfig(model=args.model, epochs=args.epochs, runs=args.runs, lr=args.lr, batch_size=args.batch,
-                         dsa=not args.no_dsa, norm=args.norm)
+                         dsa=not args.no_dsa, norm=args.norm, width=args.width)
         result = evaluate_synthetic(images, labels, test_set, cfg, seed=args.seed, device=args.device, progress=True)
         print(f"{cfg.model} on {dataset}: {result['mean']:.2f} ± {result['std']:.2f} % over {cfg.runs} runs "
               f"({images.shape[0]} images, {cfg.epochs} epochs)")

@@ -46,7 +46,7 @@ class DistillConfig:
     model: str = "ConvNet"
     norm: Optional[str] = None           # preset default
     depth: Optional[int] = None          # from image size
-    width: int = 128
+    width: Optional[int] = None          # 128 for ConvNets
     power: Optional[float] = None        # preset default
     task_balance: Optional[float] = None  # 0.01, or 0.02 at >= 64 px
     attention_factor: float = 100.0
@@ -74,7 +74,8 @@ class DistillConfig:
             raise UserError(f"unknown preset {self.preset!r}; expected one of {sorted(PRESETS)}")
         c = dataclasses.replace(self)
         p = PRESETS[self.preset]
-        if c.norm is None:
+        plain = c.model == "ConvNet"  # named variants (ConvNetBN, ConvNetD4, ...) keep their own norm/depth
+        if c.norm is None and plain:
             c.norm = p["norm"]
         if c.power is None:
             c.power = p["power"]
@@ -82,7 +83,7 @@ class DistillConfig:
             c.task_balance = 0.02 if min(image_size) >= 64 else 0.01
         if c.lr_img is None:
             c.lr_img = 1.0 if c.ipc <= 50 else 10.0
-        if c.depth is None:
+        if c.depth is None and plain:
             from .networks import default_depth
             c.depth = default_depth(tuple(image_size))
         if c.eval_model is None:
@@ -96,6 +97,16 @@ class DistillConfig:
                   "checkpoint_every", "data_root", "backend"):
             d.pop(k)
         return d
+
+
+def _net_overrides(width, depth, norm) -> Dict:
+    return {k: v for k, v in (("width", width), ("depth", depth), ("norm", norm)) if v is not None}
+
+
+def check_model_name(name: str, what: str = "--model") -> None:
+    from .networks import NETWORK_NAMES
+    if name not in NETWORK_NAMES:
+        raise UserError(f"unknown {what} {name!r}; expected one of {', '.join(NETWORK_NAMES)}")
 
 
 def _atomic_save(obj, path: str) -> None:
@@ -116,6 +127,11 @@ class Distiller:
         self.train_set = train_set or load_dataset(cfg.dataset, root=cfg.data_root, split="train", **opts)
         self._test_set = test_set
         ds = self.train_set
+        check_model_name(cfg.model)
+        check_model_name(cfg.eval_model or cfg.model, "--eval-model")
+        if cfg.width is not None or cfg.depth is not None:
+            if not cfg.model.startswith("ConvNet"):
+                raise UserError(f"--width/--depth apply to ConvNet models only, not {cfg.model}")
         self.cfg = cfg.resolved(ds.image_size)
         c = self.cfg
         if c.ipc < 1:
@@ -192,8 +208,8 @@ class Distiller:
     def new_network(self):
         from .networks import get_network
         c, ds = self.cfg, self.train_set
-        net = get_network(c.model, ds.channels, self.K, tuple(ds.image_size), width=c.width, depth=c.depth,
-                          norm=c.norm, generator=self.gen).to(self.device)
+        net = get_network(c.model, ds.channels, self.K, tuple(ds.image_size), generator=self.gen,
+                          **_net_overrides(c.width, c.depth, c.norm)).to(self.device)
         net.train()
         for p in net.parameters():
             p.requires_grad_(False)
@@ -322,9 +338,10 @@ class Distiller:
     def evaluate(self) -> Dict:
         from .evaluate import EvalConfig, evaluate_synthetic
         c = self.cfg
+        same = c.eval_model == c.model
         ecfg = EvalConfig(model=c.eval_model, epochs=c.eval_epochs, runs=c.eval_runs, dsa=c.dsa,
-                          dsa_strategy=c.dsa_strategy, norm=c.norm if c.eval_model == c.model else None,
-                          batch_size=c.eval_batch)
+                          dsa_strategy=c.dsa_strategy, norm=c.norm if same else None,
+                          width=c.width if same else None, batch_size=c.eval_batch)
         return evaluate_synthetic(self.syn.detach(), self.labels_syn, self.test_set(), ecfg,
                                   seed=c.seed * 7919 + self.iteration, device=self.device)
 

@@ -31,6 +31,7 @@ class EvalConfig:
     dsa: bool = True
     dsa_strategy: str = "color_crop_cutout_flip_scale_rotate"
     norm: Optional[str] = None  # override the model's normalisation layer
+    width: Optional[int] = None  # override a ConvNet's width
     test_batch: int = 1000
 
 
@@ -115,7 +116,7 @@ def train_and_test(images: torch.Tensor, labels: torch.Tensor, test_set, cfg: Ev
     C, H, W = images.shape[1:]
     if C != test_set.channels:
         raise UserError(f"synthetic images have {C} channels but dataset {test_set.name} has {test_set.channels}")
-    kw = {} if cfg.norm is None else {"norm": cfg.norm}
+    kw = {k: v for k, v in (("norm", cfg.norm), ("width", cfg.width)) if v is not None}
     net = get_network(cfg.model, C, K, (H, W), generator=generator, **kw).to(device)
     x_all, y_all = images.to(device), labels.to(device)
     dsa = DSA(cfg.dsa_strategy) if cfg.dsa else None
@@ -156,6 +157,8 @@ def evaluate_synthetic(images, labels, test_set, cfg: EvalConfig, *, seed: int =
     if tuple(images.shape[2:]) != tuple(test_set.image_size):
         raise UserError(f"synthetic images are {tuple(images.shape[2:])} but dataset {test_set.name} "
                         f"images are {tuple(test_set.image_size)}")
+    from .distill import check_model_name
+    check_model_name(cfg.model)
     accs: List[float] = []
     details = []
     it = range(cfg.runs)
