@@ -290,7 +290,7 @@ class Distiller:
             self.opt.step()
         mark("update", t)
         self.iteration += 1
-        return {"loss": float(loss), "loss_attention": float(att), "loss_embedding": float(emb)}
+        return {"loss": float(loss.detach()), "loss_attention": float(att.detach()), "loss_embedding": float(emb.detach())}
 
     # ---------------------------------------------------------------- checkpoints
     def checkpoint_state(self) -> Dict:

@@ -141,7 +141,7 @@ def train_and_test(images: torch.Tensor, labels: torch.Tensor, test_set, cfg: Ev
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            last_loss = float(loss)
+            last_loss = float(loss.detach())
     train_time = time.time() - t0
     acc = accuracy(net, test_set, device, cfg.test_batch)
     return {"accuracy": acc, "train_loss": last_loss, "train_time_s": train_time}

@@ -77,7 +77,7 @@ def test_same_seed_same_result_and_different_seed_differs(tmp_path):
 
 def test_resume_equals_uninterrupted(tmp_path):
     from datadam_fast.distill import DistillConfig, Distiller
-    cfg = DistillConfig(ipc=2, iterations=7, batch_real=8, width=16, eval_every=-1, checkpoint_every=3)
+    cfg = DistillConfig(ipc=2, iterations=7, batch_real=8, width=16, eval_every=-1, checkpoint_every=3, log_every=1)
     Distiller(cfg, str(tmp_path / "full"), progress=False).run()
     d = Distiller(cfg, str(tmp_path / "cut"), progress=False)
     d.run(stop_after=4)  # "killed" after iteration 4; last checkpoint at 3

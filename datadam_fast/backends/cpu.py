@@ -1,0 +1,88 @@
+"""Fused C++ CPU backend (``backend="cpu"``): ``csrc/spatial_attention_cpu.cpp``.
+
+The extension ``_C_cpu`` is imported prebuilt (``DATADAM_FAST_BUILD_EXT=1 pip install -e .``) or
+JIT-built on first use (cached, see :mod:`datadam_fast._build`). It is compiled with
+``-O3 -march=native`` so that the inner loops auto-vectorise for the host (AVX2/AVX-512 ...); the
+JIT cache key includes a fingerprint of the host CPU so that a cache directory shared between
+different machines never hands an AVX-512 build to a CPU without it. If the compiler rejects
+``-march=native`` the build is retried with portable flags. ``-fopenmp`` is required: PyTorch's
+``at::parallel_for`` is a header template that is serial unless the extension is compiled with
+OpenMP (PyTorch's own intra-op backend); the extension links the ``libgomp`` PyTorch has loaded,
+so it shares PyTorch's thread pool and honours ``torch.set_num_threads``.
+
+Layouts: NCHW-contiguous and channels_last inputs are read in place; any other strides are made
+NCHW-contiguous first (one copy) and get an NCHW-contiguous gradient. A channels_last input gets
+a channels_last gradient.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+from typing import List, Sequence, Tuple
+
+import torch
+
+from . import Backend, BackendUnavailable
+
+_EXT_NAME = "_C_cpu"
+_SOURCES = ["spatial_attention_cpu.cpp"]
+_BASE_CFLAGS = ["-O3", "-fno-math-errno", "-fopenmp"]
+_LDFLAGS = ["-fopenmp"]
+
+
+def _host_fingerprint() -> str:
+    """Short hash of the machine type and CPU feature flags (part of the JIT cache key)."""
+    h = hashlib.sha1(platform.machine().encode())
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith(("flags", "Features", "model name")):
+                    h.update(line.encode())
+                    if line.startswith(("flags", "Features")):
+                        break
+    except OSError:
+        h.update(platform.processor().encode())
+    return h.hexdigest()[:10]
+
+
+def _load_extension():
+    from .._build import load_extension
+    native = os.environ.get("DATADAM_FAST_CPU_NATIVE", "1") != "0"
+    tag = f"-DDATADAM_FAST_HOST={_host_fingerprint()}"
+    attempts = []
+    if native:
+        attempts.append([*_BASE_CFLAGS, "-march=native", tag])
+    attempts.append(list(_BASE_CFLAGS))
+    errors = []
+    for cflags in attempts:
+        try:
+            return load_extension(_EXT_NAME, _SOURCES, extra_cflags=cflags, extra_ldflags=_LDFLAGS)
+        except BackendUnavailable as e:
+            errors.append(str(e))
+    raise BackendUnavailable(errors[-1] if len(errors) == 1 else
+                             "building the cpu extension failed with and without -march=native: "
+                             + " | ".join(errors))
+
+
+class CPUBackend(Backend):
+    """Fused C++ kernels for CPU tensors; all layers of a call in one C++ call."""
+    name = "cpu"
+
+    def __init__(self):
+        self._ext = _load_extension()  # BackendUnavailable propagates (auto falls back)
+
+    def supports(self, device) -> bool:
+        return torch.device(device).type == "cpu"
+
+    def forward(self, feats: Sequence[torch.Tensor], power: float
+                ) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
+        maps, norms = self._ext.forward([f.detach() for f in feats], float(power))
+        return list(maps), list(norms)
+
+    def backward(self, feats: Sequence[torch.Tensor], maps: Sequence[torch.Tensor],
+                 norms: Sequence[torch.Tensor], grad_maps: Sequence[torch.Tensor],
+                 power: float) -> List[torch.Tensor]:
+        return list(self._ext.backward([f.detach() for f in feats], [m.detach() for m in maps],
+                                       [n.detach() for n in norms],
+                                       [g.detach() for g in grad_maps], float(power)))
