@@ -33,7 +33,7 @@ setup(
     package_dir=package_dir,
     package_data={"datadam_fast": ["csrc/**/*"]},
     python_requires=">=3.9",
-    install_requires=["torch", "numpy", "tqdm", "pillow"],
+    install_requires=["torch", "numpy", "tqdm", "pillow", "scikit-learn"],
     extras_require={"triton": ["triton"], "profiling": ["nvtx"],
                     "test": ["pytest", "pytest-benchmark", "scikit-learn"]},
     entry_points={"console_scripts": ["datadam-fast=datadam_fast.cli:main"]},

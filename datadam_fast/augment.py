@@ -17,7 +17,9 @@ rotate   ``affine_grid`` with ``[[cos t, -sin t, 0], [sin t, cos t, 0]]``, ``t ~
 
 ``grid_sample`` is bilinear, zero padding, ``align_corners=False`` (the defaults the official code
 relies on). In mode ``'S'`` (official default) one family is drawn uniformly from the strategy
-list and applied; in mode ``'M'`` every family of the strategy is applied in order.
+list (a family listed twice is drawn twice as often, as officially) and applied; in mode ``'M'``
+every family of the strategy is applied once, in order of first appearance (the official code
+would apply a repeated family twice).
 
 **Siamese use** (distillation)::
 

@@ -53,16 +53,17 @@ _ALIASES = {
     "packed": "folder", "sklearn_digits": "digits",
 }
 
-_COMMON = {"size", "mean", "std"}
+# Accepted by every dataset ("workers" only matters where images are decoded).
+_COMMON = {"size", "mean", "std", "progress", "workers"}
 _OPTIONS = {
     "digits": _COMMON,
-    "mnist": _COMMON | {"progress"},
-    "fashion_mnist": _COMMON | {"progress"},
-    "cifar10": _COMMON | {"progress"},
-    "cifar100": _COMMON | {"progress"},
-    "tinyimagenet": _COMMON | {"cache_dir", "workers", "progress", "in_memory", "cache"},
-    "imagenet64": _COMMON | {"cache_dir", "in_memory", "progress"},
-    "folder": _COMMON | {"path", "split_dirs", "workers", "progress", "in_memory"},
+    "mnist": _COMMON,
+    "fashion_mnist": _COMMON,
+    "cifar10": _COMMON,
+    "cifar100": _COMMON,
+    "tinyimagenet": _COMMON | {"cache_dir", "in_memory", "cache"},
+    "imagenet64": _COMMON | {"cache_dir", "in_memory"},
+    "folder": _COMMON | {"path", "split_dirs", "in_memory"},
 }
 
 
@@ -114,11 +115,12 @@ def load_dataset(name: str, root=None, split: str = "train", download: bool = Fa
       it is the decode size (shorter side to ``size``, center crop). Normalisation constants
       are unchanged.
     * ``mean``, ``std``: override the normalisation (a number per channel, or one for all).
-    * ``progress`` (bool): tqdm bars for slow steps (downloads, decoding, packing).
-    * tinyimagenet: ``cache_dir``, ``cache`` (default True), ``in_memory`` (default True),
-      ``workers``; imagenet64: ``cache_dir`` (packed copy location), ``in_memory`` (default
+    * ``progress`` (bool, default True): tqdm bars for slow steps (downloads, decoding,
+      packing); ``workers`` (int): decoding threads (tinyimagenet, folder; ignored elsewhere).
+    * tinyimagenet: ``cache_dir``, ``cache`` (default True), ``in_memory`` (default True);
+      imagenet64: ``cache_dir`` (packed copy location), ``in_memory`` (default
       False); folder: ``path`` (defaults to ``root`` when ``root`` is given), ``split_dirs``
-      (default True), ``workers``, ``in_memory`` (packed folders only).
+      (default True), ``in_memory`` (packed folders only).
 
     Raises :class:`DatasetError` for unknown names/options and missing or corrupt files."""
     key = canonical_name(name)
@@ -132,6 +134,7 @@ def load_dataset(name: str, root=None, split: str = "train", download: bool = Fa
     size = as_size(opts.pop("size", None))
     mean, std = opts.pop("mean", None), opts.pop("std", None)
     progress = bool(opts.pop("progress", True))
+    workers = opts.pop("workers", None)
 
     if key == "digits":
         from ._digits import load_digits_dataset
@@ -144,7 +147,7 @@ def load_dataset(name: str, root=None, split: str = "train", download: bool = Fa
         ds = load_cifar(key, root, split, download=download, progress=progress)
     elif key == "tinyimagenet":
         from ._tinyimagenet import load_tinyimagenet
-        ds = load_tinyimagenet(root, split, progress=progress, **opts)
+        ds = load_tinyimagenet(root, split, progress=progress, workers=workers, **opts)
     elif key == "imagenet64":
         from ._imagenet64 import load_imagenet64
         ds = load_imagenet64(root, split, progress=progress, **opts)
@@ -158,7 +161,7 @@ def load_dataset(name: str, root=None, split: str = "train", download: bool = Fa
                                    "or a folder made by 'datadam-fast pack'")
             path = root
         return load_folder(path, split=split, size=size, mean=mean, std=std, progress=progress,
-                           **opts)
+                           workers=workers, **opts)
 
     if size is not None and tuple(ds.image_size) != size:
         if ds.is_memmap:

@@ -157,6 +157,10 @@ def resolve_split_dir(path: Path, split: str, split_dirs: bool = True):
 
 def _packed_dir(path: Path, split: str):
     if is_packed(path):
+        if split != "train":
+            raise DatasetError(f"{path} is a single packed split (train-only); pack a folder "
+                               f"with train/ and val/ (or test/) sub-folders to get a {split} "
+                               f"split")
         return path
     names = ("train",) if split == "train" else EVAL_DIRS
     for d in names:

@@ -1,0 +1,262 @@
+"""Networks: shapes, official state-dict layout, feature taps, generator init, channels_last."""
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from datadam_fast.networks import (NETWORK_NAMES, ConvNet, default_depth, get_network,
+                                   init_from_generator, load_official_state_dict)
+
+def _gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def test_registry_names():
+    for n in ("ConvNet", "ConvNetBN", "ConvNetIN", "ConvNetD4", "ConvNetD5", "ConvNetD6",
+              "ConvNetBNImageNet", "AlexNet", "AlexNetBN", "VGG11", "VGG11BN", "ResNet18", "ResNet18BN"):
+        assert n in NETWORK_NAMES
+    with pytest.raises(ValueError):
+        get_network("NoSuchNet", 3, 10)
+    with pytest.raises(ValueError):
+        get_network("ResNet18", 3, 10, depth=4)  # depth only applies to ConvNets
+    with pytest.raises(ValueError):
+        get_network("ConvNetD6", 3, 10, (32, 32))  # 32 / 2**6 < 1
+    with pytest.raises(ValueError):
+        get_network("ConvNet", 3, 10, norm="weird")
+
+
+def test_default_norms_and_depths():
+    def norms(net):
+        return {type(m) for m in net.modules() if isinstance(m, (nn.BatchNorm2d, nn.GroupNorm, nn.LayerNorm))}
+    assert norms(get_network("ConvNet", 3, 10)) == {nn.GroupNorm}
+    assert norms(get_network("ConvNetBN", 3, 10)) == {nn.BatchNorm2d}
+    net = get_network("ConvNetBNImageNet", 3, 10, (64, 64))
+    assert net.depth == 4 and net.norm == "batchnorm" and net.embedding_dim == 2048
+    assert get_network("ConvNetD6", 3, 10, (128, 128)).depth == 6
+    gn = [m for m in get_network("ConvNetIN", 3, 10).modules() if isinstance(m, nn.GroupNorm)]
+    assert all(m.num_groups == m.num_channels == 128 and m.affine for m in gn)
+    gn4 = [m for m in get_network("ConvNet", 3, 10, norm="groupnorm").modules() if isinstance(m, nn.GroupNorm)]
+    assert all(m.num_groups == 4 for m in gn4)
+    ln = [m for m in get_network("ConvNet", 3, 10, norm="layernorm").modules() if isinstance(m, nn.LayerNorm)]
+    assert [tuple(m.normalized_shape) for m in ln] == [(128, 32, 32), (128, 16, 16), (128, 8, 8)]
+    assert norms(get_network("VGG11", 3, 10)) == {nn.GroupNorm}
+    assert norms(get_network("ResNet18BN", 3, 10)) == {nn.BatchNorm2d}
+    assert norms(get_network("AlexNet", 3, 10)) == set()
+    assert [default_depth(s) for s in (28, 32, (64, 64), 128, 256)] == [3, 3, 4, 6, 7]
+
+
+@pytest.mark.parametrize("act,cls", [("relu", nn.ReLU), ("leakyrelu", nn.LeakyReLU),
+                                     ("sigmoid", nn.Sigmoid), ("swish", nn.SiLU)])
+@pytest.mark.parametrize("pooling", ["avgpool", "maxpool", "none"])
+def test_convnet_variants(act, cls, pooling):
+    net = get_network("ConvNet", 3, 5, (16, 16), width=8, depth=2, act=act, pooling=pooling)
+    acts = [m for m in net.features if isinstance(m, cls)]
+    assert len(acts) == 2 and not getattr(acts[0], "inplace", False)
+    x = torch.randn(3, 3, 16, 16)
+    feats, emb = net.features_and_embedding(x)
+    s = 16 if pooling == "none" else 4
+    assert [tuple(f.shape) for f in feats] == [(3, 8, 16, 16)]
+    assert emb.shape == (3, 8 * s * s) == (3, net.embedding_dim)
+    assert net(x).shape == (3, 5)
+
+
+def test_shapes_official_sizes():
+    x = torch.randn(1, 3, 32, 32)
+    net = get_network("ConvNet", 3, 10)
+    feats, emb = net.features_and_embedding(x)
+    assert [tuple(f.shape) for f in feats] == [(1, 128, 32, 32), (1, 128, 16, 16)]
+    assert emb.shape == (1, 2048) and net(x).shape == (1, 10)
+    # MNIST quirk: channel 1 -> padding 3 on the first conv, 28x28 behaves as 32x32
+    mn = get_network("ConvNetBN", 1, 10, (28, 28))
+    assert mn.features[0].padding == (3, 3) and mn.features[4].padding == (1, 1)
+    f, e = mn.features_and_embedding(torch.randn(2, 1, 28, 28))
+    assert [tuple(t.shape[1:]) for t in f] == [(128, 32, 32), (128, 16, 16)] and e.shape == (2, 2048)
+    assert mn.classifier.in_features == 2048
+    # 8x8 digits: shapes computed, not assumed (pad 3 -> 12x12 -> 6x6 -> 3x3 -> 1x1)
+    dg = get_network("ConvNet", 1, 10, (8, 8))
+    f, e = dg.features_and_embedding(torch.randn(2, 1, 8, 8))
+    assert [tuple(t.shape[1:]) for t in f] == [(128, 12, 12), (128, 6, 6)] and e.shape == (2, 128)  # 3x3 -> pool -> 1x1
+    # TinyImageNet
+    t = get_network("ConvNetD4", 3, 200, (64, 64))
+    f, e = t.features_and_embedding(torch.randn(1, 3, 64, 64))
+    assert len(f) == 3 and e.shape == (1, 2048)
+    # cross-architecture nets at 32x32: official embedding sizes
+    for name, d in (("AlexNet", 192 * 4 * 4), ("AlexNetBN", 192 * 4 * 4), ("VGG11", 512),
+                    ("VGG11BN", 512), ("ResNet18", 512), ("ResNet18BN", 512)):
+        n = get_network(name, 3, 10).eval()
+        f, e = n.features_and_embedding(x)
+        assert e.shape == (1, d) == (1, n.embedding_dim), name
+        assert [tuple(t.shape[1:]) for t in f] == [tuple(s) for s in n.feature_shapes], name
+        assert torch.allclose(n(x), n.head(e), atol=1e-6), name
+    assert [s[1] for s in get_network("VGG11", 3, 10).feature_shapes] == [32, 16, 8, 4]
+    assert get_network("ResNet18", 3, 10).feature_shapes == [(64, 32, 32), (128, 16, 16), (256, 8, 8)]
+
+
+def _official_convnet_bn_sd(K=10, width=128, depth=3, channel=3, dim=2048):
+    sd = {}
+    c = channel
+    for d in range(depth):
+        conv, bn = 4 * d, 4 * d + 1
+        sd[f"features.{conv}.weight"] = torch.randn(width, c, 3, 3)
+        sd[f"features.{conv}.bias"] = torch.randn(width)
+        sd[f"features.{bn}.weight"] = torch.rand(width)
+        sd[f"features.{bn}.bias"] = torch.randn(width)
+        sd[f"features.{bn}.running_mean"] = torch.randn(width)
+        sd[f"features.{bn}.running_var"] = torch.rand(width) + 0.5
+        sd[f"features.{bn}.num_batches_tracked"] = torch.tensor(7)
+        c = width
+    sd["classifier.weight"] = torch.randn(K, dim)
+    sd["classifier.bias"] = torch.randn(K)
+    return sd
+
+
+def test_official_state_dict_keys_and_loading():
+    net = get_network("ConvNetBN", 3, 10, (32, 32))
+    sd = _official_convnet_bn_sd()
+    assert set(net.state_dict()) == set(sd)
+    net.load_state_dict(sd, strict=True)
+    assert torch.equal(net.features[8].weight, sd["features.8.weight"])
+    # DataParallel prefix and the released file layout {"net_parameters": sd}
+    net2 = get_network("ConvNetBN", 3, 10)
+    load_official_state_dict(net2, {"net_parameters": {"module." + k: v for k, v in sd.items()}})
+    x = torch.randn(2, 3, 32, 32)
+    net.eval(), net2.eval()
+    assert torch.equal(net(x), net2(x))
+    # CIFAR100 head
+    get_network("ConvNetBN", 3, 100).load_state_dict(_official_convnet_bn_sd(K=100), strict=True)
+    # norm='none' omits the norm module exactly as the official code: conv, act, pool per block
+    nn_keys = set(get_network("ConvNetNN", 3, 10).state_dict())
+    assert nn_keys == {f"features.{i}.{p}" for i in (0, 3, 6) for p in ("weight", "bias")} | {
+        "classifier.weight", "classifier.bias"}
+    # IN ConvNet: GroupNorm weight/bias at 1, 5, 9
+    assert {k for k in get_network("ConvNetIN", 3, 10).state_dict() if k.startswith("features.5")} == {
+        "features.5.weight", "features.5.bias"}
+    # depth-6 BN ConvNet at 128x128 (released ImageWoof model): 512-d embedding
+    assert get_network("ConvNet128IN", 3, 10, (128, 128)).classifier.in_features == 512
+    # official AlexNet / VGG / ResNet key layouts
+    ak = get_network("AlexNet", 3, 10).state_dict()
+    assert {k.rsplit(".", 1)[0] for k in ak} == {"features.0", "features.3", "features.6", "features.8",
+                                                 "features.10", "fc"}
+    assert ak["fc.weight"].shape == (10, 3072)
+    vk = get_network("VGG11", 3, 10).state_dict()
+    assert "features.0.weight" in vk and "features.1.weight" in vk and "features.4.weight" in vk
+    assert vk["classifier.weight"].shape == (10, 512)
+    rk = get_network("ResNet18BN", 3, 10).state_dict()
+    for k in ("conv1.weight", "bn1.running_mean", "layer2.0.shortcut.0.weight", "layer2.0.shortcut.1.weight",
+              "layer4.1.bn2.num_batches_tracked", "classifier.weight"):
+        assert k in rk
+    assert "layer1.0.shortcut.0.weight" not in rk
+
+
+@pytest.mark.parametrize("name", ["ConvNet", "ConvNetBN", "AlexNetBN", "VGG11"])
+def test_features_match_hooks_and_are_not_overwritten(name):
+    """The taps are the very tensors DataDAM hooks capture (act outputs before pooling)."""
+    net = get_network(name, 3, 10, generator=_gen(1))
+    captured = {}
+    handles = [dict(net.named_modules())[n].register_forward_hook(
+        lambda m, i, o, n=n: captured.__setitem__(n, o.clone())) for n in net.feature_layers]
+    x = torch.randn(4, 3, 32, 32)
+    feats, emb = net.features_and_embedding(x)
+    for h in handles:
+        h.remove()
+    assert len(feats) == len(net.feature_layers)
+    for f, n in zip(feats, net.feature_layers):
+        assert torch.equal(f, captured[n])  # still equal after the rest of the forward ran
+    if name.startswith("ConvNet"):
+        assert all(isinstance(dict(net.named_modules())[n], nn.ReLU) for n in net.feature_layers)
+        assert net.feature_layers == ["features.2", "features.6"]
+    assert torch.equal(emb, net.embed(x))
+    assert torch.allclose(net(x), net.head(emb), atol=1e-6)
+    e2, logits = net.embed_and_logits(x)
+    assert torch.equal(e2, emb) and torch.allclose(logits, net(x), atol=1e-6)
+
+
+def test_gradient_reaches_input():
+    for name in ("ConvNet", "ResNet18"):
+        net = get_network(name, 3, 10, (16, 16), generator=_gen(0))
+        x = torch.randn(2, 3, 16, 16, requires_grad=True)
+        feats, emb = net.features_and_embedding(x)
+        (sum(f.sum() for f in feats) + emb.square().sum()).backward()
+        assert x.grad is not None and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("name", ["ConvNet", "ConvNetBN", "ConvNetBNImageNet", "AlexNetBN", "VGG11",
+                                  "ResNet18BN"])
+def test_generator_init_deterministic_and_equals_default(name):
+    im = (64, 64) if name == "ConvNetBNImageNet" else (32, 32)
+    a = get_network(name, 3, 10, im, generator=_gen(123)).state_dict()
+    b = get_network(name, 3, 10, im, generator=_gen(123)).state_dict()
+    c = get_network(name, 3, 10, im, generator=_gen(124)).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    w = [k for k in a if k.endswith("weight") and a[k].dim() >= 2]
+    assert all(not torch.equal(a[k], c[k]) for k in w)
+    # identical to PyTorch's default init after manual_seed(seed) (same scheme, same order)
+    torch.manual_seed(123)
+    d = get_network(name, 3, 10, im).state_dict()
+    assert all(torch.equal(a[k], d[k]) for k in a)
+
+
+def test_generator_init_leaves_global_rng_and_bounds():
+    torch.manual_seed(5)
+    state = torch.get_rng_state()
+    net = get_network("ConvNet", 3, 10, generator=_gen(9))
+    assert torch.equal(torch.get_rng_state(), state)
+    for m in net.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            fan_in = m.weight[0].numel()
+            bound = 1 / math.sqrt(fan_in)
+            w = m.weight.detach()
+            assert w.abs().max() <= bound and w.abs().max() > 0.97 * bound
+            assert abs(w.mean().item()) < 0.05 * bound
+            assert abs(w.std().item() - bound / math.sqrt(3)) < 0.05 * bound
+            assert m.bias.abs().max() <= bound
+    # init_from_generator on an existing net is reproducible
+    n1 = init_from_generator(get_network("ConvNetBN", 3, 10), _gen(3))
+    n2 = init_from_generator(get_network("ConvNetBN", 3, 10), _gen(3))
+    assert all(torch.equal(p, q) for p, q in zip(n1.parameters(), n2.parameters()))
+
+
+@pytest.mark.parametrize("name,size", [("ConvNet", 32), ("ConvNetBN", 32), ("ConvNetLN", 16),
+                                       ("AlexNet", 16), ("VGG11BN", 32), ("ResNet18", 16)])
+def test_channels_last(name, size):
+    net = get_network(name, 3, 10, (size, size), generator=_gen(2)).eval()
+    x = torch.randn(2 if size < 32 else 1, 3, size, size)
+    f0, e0 = net.features_and_embedding(x)
+    y0 = net(x)
+    net = net.to(memory_format=torch.channels_last)
+    xc = x.contiguous(memory_format=torch.channels_last)
+    f1, e1 = net.features_and_embedding(xc)
+    assert torch.allclose(e0, e1, atol=1e-4, rtol=1e-4)
+    assert torch.allclose(y0, net(xc), atol=1e-4, rtol=1e-4)
+    for a, b in zip(f0, f1):
+        assert torch.allclose(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_batchnorm_train_and_eval():
+    net = get_network("ConvNetBN", 3, 10, generator=_gen(0))
+    x = torch.randn(6, 3, 32, 32)
+    net.train()
+    _, e = net.features_and_embedding(x)
+    assert net.features[1].num_batches_tracked.item() == 1
+    net.eval()
+    assert net(x).shape == (6, 10)
+
+
+def test_convnet_class_direct():
+    net = ConvNet(3, 4, width=16, depth=2, norm="batchnorm", pooling="maxpooling", im_size=(12, 10))
+    f, e = net.features_and_embedding(torch.randn(2, 3, 12, 10))
+    assert [tuple(t.shape) for t in f] == [(2, 16, 12, 10)] and e.shape == (2, 16 * 3 * 2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_forward_and_cuda_generator():
+    net = get_network("ConvNetBN", 3, 10, generator=_gen(0))
+    x = torch.randn(4, 3, 32, 32)
+    y = net.eval()(x)
+    netc = net.cuda().to(memory_format=torch.channels_last)
+    yc = netc(x.cuda().contiguous(memory_format=torch.channels_last))
+    assert torch.allclose(yc.cpu(), y, atol=1e-3, rtol=1e-3)
+    a = get_network("ConvNet", 3, 10, generator=torch.Generator(device="cuda").manual_seed(1))
+    b = get_network("ConvNet", 3, 10, generator=torch.Generator(device="cuda").manual_seed(1))
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
