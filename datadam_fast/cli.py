@@ -26,8 +26,9 @@ def _add_distill(sub) -> None:
     p.add_argument("--folder", default=None, help="with --dataset folder: an ImageFolder tree or a packed directory")
     p.add_argument("--download", action="store_true", help="fetch missing official files (checksums verified)")
     p.add_argument("--ipc", type=int, default=10, help="synthetic images per class")
-    p.add_argument("--iterations", type=int, default=200,
-                   help="distillation iterations (paper: 8000, official default 20000); 0 = random real subset")
+    p.add_argument("--iterations", type=int, default=None,
+                   help="distillation iterations (default 8000 as in the paper, 100 for the digits demo; the official "
+                        "code's default is 20000); 0 = evaluate the random real subset the run starts from")
     p.add_argument("--batch-real", type=int, default=64, help="real images per class per iteration")
     p.add_argument("--preset", default=DEFAULT_PRESET, choices=sorted(PRESETS),
                    help="paper: InstanceNorm ConvNet, power 4; official: what the official code runs "
@@ -58,7 +59,8 @@ def _add_distill(sub) -> None:
     p.add_argument("--eval-every", type=int, default=0,
                    help="evaluate every N iterations (0 = only after the last iteration, -1 = never)")
     p.add_argument("--eval-runs", type=int, default=3, help="networks trained per evaluation")
-    p.add_argument("--eval-epochs", type=int, default=300, help="training epochs per evaluation network (official 1000-1800)")
+    p.add_argument("--eval-epochs", type=int, default=None,
+                   help="training epochs per evaluation network (default 1000 as DM, 300 for digits; official DataDAM 1800)")
     p.add_argument("--eval-model", default=None, help="network for evaluation (default: --model)")
     p.add_argument("--log-every", type=int, default=10, help="write a metrics.jsonl line every N iterations")
     p.add_argument("--nvtx", action="store_true", help="emit NVTX ranges for Nsight (also DATADAM_FAST_NVTX=1)")

@@ -40,7 +40,7 @@ class DistillConfig:
     dataset: str = "digits"
     data_root: Optional[str] = None
     ipc: int = 10
-    iterations: int = 200
+    iterations: Optional[int] = None     # 8000 (paper), 100 for the bundled digits demo
     batch_real: int = 64
     preset: str = DEFAULT_PRESET
     model: str = "ConvNet"
@@ -61,7 +61,7 @@ class DistillConfig:
     device: str = "cpu"
     eval_every: int = 0                  # 0 = only after the last iteration, -1 = never
     eval_runs: int = 3
-    eval_epochs: int = 300
+    eval_epochs: Optional[int] = None    # 1000 (DM protocol; official DataDAM 1800), 300 for digits
     eval_model: Optional[str] = None
     eval_batch: int = 256
     log_every: int = 10
@@ -86,6 +86,11 @@ class DistillConfig:
         if c.depth is None and plain:
             from .networks import default_depth
             c.depth = default_depth(tuple(image_size))
+        demo = c.dataset == "digits"
+        if c.iterations is None:
+            c.iterations = 100 if demo else 8000
+        if c.eval_epochs is None:
+            c.eval_epochs = 300 if demo else 1000
         if c.eval_model is None:
             c.eval_model = c.model
         return c
@@ -136,7 +141,7 @@ class Distiller:
         c = self.cfg
         if c.ipc < 1:
             raise UserError(f"--ipc must be >= 1, got {c.ipc}")
-        if c.iterations < 0:
+        if c.iterations < 0:  # resolved above
             raise UserError(f"--iterations must be >= 0, got {c.iterations}")
         if c.init not in ("real", "noise"):
             raise UserError(f"--init must be 'real' or 'noise', got {c.init!r}")
