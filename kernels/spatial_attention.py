@@ -1,0 +1,749 @@
+"""Grouped Triton kernels for the channel-power spatial attention of DataDAM.
+
+For every layer ``l`` of one call (``f_l``: ``[N_l, C_l, H_l, W_l]``, any strides)::
+
+    a[n, hw] = sum_c |f[n, c, hw]|^p            (float32 accumulation)
+    norm[n]  = ||a[n, :]||_2
+    m[n, hw] = a[n, hw] / max(norm[n], eps)      (eps = 1e-12, as F.normalize)
+
+and the vector-Jacobian product for ``g = dL/dm``::
+
+    ga[n, hw]     = (g - m <m, g>) / norm       if norm > eps, else g / eps
+    df[n, c, hw]  = p |f|^(p-1) sign(f) * ga[n, hw]
+
+Launch plan (one group = the layers of one call that share dtype and layout; normally all of them)
+
+    forward :  _fwd_accum_kernel      grid = sum_l cdiv(N_l*H_l*W_l, BLOCK_M)   reads f once, writes a
+               _fwd_normalize_kernel  grid = sum_l N_l                           a -> m in place, norms
+    backward:  _bwd_ga_kernel         grid = sum_l N_l                           <m,g>, writes ga (fp32)
+               _bwd_grad_kernel       grid = sum_l cdiv(N_l*H_l*W_l, BLOCK_M)   reads f once, writes df
+
+The big kernels (``accum`` / ``grad``) move ``N*C*H*W`` elements; the row kernels touch only
+``O(N*H*W)`` float32 values (``1/C`` of the traffic), so splitting the per-sample reductions into
+them costs a few percent of bandwidth and one launch, but lets the big kernels tile the flattened
+``(n, hw)`` index space freely (a tile may span several samples or part of one), which keeps every
+lane busy for every layer shape in a single grouped launch.
+
+Grouping: all layers of one call go into ONE launch per kernel. Per-layer data (shapes, strides,
+tile/row offsets) lives in an int64 table; per-layer tensors are addressed as element offsets
+relative to the first layer's tensor (``(ptr_l - ptr_0) / itemsize``), so the kernel receives one
+real pointer per role and keeps Triton's alignment specialisation on it. A program finds its layer
+with an unrolled scan over the (few) layer start offsets.
+
+Layouts (constexpr ``LAYOUT``): 0 = H*W contiguous (NCHW-like, incl. batch/channel slices),
+1 = channels-contiguous (channels_last), 2 = anything else (h, w recovered by division). With
+``VEC > 1`` the host has proven that every offset/stride on the contiguous axis is a multiple of
+``VEC`` elements (16 bytes), and the kernel states that with ``tl.multiple_of``/``tl.max_contiguous``
+so that loads/stores can be vectorised although shapes and strides come from a table.
+
+float64 is not handled here (``TypeError``); the backend sends float64 layers to the reference.
+"""
+from __future__ import annotations
+
+import collections
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+NORM_EPS = 1e-12
+
+# --------------------------------------------------------------------------------------------
+# per-layer metadata table: int64 [L, META_STRIDE]
+# --------------------------------------------------------------------------------------------
+_M_F_OFF = tl.constexpr(0)      # feats[l] element offset from feats[0]
+_M_G_OFF = tl.constexpr(1)      # grad_feats[l] element offset from grad_feats[0] (backward)
+_M_MAP_OFF = tl.constexpr(2)    # maps[l] offset from maps[0] (fp32 elements)
+_M_NORM_OFF = tl.constexpr(3)   # norms[l] offset from norms[0]
+_M_UP_OFF = tl.constexpr(4)     # grad_maps[l] offset from grad_maps[0] (backward)
+_M_WS_OFF = tl.constexpr(5)     # offset of layer l in the fp32 ga workspace (backward)
+_M_C = tl.constexpr(6)
+_M_HW = tl.constexpr(7)
+_M_W = tl.constexpr(8)
+_M_M = tl.constexpr(9)          # N * H * W
+_M_TILE0 = tl.constexpr(10)     # first program id of the layer in the tile kernels
+_M_ROW0 = tl.constexpr(11)      # first program id of the layer in the row kernels
+_M_FSN = tl.constexpr(12)
+_M_FSC = tl.constexpr(13)
+_M_FSH = tl.constexpr(14)
+_M_FSW = tl.constexpr(15)       # LAYOUT 0: 1; LAYOUT 1: the flat H*W stride; LAYOUT 2: W stride
+_M_GSN = tl.constexpr(16)
+_M_GSC = tl.constexpr(17)
+_M_GSH = tl.constexpr(18)
+_M_GSW = tl.constexpr(19)
+_M_USN = tl.constexpr(20)       # grad_maps row stride
+_M_USHW = tl.constexpr(21)      # grad_maps column stride (0 for expanded gradients)
+META_STRIDE = tl.constexpr(24)
+_META_STRIDE = 24
+
+LAYOUT_HW_CONTIG, LAYOUT_CHANNELS_LAST, LAYOUT_GENERIC = 0, 1, 2
+
+#: number of launches per kernel name since import (tests assert the grouping with it)
+LAUNCH_COUNTS: "collections.Counter[str]" = collections.Counter()
+
+
+# --------------------------------------------------------------------------------------------
+# device helpers
+# --------------------------------------------------------------------------------------------
+@triton.jit
+def _find_layer(pid, meta_ptr, START_FIELD: tl.constexpr, NUM_LAYERS: tl.constexpr):
+    # Layers are laid out back to back in program-id space; count the starts we are past.
+    # NUM_LAYERS is small (a network's tapped layers), so an unrolled scan of scalar loads
+    # (the same few cache lines for every program) is cheaper than a per-program lookup table.
+    layer = pid * 0
+    for i in tl.static_range(1, NUM_LAYERS):
+        start = tl.load(meta_ptr + i * META_STRIDE + START_FIELD)
+        layer += (pid >= start).to(tl.int32)
+    return layer
+
+
+@triton.jit
+def _abs_pow(ax, power, POWER_MODE: tl.constexpr):
+    # |f|^p for ax = |f| >= 0 (or NaN). Integer powers by multiplication; otherwise
+    # exp2(p*log2|f|) with 0 -> 0 (log2 is fed 1 there so no -inf is ever formed).
+    if POWER_MODE == 1:
+        r = ax
+    elif POWER_MODE == 2:
+        r = ax * ax
+    elif POWER_MODE == 3:
+        r = ax * ax * ax
+    elif POWER_MODE == 4:
+        sq = ax * ax
+        r = sq * sq
+    else:
+        is0 = ax == 0.0
+        r = tl.where(is0, 0.0, tl.exp2(power * tl.log2(tl.where(is0, 1.0, ax))))
+    return r
+
+
+@triton.jit
+def _sign(x):
+    # torch.sign: +-1, 0 at 0, and 0 at NaN
+    return (x > 0.0).to(tl.float32) - (x < 0.0).to(tl.float32)
+
+
+@triton.jit
+def _dabs_pow(x, power, POWER_MODE: tl.constexpr):
+    # d|f|^p/df = p |f|^(p-1) sign(f), the reference's formula term by term (NaN/inf included)
+    if POWER_MODE == 1:
+        r = _sign(x)
+    elif POWER_MODE == 2:
+        r = 2.0 * x
+    elif POWER_MODE == 3:
+        r = 3.0 * x * tl.abs(x)
+    elif POWER_MODE == 4:
+        r = 4.0 * (x * x) * x
+    else:
+        ax = tl.abs(x)
+        is0 = ax == 0.0
+        mag = tl.where(is0, 0.0, tl.exp2((power - 1.0) * tl.log2(tl.where(is0, 1.0, ax))))
+        r = power * mag * _sign(x)
+    return r
+
+
+@triton.jit
+def _m_offsets(n, hw, W, sN, sH, sW, LAYOUT: tl.constexpr):
+    # element offset of (n, c=0, hw) for a block of flattened (n, hw) indices, int64
+    n64 = n.to(tl.int64)
+    if LAYOUT == 0:
+        off = n64 * sN + hw.to(tl.int64)
+    elif LAYOUT == 1:
+        off = n64 * sN + hw.to(tl.int64) * sW
+    else:
+        h = hw // W
+        w = hw - h * W
+        off = n64 * sN + h.to(tl.int64) * sH + w.to(tl.int64) * sW
+    return off
+
+
+# --------------------------------------------------------------------------------------------
+# kernels
+# --------------------------------------------------------------------------------------------
+@triton.jit
+def _fwd_accum_kernel(f_ptr, a_ptr, meta_ptr, power,
+                      NUM_LAYERS: tl.constexpr, LAYOUT: tl.constexpr, POWER_MODE: tl.constexpr,
+                      BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr, VEC: tl.constexpr):
+    """a[l][n, hw] = sum_c |f_l[n, c, hw]|^p for one BLOCK_M slice of layer l's flat (n, hw) range."""
+    pid = tl.program_id(0)
+    layer = _find_layer(pid, meta_ptr, _M_TILE0, NUM_LAYERS)
+    row = meta_ptr + layer * META_STRIDE
+    f_off = tl.load(row + _M_F_OFF)
+    a_off = tl.load(row + _M_MAP_OFF)
+    C = tl.load(row + _M_C).to(tl.int32)
+    HW = tl.load(row + _M_HW).to(tl.int32)
+    W = tl.load(row + _M_W).to(tl.int32)
+    M = tl.load(row + _M_M).to(tl.int32)
+    sN = tl.load(row + _M_FSN)
+    sC = tl.load(row + _M_FSC)
+    sH = tl.load(row + _M_FSH)
+    sW = tl.load(row + _M_FSW)
+    tile = pid - tl.load(row + _M_TILE0).to(tl.int32)
+
+    idx = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    n = idx // HW
+    hw = idx - n * HW
+    off = f_off + _m_offsets(n, hw, W, sN, sH, sW, LAYOUT)
+    if VEC > 1:
+        if LAYOUT == 0:
+            # runs of VEC consecutive (n, hw) never cross a sample (HW % VEC == 0) and start
+            # on a VEC-aligned element: 16-byte loads along hw
+            off = tl.max_contiguous(tl.multiple_of(off, VEC), VEC)
+            sC = tl.multiple_of(sC, VEC)
+            M = tl.multiple_of(M, VEC)
+            a_off = tl.multiple_of(a_off, VEC)
+        else:
+            # channels-contiguous: every (n, hw) row starts aligned and C % VEC == 0
+            off = tl.multiple_of(off, VEC)
+            C = tl.multiple_of(C, VEC)
+    mask_m = idx < M
+
+    # elementwise [BLOCK_C, BLOCK_M] accumulator, reduced over channels once after the loop:
+    # no cross-warp reduction (shared memory + barrier) inside the streaming loop
+    acc = tl.zeros([BLOCK_C, BLOCK_M], dtype=tl.float32)
+    cr = tl.arange(0, BLOCK_C)
+    for ci in range(0, tl.cdiv(C, BLOCK_C)):
+        c = ci * BLOCK_C + cr
+        if LAYOUT == 1:
+            c_off = c.to(tl.int64)
+        else:
+            c_off = c.to(tl.int64) * sC
+        mask = (c < C)[:, None] & mask_m[None, :]
+        x = tl.load(f_ptr + (c_off[:, None] + off[None, :]), mask=mask, other=0.0).to(tl.float32)
+        acc += _abs_pow(tl.abs(x), power, POWER_MODE)
+    tl.store(a_ptr + a_off + idx, tl.sum(acc, axis=0), mask=mask_m)
+
+
+@triton.jit
+def _fwd_normalize_kernel(a_ptr, norm_ptr, meta_ptr, eps,
+                          NUM_LAYERS: tl.constexpr, BLOCK_R: tl.constexpr, ONE_PASS: tl.constexpr,
+                          RV: tl.constexpr):
+    """One sample row: norm = ||a||, m = a / max(norm, eps) in place."""
+    pid = tl.program_id(0)
+    layer = _find_layer(pid, meta_ptr, _M_ROW0, NUM_LAYERS)
+    row = meta_ptr + layer * META_STRIDE
+    HW = tl.load(row + _M_HW).to(tl.int32)
+    n = pid - tl.load(row + _M_ROW0).to(tl.int32)
+    a_off = tl.load(row + _M_MAP_OFF) + n.to(tl.int64) * HW
+    if RV > 1:  # host proved: HW and every row start are multiples of RV -> 16-byte accesses
+        a_off = tl.multiple_of(a_off, RV)
+        HW = tl.multiple_of(HW, RV)
+    base = a_ptr + a_off
+    r = tl.arange(0, BLOCK_R)
+    if ONE_PASS:
+        a = tl.load(base + r, mask=r < HW, other=0.0)
+        nrm = tl.sqrt_rn(tl.sum(a * a, axis=0))
+        # NaN-propagating clamp (max(nan, eps) would silently give eps)
+        den = tl.where(nrm < eps, eps, nrm)
+        tl.store(base + r, a / den, mask=r < HW)
+    else:
+        ss = tl.zeros([BLOCK_R], dtype=tl.float32)
+        for r0 in range(0, HW, BLOCK_R):
+            a = tl.load(base + r0 + r, mask=r0 + r < HW, other=0.0)
+            ss += a * a
+        nrm = tl.sqrt_rn(tl.sum(ss, axis=0))
+        den = tl.where(nrm < eps, eps, nrm)
+        for r0 in range(0, HW, BLOCK_R):
+            a = tl.load(base + r0 + r, mask=r0 + r < HW, other=0.0)
+            tl.store(base + r0 + r, a / den, mask=r0 + r < HW)
+    tl.store(norm_ptr + tl.load(row + _M_NORM_OFF) + n, nrm)
+
+
+@triton.jit
+def _bwd_ga_kernel(m_ptr, norm_ptr, up_ptr, ws_ptr, meta_ptr, eps,
+                   NUM_LAYERS: tl.constexpr, BLOCK_R: tl.constexpr, ONE_PASS: tl.constexpr,
+                   RV: tl.constexpr, G_CONTIG: tl.constexpr):
+    """One sample row: ga = (g - m <m, g>) / norm (norm > eps) or g / eps, into the workspace."""
+    pid = tl.program_id(0)
+    layer = _find_layer(pid, meta_ptr, _M_ROW0, NUM_LAYERS)
+    row = meta_ptr + layer * META_STRIDE
+    HW = tl.load(row + _M_HW).to(tl.int32)
+    n = pid - tl.load(row + _M_ROW0).to(tl.int32)
+    n64 = n.to(tl.int64)
+    m_off = tl.load(row + _M_MAP_OFF) + n64 * HW
+    g_off = tl.load(row + _M_UP_OFF) + n64 * tl.load(row + _M_USN)
+    w_off = tl.load(row + _M_WS_OFF) + n64 * HW
+    if G_CONTIG:  # grad_maps rows have unit column stride (the usual case)
+        g_shw = 1
+    else:
+        g_shw = tl.load(row + _M_USHW)
+    if RV > 1:
+        m_off = tl.multiple_of(m_off, RV)
+        w_off = tl.multiple_of(w_off, RV)
+        HW = tl.multiple_of(HW, RV)
+        if G_CONTIG:
+            g_off = tl.multiple_of(g_off, RV)
+    m_base = m_ptr + m_off
+    g_base = up_ptr + g_off
+    w_base = ws_ptr + w_off
+    nrm = tl.load(norm_ptr + tl.load(row + _M_NORM_OFF) + n)
+    big = nrm > eps
+    # one division; the divisor is never 0 (the unselected branch must not form inf/NaN either)
+    den = tl.where(big, nrm, eps)
+    r = tl.arange(0, BLOCK_R)
+    if ONE_PASS:
+        mask = r < HW
+        m = tl.load(m_base + r, mask=mask, other=0.0)
+        g = tl.load(g_base + r * g_shw, mask=mask, other=0.0)
+        dot = tl.sum(m * g, axis=0)
+        ga = tl.where(big, g - m * dot, g) / den
+        tl.store(w_base + r, ga, mask=mask)
+    else:
+        acc = tl.zeros([BLOCK_R], dtype=tl.float32)
+        for r0 in range(0, HW, BLOCK_R):
+            mask = r0 + r < HW
+            m = tl.load(m_base + r0 + r, mask=mask, other=0.0)
+            g = tl.load(g_base + (r0 + r) * g_shw, mask=mask, other=0.0)
+            acc += m * g
+        dot = tl.sum(acc, axis=0)
+        for r0 in range(0, HW, BLOCK_R):
+            mask = r0 + r < HW
+            m = tl.load(m_base + r0 + r, mask=mask, other=0.0)
+            g = tl.load(g_base + (r0 + r) * g_shw, mask=mask, other=0.0)
+            ga = tl.where(big, g - m * dot, g) / den
+            tl.store(w_base + r0 + r, ga, mask=mask)
+
+
+@triton.jit
+def _bwd_grad_kernel(f_ptr, ws_ptr, out_ptr, meta_ptr, power,
+                     NUM_LAYERS: tl.constexpr, LAYOUT: tl.constexpr, POWER_MODE: tl.constexpr,
+                     SAME_STRIDES: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr,
+                     VEC: tl.constexpr):
+    """df_l[n, c, hw] = p |f|^(p-1) sign(f) * ga[n, hw] for one BLOCK_M slice, all channels."""
+    pid = tl.program_id(0)
+    layer = _find_layer(pid, meta_ptr, _M_TILE0, NUM_LAYERS)
+    row = meta_ptr + layer * META_STRIDE
+    f_off = tl.load(row + _M_F_OFF)
+    o_off = tl.load(row + _M_G_OFF)
+    ws_off = tl.load(row + _M_WS_OFF)
+    C = tl.load(row + _M_C).to(tl.int32)
+    HW = tl.load(row + _M_HW).to(tl.int32)
+    W = tl.load(row + _M_W).to(tl.int32)
+    M = tl.load(row + _M_M).to(tl.int32)
+    sN = tl.load(row + _M_FSN)
+    sC = tl.load(row + _M_FSC)
+    sH = tl.load(row + _M_FSH)
+    sW = tl.load(row + _M_FSW)
+    tile = pid - tl.load(row + _M_TILE0).to(tl.int32)
+
+    idx = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    n = idx // HW
+    hw = idx - n * HW
+    off_rel = _m_offsets(n, hw, W, sN, sH, sW, LAYOUT)
+    if SAME_STRIDES:
+        oC = sC
+        ooff = o_off + off_rel
+    else:
+        oC = tl.load(row + _M_GSC)
+        ooff = o_off + _m_offsets(n, hw, W, tl.load(row + _M_GSN), tl.load(row + _M_GSH),
+                                  tl.load(row + _M_GSW), LAYOUT)
+    off = f_off + off_rel
+    if VEC > 1:
+        if LAYOUT == 0:
+            off = tl.max_contiguous(tl.multiple_of(off, VEC), VEC)
+            ooff = tl.max_contiguous(tl.multiple_of(ooff, VEC), VEC)
+            sC = tl.multiple_of(sC, VEC)
+            oC = tl.multiple_of(oC, VEC)
+            M = tl.multiple_of(M, VEC)
+            ws_off = tl.multiple_of(ws_off, VEC)
+        else:
+            off = tl.multiple_of(off, VEC)
+            ooff = tl.multiple_of(ooff, VEC)
+            C = tl.multiple_of(C, VEC)
+    mask_m = idx < M
+    # ga is read once per tile and reused for every channel
+    ga = tl.load(ws_ptr + ws_off + idx, mask=mask_m, other=0.0)
+
+    cr = tl.arange(0, BLOCK_C)
+    for ci in range(0, tl.cdiv(C, BLOCK_C)):
+        c = ci * BLOCK_C + cr
+        c64 = c.to(tl.int64)
+        if LAYOUT == 1:
+            c_in = c64
+            c_out = c64
+        else:
+            c_in = c64 * sC
+            c_out = c64 * oC
+        mask = (c < C)[:, None] & mask_m[None, :]
+        x = tl.load(f_ptr + (c_in[:, None] + off[None, :]), mask=mask, other=0.0)
+        d = _dabs_pow(x.to(tl.float32), power, POWER_MODE) * ga[None, :]
+        tl.store(out_ptr + (c_out[:, None] + ooff[None, :]), d.to(x.dtype), mask=mask)
+
+
+# --------------------------------------------------------------------------------------------
+# host side
+# --------------------------------------------------------------------------------------------
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_INT32_MAX = 2 ** 31 - 1
+
+
+def interpreter_active() -> bool:
+    """True when these kernels were decorated under ``TRITON_INTERPRET=1`` (they run on CPU)."""
+    try:
+        from triton.runtime.interpreter import InterpretedFunction
+    except Exception:  # pragma: no cover - very old/new triton
+        return False
+    return isinstance(_fwd_accum_kernel, InterpretedFunction)
+
+
+def _next_pow2(x: int) -> int:
+    return 1 if x <= 1 else 1 << (int(x) - 1).bit_length()
+
+
+def _clamp(x: int, lo: int, hi: int) -> int:
+    return max(lo, min(hi, x))
+
+
+_SM_COUNT: Dict[int, int] = {}
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 1
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SM_COUNT:
+        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _SM_COUNT[idx]
+
+
+def _flat_hw_stride(H: int, W: int, sH: int, sW: int) -> Optional[int]:
+    """Stride s with h*sH + w*sW == (h*W + w)*s for all valid (h, w), or None."""
+    if H * W == 1:
+        return 1
+    if W == 1:
+        return sH
+    if H == 1 or sH == W * sW:
+        return sW
+    return None
+
+
+def _layouts_ok(t: torch.Tensor) -> set:
+    N, C, H, W = t.shape
+    sN, sC, sH, sW = t.stride()
+    s_hw = _flat_hw_stride(H, W, sH, sW)
+    ok = {LAYOUT_GENERIC}
+    if s_hw is not None:
+        if s_hw == 1 or H * W == 1:
+            ok.add(LAYOUT_HW_CONTIG)
+        if sC == 1 or C == 1:
+            ok.add(LAYOUT_CHANNELS_LAST)
+    return ok
+
+
+def _strides_for(t: torch.Tensor, layout: int) -> Tuple[int, int, int, int]:
+    """(sN, sC, sH, sW) normalised for the kernel's addressing in ``layout``."""
+    N, C, H, W = t.shape
+    sN, sC, sH, sW = t.stride()
+    # strides of size-1 dims are never multiplied by a non-zero index: store 0 so that they
+    # neither break the alignment proof (VEC) nor the same-strides test
+    sN = sN if N > 1 else 0
+    sC = sC if C > 1 else 0
+    if layout == LAYOUT_HW_CONTIG:
+        return sN, sC, 0, 1
+    if layout == LAYOUT_CHANNELS_LAST:
+        return sN, 1, 0, (_flat_hw_stride(H, W, sH, sW) if H * W > 1 else 0)
+    return sN, sC, (sH if H > 1 else 0), (sW if W > 1 else 0)
+
+
+def _rel(t: torch.Tensor, base: torch.Tensor) -> int:
+    d = t.data_ptr() - base.data_ptr()
+    es = t.element_size()
+    if d % es:  # pragma: no cover - torch allocations are always element aligned
+        raise RuntimeError("datadam_fast triton: tensor not aligned to its element size")
+    return d // es
+
+
+def _power_mode(power: float) -> int:
+    p = float(power)
+    return int(p) if p in (1.0, 2.0, 3.0, 4.0) else 0
+
+
+def _vec_for(esize: int, values: Sequence[int]) -> int:
+    """Largest power of two v <= 16 bytes / esize dividing every value (in elements)."""
+    v = max(1, 16 // esize)
+    while v > 1 and any(x % v for x in values):
+        v //= 2
+    return v
+
+
+def _tile_blocks(layout: int, Ms: Sequence[int], Cs: Sequence[int], esize: int,
+                 device: torch.device, block_m: Optional[int], block_c: Optional[int]
+                 ) -> Tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_C, num_warps) for the N*C*H*W kernels.
+
+    The tile [BLOCK_C, BLOCK_M] is what one iteration of the channel loop loads: about 16 KB
+    (4096 fp32 or 8192 16-bit elements) keeps enough bytes in flight per SM for a purely
+    bandwidth-bound kernel without spilling registers. The flat (n, hw) axis is shrunk until the
+    grouped grid has a few programs per SM (no split-C, so parallelism comes from N*H*W only).
+    On the interpreter, big blocks simply mean fewer (slow, Python-level) programs.
+    """
+    maxC = max(Cs)
+    maxM = max(Ms)
+    tile_elems = 16384 // max(esize, 2)
+    if interpreter_active() or device.type != "cuda":
+        bm = _clamp(_next_pow2(maxM), 16, 1024)
+        bc = _clamp(_next_pow2(maxC), 1, 64)
+    elif layout == LAYOUT_CHANNELS_LAST:
+        # the contiguous axis is C: give it up to 64 lanes-worth (coalesced rows of channels)
+        bc = _clamp(_next_pow2(maxC), 8, 64)
+        want_programs = 4 * _sm_count(device)
+        bm = _next_pow2(max(1, sum(Ms) // want_programs))
+        bm = _clamp(bm, 16, max(16, tile_elems // bc))
+    else:
+        want_programs = 4 * _sm_count(device)
+        bm = _next_pow2(max(1, sum(Ms) // want_programs))
+        bm = _clamp(bm, 64, 1024)
+        bc = _clamp(tile_elems // bm, 1, _next_pow2(maxC))
+    if block_m is not None:
+        bm = int(block_m)
+    if block_c is not None:
+        bc = int(block_c)
+    elems = bm * bc
+    num_warps = 4 if elems <= 4096 else 8
+    return bm, bc, num_warps
+
+
+def _row_blocks(HWs: Sequence[int], block_r: Optional[int]) -> Tuple[int, bool, int]:
+    """(BLOCK_R, ONE_PASS, num_warps) for the per-sample O(H*W) kernels."""
+    maxHW = max(HWs)
+    br = _clamp(_next_pow2(maxHW), 16, 4096) if block_r is None else int(block_r)
+    num_warps = 1 if br <= 256 else (2 if br <= 1024 else 4)
+    return br, br >= maxHW, num_warps
+
+
+_META_CACHE: "collections.OrderedDict[tuple, torch.Tensor]" = collections.OrderedDict()
+_META_CACHE_SIZE = 64
+
+
+def _meta_tensor(rows: List[List[int]], device: torch.device) -> torch.Tensor:
+    """int64 [L, META_STRIDE] table on ``device``; cached by content so that a training loop
+    (same shapes, allocator usually returning the same addresses) does no host->device copy."""
+    key = (str(device), tuple(tuple(r) for r in rows))
+    t = _META_CACHE.get(key)
+    if t is not None:
+        _META_CACHE.move_to_end(key)
+        return t
+    flat = [v for r in rows for v in (r + [0] * (_META_STRIDE - len(r)))]
+    t = torch.tensor(flat, dtype=torch.int64).view(len(rows), _META_STRIDE)
+    if device.type == "cpu":  # interpreter path: nothing to copy, nothing to cache
+        return t
+    # pinned + non_blocking: a pageable copy would block the host until the GPU queue drains
+    t = t.pin_memory().to(device, non_blocking=True)
+    _META_CACHE[key] = t
+    if len(_META_CACHE) > _META_CACHE_SIZE:
+        _META_CACHE.popitem(last=False)
+    return t
+
+
+def _launch(kernel, name: str, grid, *args, **kwargs) -> None:
+    LAUNCH_COUNTS[name] += 1
+    # explicit FMA contraction (Triton 3.9 warns when it is left to the default, which changes
+    # in 3.10); fusing a*b+c only removes roundings here
+    kernel[grid](*args, enable_fp_fusion=True, **kwargs)
+
+
+def _device_ctx(device: torch.device):
+    if device.type == "cuda":
+        return torch.cuda.device(device)
+    import contextlib
+    return contextlib.nullcontext()
+
+
+def _check_feats(feats: Sequence[torch.Tensor]) -> torch.device:
+    dev = None
+    for i, f in enumerate(feats):
+        if f.dim() != 4:
+            raise ValueError(f"layer {i}: expected [N, C, H, W], got shape {tuple(f.shape)}")
+        if f.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"layer {i}: the Triton kernels take float32/bfloat16/float16, got {f.dtype} "
+                            "(the Triton backend routes float64 to the reference implementation)")
+        if dev is None:
+            dev = f.device
+        elif f.device != dev:
+            raise ValueError(f"layer {i}: on {f.device}, expected {dev}")
+        N, C, H, W = f.shape
+        if N * H * W > _INT32_MAX - 65536:
+            raise ValueError(f"layer {i}: N*H*W = {N * H * W} exceeds the kernels' int32 index range")
+    return dev
+
+
+def _groups(keys: Sequence[tuple]) -> List[Tuple[tuple, List[int]]]:
+    out: "collections.OrderedDict[tuple, List[int]]" = collections.OrderedDict()
+    for i, k in enumerate(keys):
+        out.setdefault(k, []).append(i)
+    return list(out.items())
+
+
+def _pick_layouts(ok_sets: Sequence[set]) -> List[int]:
+    """One layout per layer: a single common fast layout when there is one (-> one launch)."""
+    for lay in (LAYOUT_HW_CONTIG, LAYOUT_CHANNELS_LAST):
+        if all(lay in s for s in ok_sets):
+            return [lay] * len(ok_sets)
+    out = []
+    for s in ok_sets:
+        out.append(LAYOUT_HW_CONTIG if LAYOUT_HW_CONTIG in s else
+                   LAYOUT_CHANNELS_LAST if LAYOUT_CHANNELS_LAST in s else LAYOUT_GENERIC)
+    return out
+
+
+def spatial_attention_forward(feats: Sequence[torch.Tensor], power: float, *,
+                              block_m: Optional[int] = None, block_c: Optional[int] = None,
+                              block_r: Optional[int] = None
+                              ) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
+    """Maps ``[N_l, H_l*W_l]`` (fp32, contiguous, L2-normalised) and norms ``[N_l]`` (fp32).
+
+    Two launches per (dtype, layout) group of layers; normally one group. ``block_*`` override
+    the heuristics (tests use them to force multi-tile / multi-chunk paths).
+    """
+    feats = list(feats)
+    if not feats:
+        return [], []
+    device = _check_feats(feats)
+    power = float(power)
+    maps: List[Optional[torch.Tensor]] = [None] * len(feats)
+    norms: List[Optional[torch.Tensor]] = [None] * len(feats)
+    live = []
+    for i, f in enumerate(feats):
+        N, C, H, W = f.shape
+        maps[i] = torch.empty((N, H * W), dtype=torch.float32, device=device)
+        norms[i] = torch.empty((N,), dtype=torch.float32, device=device)
+        if N * H * W == 0:
+            continue
+        live.append(i)
+    if not live:
+        return maps, norms
+
+    layouts = _pick_layouts([_layouts_ok(feats[i]) for i in live])
+    keys = [(feats[i].dtype, lay) for i, lay in zip(live, layouts)]
+    pmode = _power_mode(power)
+    with _device_ctx(device):
+        for (dtype, layout), members in _groups(keys):
+            idxs = [live[j] for j in members]
+            fs = [feats[i] for i in idxs]
+            ms = [maps[i] for i in idxs]
+            ns = [norms[i] for i in idxs]
+            Ms = [f.shape[0] * f.shape[2] * f.shape[3] for f in fs]
+            Cs = [f.shape[1] for f in fs]
+            HWs = [f.shape[2] * f.shape[3] for f in fs]
+            esize = fs[0].element_size()
+            bm, bc, warps = _tile_blocks(layout, Ms, Cs, esize, device, block_m, block_c)
+            br, one_pass, rwarps = _row_blocks(HWs, block_r)
+            rows, tile0, row0 = [], 0, 0
+            vec_vals, row_vals = [], []
+            for f, m, nr, M, HW in zip(fs, ms, ns, Ms, HWs):
+                N, C, H, W = f.shape
+                sN, sC, sH, sW = _strides_for(f, layout)
+                f_off, m_off = _rel(f, fs[0]), _rel(m, ms[0])
+                rows.append([f_off, 0, m_off, _rel(nr, ns[0]), 0, 0, C, HW, W, M,
+                             tile0, row0, sN, sC, sH, sW])
+                tile0 += triton.cdiv(M, bm)
+                row0 += N
+                row_vals += [HW, m_off]
+                if layout == LAYOUT_HW_CONTIG:
+                    vec_vals += [f_off, HW, sN, sC, m_off]
+                elif layout == LAYOUT_CHANNELS_LAST:
+                    vec_vals += [f_off, C, sN, sW]
+            vec = min(_vec_for(esize, vec_vals), bm) if layout != LAYOUT_GENERIC else 1
+            meta = _meta_tensor(rows, device)
+            L = len(fs)
+            _launch(_fwd_accum_kernel, "fwd_accum", (tile0,), fs[0], ms[0], meta, power,
+                    NUM_LAYERS=L, LAYOUT=layout, POWER_MODE=pmode, BLOCK_C=bc, BLOCK_M=bm, VEC=vec,
+                    num_warps=warps)
+            rv = min(_vec_for(4, row_vals), br)
+            _launch(_fwd_normalize_kernel, "fwd_normalize", (row0,), ms[0], ns[0], meta, NORM_EPS,
+                    NUM_LAYERS=L, BLOCK_R=br, ONE_PASS=one_pass, RV=rv, num_warps=rwarps)
+    return maps, norms
+
+
+def spatial_attention_backward(feats: Sequence[torch.Tensor], maps: Sequence[torch.Tensor],
+                               norms: Sequence[torch.Tensor], grad_maps: Sequence[torch.Tensor],
+                               power: float, *, block_m: Optional[int] = None,
+                               block_c: Optional[int] = None, block_r: Optional[int] = None
+                               ) -> List[torch.Tensor]:
+    """``dL/dfeats`` with each input's shape, dtype and memory format (contiguous/channels_last)."""
+    feats = list(feats)
+    if not feats:
+        return []
+    device = _check_feats(feats)
+    power = float(power)
+    if not (len(maps) == len(norms) == len(grad_maps) == len(feats)):
+        raise ValueError("feats, maps, norms and grad_maps must have one entry per layer")
+    grads: List[torch.Tensor] = []
+    ms, ns, gs = [], [], []
+    live = []
+    for i, f in enumerate(feats):
+        N, C, H, W = f.shape
+        # preserve_format: same strides as a dense input (contiguous, channels_last, permuted
+        # views), contiguous otherwise -- what the reference's elementwise math produces
+        grads.append(torch.empty_like(f, memory_format=torch.preserve_format))
+        # saved state is produced by the forward (fp32 contiguous): these are no-ops then
+        m = maps[i].to(device=device, dtype=torch.float32).reshape(N, H * W).contiguous()
+        nr = norms[i].to(device=device, dtype=torch.float32).reshape(N).contiguous()
+        g = grad_maps[i].to(device=device, dtype=torch.float32).reshape(N, H * W)
+        ms.append(m)
+        ns.append(nr)
+        gs.append(g)
+        if N * H * W == 0:
+            continue
+        if C == 0:
+            continue
+        live.append(i)
+    if not live:
+        return grads
+
+    ok_sets = [_layouts_ok(feats[i]) & _layouts_ok(grads[i]) for i in live]
+    layouts = _pick_layouts(ok_sets)
+    keys = [(feats[i].dtype, lay) for i, lay in zip(live, layouts)]
+    pmode = _power_mode(power)
+    total_m = sum(feats[i].shape[0] * feats[i].shape[2] * feats[i].shape[3] for i in live)
+    ws = torch.empty((total_m,), dtype=torch.float32, device=device)
+    with _device_ctx(device):
+        ws_cursor = 0
+        for (dtype, layout), members in _groups(keys):
+            idxs = [live[j] for j in members]
+            fs = [feats[i] for i in idxs]
+            os_ = [grads[i] for i in idxs]
+            mg = [ms[i] for i in idxs]
+            ng = [ns[i] for i in idxs]
+            ug = [gs[i] for i in idxs]
+            Ms = [f.shape[0] * f.shape[2] * f.shape[3] for f in fs]
+            Cs = [f.shape[1] for f in fs]
+            HWs = [f.shape[2] * f.shape[3] for f in fs]
+            esize = fs[0].element_size()
+            bm, bc, warps = _tile_blocks(layout, Ms, Cs, esize, device, block_m, block_c)
+            br, one_pass, rwarps = _row_blocks(HWs, block_r)
+            rows, tile0, row0 = [], 0, 0
+            vec_vals, row_vals = [], []
+            g_contig = all(u.stride(1) == 1 or u.shape[1] == 1 for u in ug)
+            same = True
+            ws_base_off = ws_cursor
+            for f, o, m, nr, u, M, HW in zip(fs, os_, mg, ng, ug, Ms, HWs):
+                N, C, H, W = f.shape
+                fsN, fsC, fsH, fsW = _strides_for(f, layout)
+                gsN, gsC, gsH, gsW = _strides_for(o, layout)
+                same = same and (fsN, fsC, fsH, fsW) == (gsN, gsC, gsH, gsW)
+                f_off, o_off = _rel(f, fs[0]), _rel(o, os_[0])
+                usN, usHW = u.stride()
+                m_off, u_off, w_off = _rel(m, mg[0]), _rel(u, ug[0]), ws_cursor - ws_base_off
+                rows.append([f_off, o_off, m_off, _rel(nr, ng[0]), u_off, w_off, C, HW, W, M,
+                             tile0, row0, fsN, fsC, fsH, fsW, gsN, gsC, gsH, gsW, usN, usHW])
+                row_vals += [HW, m_off, w_off] + ([u_off, usN if N > 1 else 0] if g_contig else [])
+                ws_cursor += M
+                tile0 += triton.cdiv(M, bm)
+                row0 += N
+                if layout == LAYOUT_HW_CONTIG:
+                    vec_vals += [f_off, o_off, HW, fsN, gsN, fsC, gsC, w_off]
+                elif layout == LAYOUT_CHANNELS_LAST:
+                    vec_vals += [f_off, o_off, C, fsN, gsN, fsW, gsW]
+            vec = min(_vec_for(esize, vec_vals), bm) if layout != LAYOUT_GENERIC else 1
+            meta = _meta_tensor(rows, device)
+            wsg = ws[ws_base_off:]
+            L = len(fs)
+            rv = min(_vec_for(4, row_vals), br)
+            _launch(_bwd_ga_kernel, "bwd_ga", (row0,), mg[0], ng[0], ug[0], wsg, meta, NORM_EPS,
+                    NUM_LAYERS=L, BLOCK_R=br, ONE_PASS=one_pass, RV=rv, G_CONTIG=g_contig,
+                    num_warps=rwarps)
+            _launch(_bwd_grad_kernel, "bwd_grad", (tile0,), fs[0], wsg, os_[0], meta, power,
+                    NUM_LAYERS=L, LAYOUT=layout, POWER_MODE=pmode, SAME_STRIDES=same,
+                    BLOCK_C=bc, BLOCK_M=bm, VEC=vec, num_warps=warps)
+    return grads
