@@ -23,7 +23,7 @@ from . import profiling
 from .errors import UserError
 from .loss import attention_matching_loss
 from .profiling import nvtx_range
-from .targets import ClassMeanAccumulator
+from .targets import ClassMeanAccumulator, ClassTargets
 
 PRESETS = {
     # what the paper and its hyper-parameter table describe
@@ -241,29 +241,23 @@ class Distiller:
             params = self.dsa.sample(K, self.gen, self.device, tuple(self.train_set.image_size)) if self.dsa else None
         t = mark("sample", t)
         ew = c.attention_factor * c.task_balance
-        if c.real_chunk:
-            acc = ClassMeanAccumulator(K, power=c.power, backend=c.backend)
-            rows_per_chunk = c.real_chunk * self.batch_real
-            with torch.no_grad():
-                for i in range(0, real.shape[0], rows_per_chunk):
-                    x, y = real[i:i + rows_per_chunk], self.labels_real[i:i + rows_per_chunk]
-                    if params is not None:
-                        with nvtx_range("datadam_fast.step.augment_real"):
-                            x = self.dsa.apply(x, params, y)
-                    with nvtx_range("datadam_fast.step.real_forward"):
-                        fr, er = net.features_and_embedding(x)
-                    acc.update(fr, er, labels=y)
-            targets = acc.targets()
-            t = mark("real_forward", t)
-        else:
-            with torch.no_grad():
+        # The real side only enters through its per-class means, so it is reduced to ClassTargets
+        # chunk by chunk (one chunk = all classes unless --real-chunk): never held beyond a chunk.
+        acc = ClassMeanAccumulator(K, power=c.power, backend=c.backend)
+        rows_per_chunk = c.real_chunk * self.batch_real if c.real_chunk else real.shape[0]
+        with torch.no_grad():
+            for i in range(0, real.shape[0], rows_per_chunk):
+                x, y = real[i:i + rows_per_chunk], self.labels_real[i:i + rows_per_chunk]
                 if params is not None:
                     with nvtx_range("datadam_fast.step.augment_real"):
-                        real = self.dsa.apply(real, params, self.labels_real)
+                        x = self.dsa.apply(x, params, y)
                 t = mark("augment", t)
                 with nvtx_range("datadam_fast.step.real_forward"):
-                    feats_r, emb_r = net.features_and_embedding(real)
-            t = mark("real_forward", t)
+                    feats_r, emb_r = net.features_and_embedding(x)
+                    acc.update(feats_r, emb_r, labels=y)
+                    del feats_r, emb_r
+                t = mark("real_forward", t)
+        targets = acc.targets()
         syn = self.syn
         if params is not None:
             with nvtx_range("datadam_fast.step.augment_syn"):
@@ -273,18 +267,11 @@ class Distiller:
             feats_s, emb_s = net.features_and_embedding(syn)
         t = mark("syn_forward", t)
         with nvtx_range("datadam_fast.step.loss"):
-            if c.real_chunk:
-                from .targets import ClassTargets
-                att = attention_matching_loss(ClassTargets(targets.attention, None, c.power), feats_s,
-                                              num_classes=K, power=c.power, attention_weight=c.attention_factor,
-                                              backend=c.backend)
-                emb = attention_matching_loss(ClassTargets([], targets.embedding, c.power), [], None, emb_s,
-                                              num_classes=K, power=c.power, embedding_weight=ew, backend=c.backend)
-            else:
-                att = attention_matching_loss(feats_r, feats_s, num_classes=K, power=c.power,
-                                              attention_weight=c.attention_factor, backend=c.backend)
-                emb = attention_matching_loss([], [], emb_r, emb_s, num_classes=K, power=c.power,
-                                              embedding_weight=ew, backend=c.backend)
+            att = attention_matching_loss(ClassTargets(targets.attention, None, c.power), feats_s,
+                                          num_classes=K, power=c.power, attention_weight=c.attention_factor,
+                                          backend=c.backend)
+            emb = attention_matching_loss(ClassTargets([], targets.embedding, c.power), [], None, emb_s,
+                                          num_classes=K, power=c.power, embedding_weight=ew, backend=c.backend)
             loss = att + emb
         t = mark("loss", t)
         with nvtx_range("datadam_fast.step.backward"):

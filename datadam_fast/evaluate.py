@@ -45,16 +45,21 @@ def _to_int_labels(labels, n: int, where: str) -> torch.Tensor:
     return lab.long()
 
 
+def _load_file(path: str, what: str):
+    """``torch.load`` with tensors-only unpickling; any failure is a one-line UserError."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise UserError(f"{what} not found: {path}") from None
+    except Exception as e:
+        raise UserError(f"cannot read {what} {path}: {type(e).__name__}: {str(e)[:200]}") from None
+
+
 def load_synthetic(path: str) -> Tuple[torch.Tensor, torch.Tensor, Dict]:
     """Read a synthetic set: ours (``{"images", "labels", ...}``), the official release
     (``{"data": [images, labels]}``) or the official ``res_*.pt`` (``{"data": [[images, labels], ...]}``,
     last entry). Returns float32 images [N,C,H,W] (normalised space), int64 labels and metadata."""
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise UserError(f"synthetic set not found: {path}") from None
-    except Exception as e:
-        raise UserError(f"cannot read synthetic set {path}: {type(e).__name__}: {str(e)[:200]}") from None
+    obj = _load_file(path, "synthetic set")
     meta: Dict = {}
     if isinstance(obj, dict) and "images" in obj and "labels" in obj:
         images, labels = obj["images"], obj["labels"]
@@ -79,12 +84,7 @@ def load_synthetic(path: str) -> Tuple[torch.Tensor, torch.Tensor, Dict]:
 
 def load_frozen_model(path: str):
     """Read an official ``{"net_parameters": state_dict}`` file (a plain state_dict is accepted too)."""
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise UserError(f"frozen model not found: {path}") from None
-    except Exception as e:
-        raise UserError(f"cannot read frozen model {path}: {type(e).__name__}: {str(e)[:200]}") from None
+    obj = _load_file(path, "frozen model")
     if isinstance(obj, dict) and "net_parameters" in obj:
         obj = obj["net_parameters"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
