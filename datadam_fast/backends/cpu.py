@@ -2,7 +2,8 @@
 
 The extension ``_C_cpu`` is imported prebuilt (``DATADAM_FAST_BUILD_EXT=1 pip install -e .``) or
 JIT-built on first use (cached, see :mod:`datadam_fast._build`). It is compiled with
-``-O3 -march=native`` so that the inner loops auto-vectorise for the host (AVX2/AVX-512 ...); the
+``-O3 -march=native -fno-trapping-math`` so that the inner loops auto-vectorise for the host
+(AVX2/AVX-512 ...; no fast-math: NaN/Inf semantics and IEEE rounding are kept); the
 JIT cache key includes a fingerprint of the host CPU so that a cache directory shared between
 different machines never hands an AVX-512 build to a CPU without it. If the compiler rejects
 ``-march=native`` the build is retried with portable flags. ``-fopenmp`` is required: PyTorch's
@@ -27,7 +28,7 @@ from . import Backend, BackendUnavailable
 
 _EXT_NAME = "_C_cpu"
 _SOURCES = ["spatial_attention_cpu.cpp"]
-_BASE_CFLAGS = ["-O3", "-fno-math-errno", "-fopenmp"]
+_BASE_CFLAGS = ["-O3", "-fno-math-errno", "-fno-trapping-math", "-fopenmp"]
 _LDFLAGS = ["-fopenmp"]
 
 
@@ -71,6 +72,9 @@ class CPUBackend(Backend):
 
     def __init__(self):
         self._ext = _load_extension()  # BackendUnavailable propagates (auto falls back)
+        # Advise transparent huge pages for large gradient buffers (see the C++ source);
+        # DATADAM_FAST_CPU_THP=0 turns the advice off.
+        self._huge_pages = os.environ.get("DATADAM_FAST_CPU_THP", "1") != "0"
 
     def supports(self, device) -> bool:
         return torch.device(device).type == "cpu"
@@ -85,4 +89,5 @@ class CPUBackend(Backend):
                  power: float) -> List[torch.Tensor]:
         return list(self._ext.backward([f.detach() for f in feats], [m.detach() for m in maps],
                                        [n.detach() for n in norms],
-                                       [g.detach() for g in grad_maps], float(power)))
+                                       [g.detach() for g in grad_maps], float(power),
+                                       self._huge_pages))
