@@ -17,7 +17,7 @@ ext_modules, cmdclass = [], {}
 if os.environ.get("DATADAM_FAST_BUILD_EXT", "0") == "1":
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
     ext_modules.append(CppExtension("datadam_fast._C_cpu", ["csrc/spatial_attention_cpu.cpp"],
-                                    extra_compile_args=["-O3", "-fopenmp", "-march=native"],
+                                    extra_compile_args=["-O3", "-fno-math-errno", "-fno-trapping-math", "-fopenmp", "-march=native"],
                                     extra_link_args=["-fopenmp"]))
     if os.environ.get("DATADAM_FAST_BUILD_CUDA", "0") == "1":
         ext_modules.append(CUDAExtension("datadam_fast._C_cuda", ["csrc/spatial_attention_cuda.cu"],
