@@ -523,6 +523,10 @@ std::pair<at::Tensor, Layout> prepare(const at::Tensor& f) {
               f.sizes());
   TORCH_CHECK(f.device().is_cpu(), "datadam_fast cpu: tensor on ", f.device(),
               ", expected cpu");
+  const auto t = f.scalar_type();
+  TORCH_CHECK(t == at::kFloat || t == at::kDouble || t == at::kBFloat16 || t == at::kHalf,
+              "datadam_fast cpu: unsupported dtype ", t,
+              " (expected float32, float64, bfloat16 or float16)");
   if (f.is_contiguous()) return {f, Layout::NCHW};
   if (f.is_contiguous(at::MemoryFormat::ChannelsLast)) return {f, Layout::ChannelsLast};
   return {f.contiguous(), Layout::NCHW};  // arbitrary strides: one copy, then NCHW

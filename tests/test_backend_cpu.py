@@ -212,6 +212,19 @@ def test_non_finite_inputs_propagate(cpu, dtype, power):
     _assert_close(grads[0], rgrads[0], _tols(dtype)[1], what="grads")
 
 
+def test_bad_inputs_raise(cpu):
+    with pytest.raises(RuntimeError, match="dtype"):
+        cpu.forward([torch.ones(2, 3, 4, 4, dtype=torch.int32)], 4.0)
+    with pytest.raises(RuntimeError, match="4-d"):
+        cpu.forward([torch.ones(2, 3, 4)], 4.0)
+    with pytest.raises(RuntimeError, match="power"):
+        cpu.forward([torch.ones(2, 3, 4, 4)], 0.5)
+    f = torch.ones(2, 3, 4, 4)
+    maps, norms = cpu.forward([f], 4.0)
+    with pytest.raises(RuntimeError, match="grad_maps"):
+        cpu.backward([f], maps, norms, [torch.ones(2, 15)], 4.0)
+
+
 def test_grad_maps_any_strides_and_dtype(cpu):
     f = _feat((4, 6, 5, 5), torch.float32, seed=13)
     maps, norms = cpu.forward([f], 4.0)
