@@ -15,11 +15,10 @@ import json
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Dict, Optional
 
 import torch
 
-from . import profiling
 from .errors import UserError
 from .loss import attention_matching_loss
 from .profiling import nvtx_range
@@ -225,7 +224,6 @@ class Distiller:
         """One distillation iteration; ``timings`` (optional) receives seconds per phase."""
         c, K = self.cfg, self.K
         sync = (torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None))
-        clock = {}
 
         def mark(name, t0):
             if timings is not None:

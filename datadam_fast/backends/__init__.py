@@ -78,6 +78,23 @@ class ReferenceBackend(Backend):
         return out
 
 
+class ExtensionBackend(Backend):
+    """A backend whose kernels live in a compiled extension with ``forward``/``backward`` over layer lists."""
+    _ext = None
+
+    def _backward_extra_args(self) -> tuple:
+        return ()
+
+    def forward(self, feats, power):
+        maps, norms = self._ext.forward([f.detach() for f in feats], float(power))
+        return list(maps), list(norms)
+
+    def backward(self, feats, maps, norms, grad_maps, power):
+        return list(self._ext.backward([f.detach() for f in feats], [m.detach() for m in maps],
+                                       [n.detach() for n in norms], [g.detach() for g in grad_maps],
+                                       float(power), *self._backward_extra_args()))
+
+
 def _load_cpu() -> Backend:
     from .cpu import CPUBackend
     return CPUBackend()

@@ -20,11 +20,9 @@ from __future__ import annotations
 import hashlib
 import os
 import platform
-from typing import List, Sequence, Tuple
-
 import torch
 
-from . import Backend, BackendUnavailable
+from . import BackendUnavailable, ExtensionBackend
 
 _EXT_NAME = "_C_cpu"
 _SOURCES = ["spatial_attention_cpu.cpp"]
@@ -66,7 +64,7 @@ def _load_extension():
                              + " | ".join(errors))
 
 
-class CPUBackend(Backend):
+class CPUBackend(ExtensionBackend):
     """Fused C++ kernels for CPU tensors; all layers of a call in one C++ call."""
     name = "cpu"
 
@@ -79,15 +77,5 @@ class CPUBackend(Backend):
     def supports(self, device) -> bool:
         return torch.device(device).type == "cpu"
 
-    def forward(self, feats: Sequence[torch.Tensor], power: float
-                ) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
-        maps, norms = self._ext.forward([f.detach() for f in feats], float(power))
-        return list(maps), list(norms)
-
-    def backward(self, feats: Sequence[torch.Tensor], maps: Sequence[torch.Tensor],
-                 norms: Sequence[torch.Tensor], grad_maps: Sequence[torch.Tensor],
-                 power: float) -> List[torch.Tensor]:
-        return list(self._ext.backward([f.detach() for f in feats], [m.detach() for m in maps],
-                                       [n.detach() for n in norms],
-                                       [g.detach() for g in grad_maps], float(power),
-                                       self._huge_pages))
+    def _backward_extra_args(self) -> tuple:
+        return (self._huge_pages,)

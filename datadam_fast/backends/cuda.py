@@ -17,11 +17,9 @@ NCHW-contiguous first (one copy). Results are deterministic (no atomics).
 from __future__ import annotations
 
 import hashlib
-from typing import List, Sequence, Tuple
-
 import torch
 
-from . import Backend, BackendUnavailable
+from . import BackendUnavailable, ExtensionBackend
 
 _EXT_NAME = "_C_cuda"
 _SOURCES = ["spatial_attention_cuda.cu"]
@@ -60,7 +58,7 @@ def unavailable_reason() -> str:
     return ""
 
 
-class CUDABackend(Backend):
+class CUDABackend(ExtensionBackend):
     """Fused CUDA kernels for CUDA tensors; all layers of a call in one grouped launch per phase."""
     name = "cuda"
 
@@ -72,15 +70,3 @@ class CUDABackend(Backend):
 
     def supports(self, device) -> bool:
         return torch.device(device).type == "cuda"
-
-    def forward(self, feats: Sequence[torch.Tensor], power: float
-                ) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
-        maps, norms = self._ext.forward([f.detach() for f in feats], float(power))
-        return list(maps), list(norms)
-
-    def backward(self, feats: Sequence[torch.Tensor], maps: Sequence[torch.Tensor],
-                 norms: Sequence[torch.Tensor], grad_maps: Sequence[torch.Tensor],
-                 power: float) -> List[torch.Tensor]:
-        return list(self._ext.backward([f.detach() for f in feats], [m.detach() for m in maps],
-                                       [n.detach() for n in norms],
-                                       [g.detach() for g in grad_maps], float(power)))

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import gzip
 import importlib.util
-import os
 from pathlib import Path
 
 import numpy as np

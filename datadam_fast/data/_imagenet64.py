@@ -17,7 +17,7 @@ import math
 import os
 import zipfile
 from pathlib import Path
-from typing import List, Optional
+from typing import List
 
 import numpy as np
 import torch
