@@ -37,10 +37,13 @@ SHAPES = {
     "convnetd4-64px-K200": (200, 64, 10, [(128, 64, 64), (128, 32, 32), (128, 16, 16)], 2048),
     # ImageNet-1K 64x64 at IPC 10; 16 real per class so one step fits an 80 GB GPU (stream for more)
     "convnetd4-64px-K1000-Br16": (1000, 16, 10, [(128, 64, 64), (128, 32, 32), (128, 16, 16)], 2048),
+    # the same 64x64 depth-4 layer shapes with per-class counts cut to fit a 24 GB CPU machine
+    "convnetd4-64px-K200-Br4-Bs1": (200, 4, 1, [(128, 64, 64), (128, 32, 32), (128, 16, 16)], 2048),
+    "convnetd4-64px-K1000-Br1-Bs1": (1000, 1, 1, [(128, 64, 64), (128, 32, 32), (128, 16, 16)], 2048),
     # small shape for smoke tests
     "tiny": (3, 4, 2, [(8, 9, 7), (8, 5, 3)], 16),
 }
-CPU_DEFAULT = ["convnet3-32px-K10"]
+CPU_DEFAULT = ["convnet3-32px-K10", "convnetd4-64px-K200-Br4-Bs1", "convnetd4-64px-K1000-Br1-Bs1"]
 GPU_DEFAULT = ["convnet3-32px-K10", "convnetd4-64px-K200", "convnetd4-64px-K1000-Br16"]
 PEAK_BW_GBS = {"H100 SXM": 3350.0, "H100 PCIe": 2000.0, "H100 NVL": 3900.0, "H200": 4800.0, "A100": 2039.0}
 
@@ -177,7 +180,7 @@ def main(argv=None):
     dtype = getattr(torch, args.dtype)
     shape_names = args.shapes or (GPU_DEFAULT if device.type == "cuda" else CPU_DEFAULT)
     if shape_names == ["all"]:
-        shape_names = [s for s in SHAPES if s != "tiny"]
+        shape_names = [s for s in SHAPES if s != "tiny" and (device.type == "cuda" or s in CPU_DEFAULT)]
     dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine())
     peak_bw = peak_bandwidth(dev_name) if device.type == "cuda" else None
     provs = providers(device, args.providers, with_compile=not args.no_compile)

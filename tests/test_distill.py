@@ -35,3 +35,22 @@ def test_step_timings_cover_the_phases(tmp_path):
     assert set(t) >= {"sample", "augment", "real_forward", "syn_forward", "loss", "backward", "update"}
     assert all(v >= 0 for v in t.values())
     assert abs(terms["loss"] - terms["loss_attention"] - terms["loss_embedding"]) < 1e-3 * max(1, terms["loss"])
+
+
+def test_benchmark_scripts_smoke(tmp_path):
+    """The benchmark scripts run end to end (tiny shapes; timing is not asserted)."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "bench.json"
+    subprocess.run([sys.executable, str(root / "benchmarks" / "bench_loss.py"), "--shapes", "tiny", "--repeat", "1",
+                    "--warmup", "0", "--no-compile", "--providers", "eager", "cpu", "--json", str(out)],
+                   check=True, capture_output=True)
+    rows = json.loads(out.read_text())["results"]
+    assert {r["provider"] for r in rows} >= {"eager"} and all(r["fwd_bwd_ms"] > 0 for r in rows)
+    prof = tmp_path / "prof.json"
+    subprocess.run([sys.executable, str(root / "benchmarks" / "profile_iteration.py"), "--ipc", "1", "--batch-real", "4",
+                    "--iterations", "1", "--warmup", "0", "--json", str(prof)], check=True, capture_output=True)
+    assert json.loads(prof.read_text())["total_ms_per_iteration"] > 0
