@@ -126,7 +126,7 @@ class Distiller:
         self.out_dir = out_dir
         self.progress = progress
         if out_dir:
-            self._prepare_out_dir(out_dir, resume, overwrite)
+            self._check_out_dir(out_dir, resume, overwrite)  # fail fast, touch nothing yet
         opts = dict(cfg.data_opts)
         self.train_set = train_set or load_dataset(cfg.dataset, root=cfg.data_root, split="train", **opts)
         self._test_set = test_set
@@ -172,20 +172,25 @@ class Distiller:
         self.opt = torch.optim.SGD([self.syn], lr=c.lr_img, momentum=c.momentum)
         if resume:
             self._load_checkpoint()
+        elif out_dir:
+            self._claim_out_dir(out_dir)
 
     # ---------------------------------------------------------------- setup
-    def _prepare_out_dir(self, out_dir: str, resume: bool, overwrite: bool) -> None:
+    def _check_out_dir(self, out_dir: str, resume: bool, overwrite: bool) -> None:
         if resume:
             if not os.path.isfile(os.path.join(out_dir, CHECKPOINT)):
                 raise UserError(f"--resume: no checkpoint at {os.path.join(out_dir, CHECKPOINT)}")
             return
+        if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+            raise UserError(f"--out {out_dir} exists and is not a directory")
         if os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite:
             raise UserError(f"output directory {out_dir} is not empty; pass --overwrite to replace its results "
                             f"or --resume to continue its checkpoint")
-        if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-            raise UserError(f"--out {out_dir} exists and is not a directory")
+
+    def _claim_out_dir(self, out_dir: str) -> None:
+        """Called once every input is validated: only then are stale results of --overwrite removed."""
         os.makedirs(out_dir, exist_ok=True)
-        for name in ("metrics.jsonl", CHECKPOINT):
+        for name in ("metrics.jsonl", CHECKPOINT, "summary.json"):
             p = os.path.join(out_dir, name)
             if os.path.exists(p):
                 os.remove(p)

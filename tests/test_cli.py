@@ -203,6 +203,10 @@ def test_never_overwrites_and_rejects_bad_checkpoints(tmp_path, capsys):
                          "--ipc", "2", "--eval-every", "-1", "--resume"], capsys)
     assert code == 2 and "different settings" in cap.err and "ipc" in cap.err
     assert (good / "synthetic.pt").read_bytes() == before
+    # --overwrite with an invalid setting fails before anything in the directory is touched
+    code, cap = run_cli(["distill", "--out", str(good), "--no-progress", "--iterations", "2", "--ipc", "100000",
+                         "--overwrite"], capsys)
+    assert code == 2 and (good / "checkpoint.pt").exists() and (good / "synthetic.pt").read_bytes() == before
 
 
 def test_evaluate_bad_files(tmp_path, capsys):
