@@ -47,6 +47,8 @@ def _add_distill(sub) -> None:
     p.add_argument("--real-chunk", type=int, default=0,
                    help="stream the real side through the network this many classes at a time (0 = all at once); "
                         "exact with instancenorm, refused with batchnorm")
+    p.add_argument("--no-channels-last", action="store_true",
+                   help="run the network in NCHW instead of channels_last (NHWC is ~20%% faster per step on CPU)")
     p.add_argument("--backend", default="auto", choices=["auto", "reference", "cpu", "cuda", "triton"],
                    help="loss backend")
     p.add_argument("--seed", type=int, default=0, help="seed of every random draw (same seed, same result)")
@@ -134,6 +136,7 @@ def _cmd_distill(args) -> int:
                         batch_real=args.batch_real, preset=args.preset, model=args.model, norm=args.norm,
                         depth=args.depth, width=args.width, power=args.power, task_balance=args.task_balance,
                         lr_img=args.lr_img, init=args.init, dsa=not args.no_dsa, real_chunk=args.real_chunk,
+                        channels_last=not args.no_channels_last,
                         backend=args.backend, seed=args.seed, device=args.device, eval_every=args.eval_every,
                         eval_runs=args.eval_runs, eval_epochs=args.eval_epochs, eval_model=args.eval_model,
                         log_every=args.log_every, checkpoint_every=args.checkpoint_every, data_opts=opts)

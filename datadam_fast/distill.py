@@ -55,6 +55,7 @@ class DistillConfig:
     dsa: bool = True
     dsa_strategy: str = "color_crop_cutout_flip_scale_rotate"
     real_chunk: int = 0                  # 0 = one real forward pass; else classes per chunk
+    channels_last: bool = True           # NHWC network + real images: ~20% faster steps on CPU (oneDNN)
     backend: str = "auto"
     seed: int = 0
     device: str = "cpu"
@@ -163,7 +164,7 @@ class Distiller:
         from .augment import DSA
         self.dsa = DSA(c.dsa_strategy) if c.dsa else None
         nbytes = len(ds) * ds.channels * ds.image_size[0] * ds.image_size[1] * 4
-        self.real_all = ds.normalized_all(self.device) if nbytes <= 2 * 2 ** 30 else None
+        self.real_all = self._layout(ds.normalized_all(self.device)) if nbytes <= 2 * 2 ** 30 else None
         self.class_idx = [ix.clone() for ix in ds.class_indices()]
         self.labels_syn = torch.arange(K, device=self.device).repeat_interleave(c.ipc)
         self.labels_real = torch.arange(K, device=self.device).repeat_interleave(self.batch_real)
@@ -195,17 +196,20 @@ class Distiller:
             if os.path.exists(p):
                 os.remove(p)
 
+    def _layout(self, x: torch.Tensor) -> torch.Tensor:
+        return x.contiguous(memory_format=torch.channels_last) if self.cfg.channels_last else x
+
     def _real_rows(self, idx: torch.Tensor) -> torch.Tensor:
         if self.real_all is not None:
             return self.real_all[idx.to(self.real_all.device)]
-        return self.train_set.batch(idx, device=self.device)
+        return self._layout(self.train_set.batch(idx, device=self.device))
 
     def _init_syn(self) -> None:
         c, ds = self.cfg, self.train_set
         shape = (self.K * c.ipc, ds.channels, *ds.image_size)
         if c.init == "real":
             idx = torch.cat([ix[torch.randperm(len(ix), generator=self.gen)[:c.ipc]] for ix in self.class_idx])
-            syn = self._real_rows(idx).detach().clone().float()
+            syn = self._real_rows(idx).detach().float().contiguous()
         else:
             syn = torch.randn(shape, generator=self.gen).to(self.device)
         self.syn = syn.to(self.device).requires_grad_(True)
@@ -219,6 +223,8 @@ class Distiller:
         c, ds = self.cfg, self.train_set
         net = get_network(c.model, ds.channels, self.K, tuple(ds.image_size), generator=self.gen,
                           **_net_overrides(c.width, c.depth, c.norm)).to(self.device)
+        if c.channels_last:
+            net = net.to(memory_format=torch.channels_last)
         net.train()
         for p in net.parameters():
             p.requires_grad_(False)
