@@ -157,6 +157,21 @@ def _m_offsets(n, hw, W, sN, sH, sW, LAYOUT: tl.constexpr):
     return off
 
 
+@triton.jit
+def _layer_geometry(row, pid):
+    # one layer's row of the metadata table: sizes, feature strides, and this program's tile index
+    C = tl.load(row + _M_C).to(tl.int32)
+    HW = tl.load(row + _M_HW).to(tl.int32)
+    W = tl.load(row + _M_W).to(tl.int32)
+    M = tl.load(row + _M_M).to(tl.int32)
+    sN = tl.load(row + _M_FSN)
+    sC = tl.load(row + _M_FSC)
+    sH = tl.load(row + _M_FSH)
+    sW = tl.load(row + _M_FSW)
+    tile = pid - tl.load(row + _M_TILE0).to(tl.int32)
+    return C, HW, W, M, sN, sC, sH, sW, tile
+
+
 # --------------------------------------------------------------------------------------------
 # kernels
 # --------------------------------------------------------------------------------------------
@@ -170,15 +185,7 @@ def _fwd_accum_kernel(f_ptr, a_ptr, meta_ptr, power,
     row = meta_ptr + layer * META_STRIDE
     f_off = tl.load(row + _M_F_OFF)
     a_off = tl.load(row + _M_MAP_OFF)
-    C = tl.load(row + _M_C).to(tl.int32)
-    HW = tl.load(row + _M_HW).to(tl.int32)
-    W = tl.load(row + _M_W).to(tl.int32)
-    M = tl.load(row + _M_M).to(tl.int32)
-    sN = tl.load(row + _M_FSN)
-    sC = tl.load(row + _M_FSC)
-    sH = tl.load(row + _M_FSH)
-    sW = tl.load(row + _M_FSW)
-    tile = pid - tl.load(row + _M_TILE0).to(tl.int32)
+    C, HW, W, M, sN, sC, sH, sW, tile = _layer_geometry(row, pid)
 
     idx = tile * BLOCK_M + tl.arange(0, BLOCK_M)
     n = idx // HW
@@ -316,15 +323,7 @@ def _bwd_grad_kernel(f_ptr, ws_ptr, out_ptr, meta_ptr, power,
     f_off = tl.load(row + _M_F_OFF)
     o_off = tl.load(row + _M_G_OFF)
     ws_off = tl.load(row + _M_WS_OFF)
-    C = tl.load(row + _M_C).to(tl.int32)
-    HW = tl.load(row + _M_HW).to(tl.int32)
-    W = tl.load(row + _M_W).to(tl.int32)
-    M = tl.load(row + _M_M).to(tl.int32)
-    sN = tl.load(row + _M_FSN)
-    sC = tl.load(row + _M_FSC)
-    sH = tl.load(row + _M_FSH)
-    sW = tl.load(row + _M_FSW)
-    tile = pid - tl.load(row + _M_TILE0).to(tl.int32)
+    C, HW, W, M, sN, sC, sH, sW, tile = _layer_geometry(row, pid)
 
     idx = tile * BLOCK_M + tl.arange(0, BLOCK_M)
     n = idx // HW
