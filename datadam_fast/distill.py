@@ -167,7 +167,8 @@ class Distiller:
         self.real_all = self._layout(ds.normalized_all(self.device)) if nbytes <= 2 * 2 ** 30 else None
         self.class_idx = [ix.clone() for ix in ds.class_indices()]
         self.labels_syn = torch.arange(K, device=self.device).repeat_interleave(c.ipc)
-        self.labels_real = torch.arange(K, device=self.device).repeat_interleave(self.batch_real)
+        self.labels_real_cpu = torch.arange(K).repeat_interleave(self.batch_real)
+        self.labels_real = self.labels_real_cpu.to(self.device)
         self.iteration = 0
         self._init_syn()
         self.opt = torch.optim.SGD([self.syn], lr=c.lr_img, momentum=c.momentum)
@@ -263,7 +264,7 @@ class Distiller:
                 t = mark("augment", t)
                 with nvtx_range("datadam_fast.step.real_forward"):
                     feats_r, emb_r = net.features_and_embedding(x)
-                    acc.update(feats_r, emb_r, labels=y)
+                    acc.update(feats_r, emb_r, labels=self.labels_real_cpu[i:i + rows_per_chunk])
                     del feats_r, emb_r
                 t = mark("real_forward", t)
         targets = acc.targets()
@@ -291,7 +292,8 @@ class Distiller:
             self.opt.step()
         mark("update", t)
         self.iteration += 1
-        return {"loss": float(loss.detach()), "loss_attention": float(att.detach()), "loss_embedding": float(emb.detach())}
+        # 0-d tensors: converting them to floats is a host sync, done by the caller only when it logs
+        return {"loss": loss.detach(), "loss_attention": att.detach(), "loss_embedding": emb.detach()}
 
     # ---------------------------------------------------------------- checkpoints
     def checkpoint_state(self) -> Dict:
@@ -417,8 +419,10 @@ class Distiller:
                 rate = (it - it_start) / max(time.time() - t_start, 1e-9)
                 if bar is not None:
                     bar.update(1)
-                    bar.set_postfix(loss=f"{terms['loss']:.4g}", refresh=False)
                 if it % c.log_every == 0 or it == c.iterations:
+                    terms = {k: float(v) for k, v in terms.items()}
+                    if bar is not None:
+                        bar.set_postfix(loss=f"{terms['loss']:.4g}", refresh=False)
                     self._log({"iteration": it, **terms, "it_per_s": rate})
                 if self._should_eval(it):
                     last_eval = self._eval_and_log()

@@ -107,9 +107,12 @@ class ClassMeanAccumulator:
             check_embedding(emb, "chunk", None)
             if emb.shape[0] != n:
                 raise ValueError(f"chunk embedding: {emb.shape[0]} rows but {n} labels")
-        if n and (int(labels.min()) < 0 or int(labels.max()) >= self.num_classes):
+        # validation and counts use a host copy of the labels: with CPU labels (as the distillation
+        # loop passes them) nothing here waits for the GPU
+        labels_cpu = labels.cpu()
+        if n and (int(labels_cpu.min()) < 0 or int(labels_cpu.max()) >= self.num_classes):
             raise ValueError(f"labels must lie in [0, {self.num_classes}), got range "
-                             f"[{int(labels.min())}, {int(labels.max())}]")
+                             f"[{int(labels_cpu.min())}, {int(labels_cpu.max())}]")
         device = check_same_device(list(feats) + [emb], "chunk tensors")
         shapes = ([tuple(f.shape[1:]) for f in feats], None if emb is None else emb.shape[1])
         if self._shapes is None:
@@ -117,7 +120,7 @@ class ClassMeanAccumulator:
             K = self.num_classes
             self._att = [torch.zeros(K, s[1] * s[2], dtype=torch.float64, device=device) for s in shapes[0]]
             self._emb = None if emb is None else torch.zeros(K, emb.shape[1], dtype=torch.float64, device=device)
-            self._counts = torch.zeros(K, dtype=torch.float64, device=device)
+            self._counts = torch.zeros(K, dtype=torch.float64)  # on the host, see above
         elif shapes != self._shapes:
             raise ValueError(f"chunk shapes {shapes} differ from the first chunk's {self._shapes}")
         labels = labels.to(device)
@@ -126,7 +129,7 @@ class ClassMeanAccumulator:
             acc.index_add_(0, labels, m.to(torch.float64))
         if emb is not None:
             self._emb.index_add_(0, labels, emb.to(torch.float64))
-        self._counts.index_add_(0, labels, torch.ones(n, dtype=torch.float64, device=device))
+        self._counts += torch.bincount(labels_cpu, minlength=self.num_classes).to(torch.float64)
 
     def targets(self, dtype: torch.dtype = torch.float32) -> ClassTargets:
         if self._counts is None:
@@ -134,7 +137,7 @@ class ClassMeanAccumulator:
         empty = (self._counts == 0).nonzero().flatten().tolist()
         if empty:
             raise ValueError(f"classes {empty[:10]}{'...' if len(empty) > 10 else ''} received no samples")
-        c = self._counts.unsqueeze(1)
+        c = self._counts.to(self._att[0].device if self._att else self._emb.device).unsqueeze(1)
         return ClassTargets([(a / c).to(dtype) for a in self._att],
                             None if self._emb is None else (self._emb / c).to(dtype),
                             self.power, self._counts.clone())
