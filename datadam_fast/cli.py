@@ -44,9 +44,19 @@ def _add_distill(sub) -> None:
     p.add_argument("--lr-img", type=float, default=None, help="SGD learning rate on pixels (default 1, 10 for IPC > 50)")
     p.add_argument("--init", default="real", choices=["real", "noise"], help="initialise from random real images or noise")
     p.add_argument("--no-dsa", action="store_true", help="disable differentiable Siamese augmentation")
+    p.add_argument("--memory-budget", type=float, default=None, metavar="GB",
+                   help="peak memory of the whole process in GB (RSS on CPU, device memory on GPU; per process "
+                        "under torchrun). The real and synthetic sides are cut into class chunks that fit, from a "
+                        "measured per-image footprint. Default: 80%% of available RAM on CPU, 90%% of free GPU memory")
     p.add_argument("--real-chunk", type=int, default=0,
-                   help="stream the real side through the network this many classes at a time (0 = all at once); "
-                        "exact with instancenorm, refused with batchnorm")
+                   help="classes per chunk of the real side (streamed under no_grad into running class means); "
+                        "0 = chosen by the memory planner. Exact with instancenorm; refused with batchnorm")
+    p.add_argument("--syn-chunk", type=int, default=0,
+                   help="classes per chunk of the synthetic side (forward, loss and backward per chunk, one optimiser "
+                        "step per iteration); 0 = chosen by the memory planner. Exact with instancenorm; refused "
+                        "with batchnorm")
+    p.add_argument("--no-prefetch", action="store_true",
+                   help="load real chunks in the main thread instead of a background thread")
     p.add_argument("--no-channels-last", action="store_true",
                    help="run the network in NCHW instead of channels_last (NHWC is ~20%% faster per step on CPU)")
     p.add_argument("--backend", default="auto", choices=["auto", "reference", "cpu", "cuda", "triton"],
@@ -136,6 +146,7 @@ def _cmd_distill(args) -> int:
                         batch_real=args.batch_real, preset=args.preset, model=args.model, norm=args.norm,
                         depth=args.depth, width=args.width, power=args.power, task_balance=args.task_balance,
                         lr_img=args.lr_img, init=args.init, dsa=not args.no_dsa, real_chunk=args.real_chunk,
+                        syn_chunk=args.syn_chunk, memory_budget=args.memory_budget, prefetch=not args.no_prefetch,
                         channels_last=not args.no_channels_last,
                         backend=args.backend, seed=args.seed, device=args.device, eval_every=args.eval_every,
                         eval_runs=args.eval_runs, eval_epochs=args.eval_epochs, eval_model=args.eval_model,
@@ -144,9 +155,19 @@ def _cmd_distill(args) -> int:
         from .data import load_dataset
         for split in ("train", "test"):
             load_dataset(args.dataset, root=args.data_root, split=split, download=True, **opts)
-    d = Distiller(cfg, args.out, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
-    summary = d.run()
-    print(json.dumps({"out": args.out, **summary}))
+    from .parallel import init_world
+    world = init_world(args.device)
+    try:
+        d = Distiller(cfg, args.out, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress,
+                      world=world)
+        try:
+            summary = d.run()
+        finally:
+            d.close()
+        if world.is_main:
+            print(json.dumps({"out": args.out, **summary}))
+    finally:
+        world.close()
     return 0
 
 
@@ -204,6 +225,12 @@ def _cmd_backends(args) -> int:
     return 0
 
 
+def _rank_tag() -> str:
+    """' (rank N)' inside a torchrun job, so that the failing rank is named."""
+    from .parallel import env_world_size
+    return f" (rank {os.environ.get('RANK', '?')})" if env_world_size() > 1 else ""
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -224,7 +251,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     except (UserError, DatasetError) as e:
         if args.debug:
             raise
-        print(f"datadam-fast {args.command}: error: {e}", file=sys.stderr)
+        print(f"datadam-fast {args.command}: error{_rank_tag()}: {e}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("interrupted; resume with --resume (the last checkpoint is kept)", file=sys.stderr)

@@ -12,15 +12,20 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
+import sys
 import time
 from dataclasses import dataclass, field
-from typing import Dict, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
 from .errors import UserError
 from .loss import attention_matching_loss
+from .memory import GB, MB, MemoryPlan, PeakMemory, parse_budget, plan_chunks
+from .parallel import World, class_block, init_world
+from .prefetch import ChunkPrefetcher
 from .profiling import nvtx_range
 from .targets import ClassMeanAccumulator, ClassTargets
 
@@ -32,6 +37,14 @@ PRESETS = {
 }
 DEFAULT_PRESET = "paper"
 CHECKPOINT = "checkpoint.pt"
+CHECKPOINT_FORMAT = "datadam_fast.checkpoint/2"
+GRID_MAX_CLASSES = 100
+_TERMS = ("loss", "loss_attention", "loss_embedding")
+# Settings that do not change the result (within float rounding): a checkpoint made with other
+# values resumes. ``iterations`` is among them, so a finished run can be continued for longer.
+_NOT_IDENTITY = ("device", "eval_every", "eval_runs", "eval_epochs", "eval_model", "eval_batch", "log_every",
+                 "checkpoint_every", "data_root", "backend", "iterations", "real_chunk", "syn_chunk",
+                 "memory_budget", "prefetch")
 
 
 @dataclass
@@ -54,7 +67,10 @@ class DistillConfig:
     init: str = "real"
     dsa: bool = True
     dsa_strategy: str = "color_crop_cutout_flip_scale_rotate"
-    real_chunk: int = 0                  # 0 = one real forward pass; else classes per chunk
+    real_chunk: int = 0                  # classes per real chunk; 0 = chosen by the memory planner
+    syn_chunk: int = 0                   # classes per synthetic chunk; 0 = chosen by the memory planner
+    memory_budget: Optional[float] = None  # GB for the whole process; None = a safe share of what is free
+    prefetch: bool = True                # load the next real chunk in a background thread
     channels_last: bool = True           # NHWC network + real images: ~20% faster steps on CPU (oneDNN)
     backend: str = "auto"
     seed: int = 0
@@ -98,8 +114,7 @@ class DistillConfig:
     # the fields that define the result; a checkpoint must agree on them to be resumed
     def identity(self) -> Dict:
         d = dataclasses.asdict(self)
-        for k in ("device", "eval_every", "eval_runs", "eval_epochs", "eval_model", "eval_batch", "log_every",
-                  "checkpoint_every", "data_root", "backend"):
+        for k in _NOT_IDENTITY:
             d.pop(k)
         return d
 
@@ -121,11 +136,22 @@ def _atomic_save(obj, path: str) -> None:
 
 
 class Distiller:
+    """One distillation run (optionally one rank of a class-sharded ``torchrun`` job).
+
+    Memory per iteration is bounded by a plan (:mod:`datadam_fast.memory`): the real side is
+    streamed through the network in class chunks into running class means, and the synthetic
+    side goes forward + loss + backward one class chunk at a time, its pixel gradients written
+    into one buffer, before a single optimiser step. With a per-sample norm (InstanceNorm) the
+    classes never interact, so any chunking (and any class sharding) gives the same images up to
+    float rounding.
+    """
+
     def __init__(self, cfg: DistillConfig, out_dir: Optional[str], *, resume: bool = False, overwrite: bool = False,
-                 progress: bool = True, train_set=None, test_set=None):
+                 progress: bool = True, train_set=None, test_set=None, world: Optional[World] = None):
         from .data import load_dataset
+        self.world = world if world is not None else init_world(cfg.device)
         self.out_dir = out_dir
-        self.progress = progress
+        self.progress = progress and self.world.is_main
         if out_dir:
             self._check_out_dir(out_dir, resume, overwrite)  # fail fast, touch nothing yet
         opts = dict(cfg.data_opts)
@@ -145,6 +171,9 @@ class Distiller:
             raise UserError(f"--iterations must be >= 0, got {c.iterations}")
         if c.init not in ("real", "noise"):
             raise UserError(f"--init must be 'real' or 'noise', got {c.init!r}")
+        for name in ("real_chunk", "syn_chunk"):
+            if getattr(c, name) < 0:
+                raise UserError(f"--{name.replace('_', '-')} must be >= 0 (0 = chosen by the memory planner)")
         counts = [len(ix) for ix in ds.class_indices()]
         K = ds.num_classes
         smallest = min(counts)
@@ -152,32 +181,66 @@ class Distiller:
             raise UserError(f"--ipc {c.ipc} is larger than the smallest class of {ds.name} "
                             f"(class {counts.index(smallest)} has {smallest} images)")
         self.batch_real = min(c.batch_real, smallest)
-        if c.real_chunk and c.norm == "batchnorm":
-            raise UserError("--real-chunk streams the real images through the network in chunks, which changes "
-                            "BatchNorm's train-mode batch statistics (the loss would differ from one pass); use "
-                            "--norm instancenorm (or --preset paper) with --real-chunk, or drop --real-chunk")
         self.device = torch.device(c.device)
-        if self.device.type == "cuda" and not torch.cuda.is_available():
-            raise UserError("--device cuda requested but CUDA is not available here")
+        if self.device.type == "cuda":
+            if not torch.cuda.is_available():
+                raise UserError("--device cuda requested but CUDA is not available here")
+            if self.world.distributed and self.device.index is None:
+                self.device = torch.device("cuda", self.world.local_rank)
         self.K = K
+        W = self.world
+        if W.size > K:
+            raise UserError(f"{W.size} processes for {K} classes: every process must own at least one class")
+        self.k_lo, self.k_hi = class_block(K, W.rank, W.size)
+        self.Kl = self.k_hi - self.k_lo
+        self.single_pass = self._coupling_reason()
+        if self.single_pass:
+            if W.distributed:
+                raise UserError(f"class sharding over {W.size} processes needs a network that treats samples "
+                                f"independently, but {self.single_pass}; use --norm instancenorm (the paper "
+                                f"preset) or run one process")
+            if c.real_chunk or c.syn_chunk:
+                raise UserError(f"--real-chunk/--syn-chunk would process the classes in chunks, but "
+                                f"{self.single_pass}: the loss would differ from one pass; use --norm instancenorm "
+                                f"(or --preset paper) to chunk, or drop the chunk flags")
         self.gen = torch.Generator().manual_seed(c.seed)
         from .augment import DSA
         self.dsa = DSA(c.dsa_strategy) if c.dsa else None
+        self.mem = PeakMemory(self.device)
+        self.budget = parse_budget(c.memory_budget, self.device, self.mem.current())
+        # A small training set is normalised once and kept on the device; a large one is read
+        # chunk by chunk (memory-mapped sets through pread, see data._base._read_rows).
         nbytes = len(ds) * ds.channels * ds.image_size[0] * ds.image_size[1] * 4
-        self.real_all = self._layout(ds.normalized_all(self.device)) if nbytes <= 2 * 2 ** 30 else None
+        cache = nbytes <= min(2 * GB, self.budget // 8)
+        self.real_all = self._layout(ds.normalized_all(self.device)) if cache else None
         self.class_idx = [ix.clone() for ix in ds.class_indices()]
-        self.labels_syn = torch.arange(K, device=self.device).repeat_interleave(c.ipc)
-        self.labels_real_cpu = torch.arange(K).repeat_interleave(self.batch_real)
-        self.labels_real = self.labels_real_cpu.to(self.device)
+        # synthetic rows of this rank: classes [k_lo, k_hi), class-major
+        self.labels_syn = torch.arange(self.k_lo, self.k_hi, device=self.device).repeat_interleave(c.ipc)
         self.iteration = 0
         self._init_syn()
         self.opt = torch.optim.SGD([self.syn], lr=c.lr_img, momentum=c.momentum)
+        self._next_real_idx = self._draw_real_indices()
         if resume:
             self._load_checkpoint()
-        elif out_dir:
+        self.prefetcher = ChunkPrefetcher(self._load_rows, lookahead=1 if c.prefetch else 0,
+                                          enabled=self.real_all is None and c.prefetch)
+        self.plan = self._make_plan()
+        self._schedule_real(self.iteration, self._next_real_idx)
+        W.barrier()  # every rank validated its inputs (and read the checkpoint) before rank 0 writes
+        if out_dir and not resume and W.is_main:
             self._claim_out_dir(out_dir)
 
     # ---------------------------------------------------------------- setup
+    def _coupling_reason(self) -> Optional[str]:
+        """Why samples of different classes interact in the network (so chunking changes the
+        loss), or None. Train-mode BatchNorm normalises with statistics of the whole batch."""
+        net = self._build_network(torch.Generator().manual_seed(0))
+        bn = [n for n, m in net.named_modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+        if bn:
+            return (f"{self.cfg.model} with {self.cfg.norm or 'its'} norm has train-mode BatchNorm layers ({bn[0]}, ...) "
+                    f"whose batch statistics mix all classes of an iteration")
+        return None
+
     def _check_out_dir(self, out_dir: str, resume: bool, overwrite: bool) -> None:
         if resume:
             if not os.path.isfile(os.path.join(out_dir, CHECKPOINT)):
@@ -200,135 +263,336 @@ class Distiller:
     def _layout(self, x: torch.Tensor) -> torch.Tensor:
         return x.contiguous(memory_format=torch.channels_last) if self.cfg.channels_last else x
 
+    def _load_rows(self, idx: torch.Tensor) -> torch.Tensor:
+        """Real rows for the prefetcher thread: normalised on CPU; pinned uint8 for a GPU."""
+        ds = self.train_set
+        if self.device.type == "cuda":
+            return ds._rows_uint8(idx).pin_memory()
+        return self._layout(ds.batch(idx, device="cpu"))
+
     def _real_rows(self, idx: torch.Tensor) -> torch.Tensor:
         if self.real_all is not None:
             return self.real_all[idx.to(self.real_all.device)]
-        return self._layout(self.train_set.batch(idx, device=self.device))
+        return self._finish_rows(self._load_rows(idx))
+
+    def _finish_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        if rows.dtype == torch.uint8:
+            rows = self.train_set.normalize_uint8(rows.to(self.device, non_blocking=True), device=self.device)
+            return self._layout(rows)
+        return rows.to(self.device)
 
     def _init_syn(self) -> None:
+        """Initial images of this rank's classes. Draws are made for every class in class order
+        (one ``randperm`` or one ``randn`` per class), so every world size draws the same."""
         c, ds = self.cfg, self.train_set
-        shape = (self.K * c.ipc, ds.channels, *ds.image_size)
-        if c.init == "real":
-            idx = torch.cat([ix[torch.randperm(len(ix), generator=self.gen)[:c.ipc]] for ix in self.class_idx])
-            syn = self._real_rows(idx).detach().float().contiguous()
-        else:
-            syn = torch.randn(shape, generator=self.gen).to(self.device)
-        self.syn = syn.to(self.device).requires_grad_(True)
+        shape = (c.ipc, ds.channels, *ds.image_size)
+        parts = []
+        for k, ix in enumerate(self.class_idx):
+            if c.init == "real":
+                pick = ix[torch.randperm(len(ix), generator=self.gen)[:c.ipc]]
+                if self.k_lo <= k < self.k_hi:
+                    parts.append(self._real_rows(pick).detach().float().contiguous())
+            else:
+                noise = torch.randn(shape, generator=self.gen)
+                if self.k_lo <= k < self.k_hi:
+                    parts.append(noise.to(self.device))
+        self.syn = torch.cat(parts).to(self.device).contiguous().requires_grad_(True)
 
-    def _sample_real_indices(self) -> torch.Tensor:
+    def _draw_real_indices(self) -> torch.Tensor:
+        """``batch_real`` indices of every class (all classes drawn on every rank, in order)."""
         B = self.batch_real
         return torch.cat([ix[torch.randperm(len(ix), generator=self.gen)[:B]] for ix in self.class_idx])
 
-    def new_network(self):
+    def _real_chunks(self):
+        """(first, last) local class of each real chunk."""
+        rc = self.plan.real_chunk
+        return [(a, min(a + rc, self.Kl)) for a in range(0, self.Kl, rc)]
+
+    def _syn_chunks(self):
+        sc = self.plan.syn_chunk
+        return [(a, min(a + sc, self.Kl)) for a in range(0, self.Kl, sc)]
+
+    def _schedule_real(self, iteration: int, idx: torch.Tensor) -> None:
+        if self.real_all is not None:
+            return
+        B = self.batch_real
+        for j, (a, b) in enumerate(self._real_chunks()):
+            rows = idx[(self.k_lo + a) * B:(self.k_lo + b) * B]
+            self.prefetcher.schedule((iteration, j), rows)
+
+    def _build_network(self, gen: torch.Generator):
         from .networks import get_network
         c, ds = self.cfg, self.train_set
-        net = get_network(c.model, ds.channels, self.K, tuple(ds.image_size), generator=self.gen,
-                          **_net_overrides(c.width, c.depth, c.norm)).to(self.device)
-        if c.channels_last:
+        return get_network(c.model, ds.channels, self.K, tuple(ds.image_size), generator=gen,
+                           **_net_overrides(c.width, c.depth, c.norm))
+
+    def new_network(self, gen: Optional[torch.Generator] = None):
+        net = self._build_network(gen or self.gen).to(self.device)
+        if self.cfg.channels_last:
             net = net.to(memory_format=torch.channels_last)
         net.train()
         for p in net.parameters():
             p.requires_grad_(False)
         return net
 
-    # ---------------------------------------------------------------- one iteration
-    def step(self, timings: Optional[Dict[str, float]] = None) -> Dict[str, float]:
-        """One distillation iteration; ``timings`` (optional) receives seconds per phase."""
-        c, K = self.cfg, self.K
-        sync = (torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None))
-
-        def mark(name, t0):
-            if timings is not None:
-                sync()
-                timings[name] = timings.get(name, 0.0) + time.perf_counter() - t0
-            return time.perf_counter()
-
-        t = time.perf_counter()
-        with nvtx_range("datadam_fast.step.sample"):
-            net = self.new_network()
-            real_idx = self._sample_real_indices()
-            real = self._real_rows(real_idx)
-            params = self.dsa.sample(K, self.gen, self.device, tuple(self.train_set.image_size)) if self.dsa else None
-        t = mark("sample", t)
-        ew = c.attention_factor * c.task_balance
-        # The real side only enters through its per-class means, so it is reduced to ClassTargets
-        # chunk by chunk (one chunk = all classes unless --real-chunk): never held beyond a chunk.
-        acc = ClassMeanAccumulator(K, power=c.power, backend=c.backend)
-        rows_per_chunk = c.real_chunk * self.batch_real if c.real_chunk else real.shape[0]
+    # ---------------------------------------------------------------- the two phases of a step
+    def _real_pass(self, net, x: torch.Tensor, labels: torch.Tensor, params, acc: ClassMeanAccumulator,
+                   local_labels_cpu: torch.Tensor, mark=None) -> None:
+        """One real chunk (no_grad) into the running class means."""
         with torch.no_grad():
-            for i in range(0, real.shape[0], rows_per_chunk):
-                x, y = real[i:i + rows_per_chunk], self.labels_real[i:i + rows_per_chunk]
-                if params is not None:
-                    with nvtx_range("datadam_fast.step.augment_real"):
-                        x = self.dsa.apply(x, params, y)
-                t = mark("augment", t)
-                with nvtx_range("datadam_fast.step.real_forward"):
-                    feats_r, emb_r = net.features_and_embedding(x)
-                    acc.update(feats_r, emb_r, labels=self.labels_real_cpu[i:i + rows_per_chunk])
-                    del feats_r, emb_r
-                t = mark("real_forward", t)
-        targets = acc.targets()
-        syn = self.syn
+            if params is not None:
+                with nvtx_range("datadam_fast.step.augment_real"):
+                    x = self.dsa.apply(x, params, labels)
+                if mark:
+                    mark("augment")
+            with nvtx_range("datadam_fast.step.real_forward"):
+                feats_r, emb_r = net.features_and_embedding(x)
+                acc.update(feats_r, emb_r, labels=local_labels_cpu)
+                del feats_r, emb_r
+            if mark:
+                mark("real_forward")
+
+    def _syn_pass(self, net, rows: torch.Tensor, labels: torch.Tensor, params, targets: ClassTargets,
+                  num_classes: int, mark=None):
+        """Forward, loss and backward of one synthetic chunk; returns (grad of rows, att, emb)."""
+        c = self.cfg
+        leaf = rows.detach().requires_grad_(True)
+        x = leaf
         if params is not None:
             with nvtx_range("datadam_fast.step.augment_syn"):
-                syn = self.dsa.apply(syn, params, self.labels_syn)
-        t = mark("augment", t)
+                x = self.dsa.apply(x, params, labels)
+            if mark:
+                mark("augment")
         with nvtx_range("datadam_fast.step.syn_forward"):
-            feats_s, emb_s = net.features_and_embedding(syn)
-        t = mark("syn_forward", t)
+            feats_s, emb_s = net.features_and_embedding(x)
+        if mark:
+            mark("syn_forward")
         with nvtx_range("datadam_fast.step.loss"):
             att = attention_matching_loss(ClassTargets(targets.attention, None, c.power), feats_s,
-                                          num_classes=K, power=c.power, attention_weight=c.attention_factor,
-                                          backend=c.backend)
+                                          num_classes=num_classes, power=c.power,
+                                          attention_weight=c.attention_factor, backend=c.backend)
             emb = attention_matching_loss(ClassTargets([], targets.embedding, c.power), [], None, emb_s,
-                                          num_classes=K, power=c.power, embedding_weight=ew, backend=c.backend)
-            loss = att + emb
-        t = mark("loss", t)
+                                          num_classes=num_classes, power=c.power,
+                                          embedding_weight=c.attention_factor * c.task_balance, backend=c.backend)
+        if mark:
+            mark("loss")
         with nvtx_range("datadam_fast.step.backward"):
-            self.opt.zero_grad(set_to_none=True)
-            loss.backward()
-        t = mark("backward", t)
+            (att + emb).backward()
+        if mark:
+            mark("backward")
+        return leaf.grad, att.detach(), emb.detach()
+
+    # ---------------------------------------------------------------- one iteration
+    def step(self, timings: Optional[Dict[str, float]] = None) -> Dict[str, torch.Tensor]:
+        """One distillation iteration; ``timings`` (optional) receives seconds per phase.
+
+        Returns this rank's loss terms as 0-d tensors (converting them is a host sync: the
+        caller does it only when it logs)."""
+        c, K, B = self.cfg, self.K, self.batch_real
+        sync = (torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None))
+        clock = [time.perf_counter()]
+
+        def mark(name):
+            if timings is not None:
+                sync()
+                now = time.perf_counter()
+                timings[name] = timings.get(name, 0.0) + now - clock[0]
+                clock[0] = now
+            return None
+
+        with nvtx_range("datadam_fast.step.sample"):
+            net = self.new_network()
+            params = self.dsa.sample(K, self.gen, self.device, tuple(self.train_set.image_size)) if self.dsa else None
+            real_idx = self._next_real_idx
+            # the next iteration's real batch is drawn now, so that it loads while this one computes
+            self._next_real_idx = self._draw_real_indices()
+            self._schedule_real(self.iteration + 1, self._next_real_idx)
+        mark("sample")
+        # Real side: only its per-class means enter the loss, so it is reduced chunk by chunk.
+        acc = ClassMeanAccumulator(self.Kl, power=c.power, backend=c.backend)
+        for j, (a, b) in enumerate(self._real_chunks()):
+            with nvtx_range("datadam_fast.step.load"):
+                if self.real_all is not None:
+                    x = self.real_all[real_idx[(self.k_lo + a) * B:(self.k_lo + b) * B].to(self.real_all.device)]
+                else:
+                    x = self._finish_rows(self.prefetcher.get((self.iteration, j)))
+            mark("load")
+            glob = torch.arange(self.k_lo + a, self.k_lo + b, device=self.device).repeat_interleave(B)
+            local = torch.arange(a, b).repeat_interleave(B)
+            self._real_pass(net, x, glob, params, acc, local, mark if timings is not None else None)
+            del x
+        targets = acc.targets()
+        del acc
+        # Synthetic side: forward + loss + backward per class chunk; gradients land in one buffer.
+        if self.syn.grad is None:
+            self.syn.grad = torch.zeros_like(self.syn)
+        grad = self.syn.grad
+        att_sum = torch.zeros((), device=self.device)
+        emb_sum = torch.zeros((), device=self.device)
+        ipc = c.ipc
+        for a, b in self._syn_chunks():
+            rows = slice(a * ipc, b * ipc)
+            chunk_targets = ClassTargets([t[a:b] for t in targets.attention], targets.embedding[a:b], c.power)
+            g, att, emb = self._syn_pass(net, self.syn[rows], self.labels_syn[rows], params, chunk_targets, b - a,
+                                         mark if timings is not None else None)
+            grad[rows].copy_(g)
+            att_sum += att
+            emb_sum += emb
+            del g
         with nvtx_range("datadam_fast.step.update"):
             self.opt.step()
-        mark("update", t)
+        mark("update")
         self.iteration += 1
-        # 0-d tensors: converting them to floats is a host sync, done by the caller only when it logs
-        return {"loss": loss.detach(), "loss_attention": att.detach(), "loss_embedding": emb.detach()}
+        return {"loss": att_sum + emb_sum, "loss_attention": att_sum, "loss_embedding": emb_sum}
+
+    # ---------------------------------------------------------------- memory plan
+    def _probe_sizes(self, net) -> Tuple[int, int]:
+        """Two probe batch sizes whose activations are large enough (>= ~48 MB) that the
+        allocator maps them fresh (so the resident-set peak sees them) yet stay small next to
+        the budget."""
+        ds = self.train_set
+        with torch.no_grad():
+            feats, emb = net.features_and_embedding(
+                self._layout(torch.zeros(1, ds.channels, *ds.image_size, device=self.device)))
+        per_img = max(sum(f.numel() for f in feats) * 4 + emb.numel() * 4, 1)
+        n1 = int(min(max(2, math.ceil(48 * MB / per_img)), 256))
+        n1 = max(1, min(n1, int(self.budget // 20 // (3 * per_img * 8)) or 1))
+        return n1, 2 * n1
+
+    def _probe(self) -> Dict[str, float]:
+        """Measured peak bytes of the real pass and of the synthetic pass at two batch sizes:
+        per-image slope and per-call intercept of each."""
+        c, ds = self.cfg, self.train_set
+        gen = torch.Generator().manual_seed(12345)  # the probe must not move the run's generator
+        net = self.new_network(gen)
+        params = self.dsa.sample(1, gen, self.device, tuple(ds.image_size)) if self.dsa else None
+        n1, n2 = self._probe_sizes(net)
+        out = {}
+        for side in ("real", "syn"):
+            peaks = []
+            for n in (n1, n2):
+                x = self._layout(torch.randn(n, ds.channels, *ds.image_size, generator=gen).to(self.device))
+                lab = torch.zeros(n, dtype=torch.long, device=self.device)
+                if side == "real":
+                    acc = ClassMeanAccumulator(1, power=c.power, backend=c.backend)
+                    fn = lambda: self._real_pass(net, x, lab, params, acc, lab.cpu())  # noqa: E731
+                else:
+                    with torch.no_grad():
+                        f, e = net.features_and_embedding(x[:1])
+                    tg = ClassTargets([torch.zeros(1, t.shape[2] * t.shape[3], device=self.device) for t in f],
+                                      torch.zeros(1, e.shape[1], device=self.device), c.power)
+                    xs = x.contiguous()
+                    fn = lambda: self._syn_pass(net, xs, lab, params, tg, 1)  # noqa: E731
+                fn()  # warm-up: first-call allocations (kernel JIT, weight reorders) are not per image
+                peaks.append(self.mem.measure(fn))
+                del x
+            slope = max((peaks[1] - peaks[0]) / (n2 - n1), 0.0)
+            # what is left of the n1 peak after its images: per-call (not per-image) memory
+            out[f"{side}_per_image"] = max(slope, ds.channels * ds.image_size[0] * ds.image_size[1] * 4.0)
+            out[f"{side}_base"] = max(peaks[0] - slope * n1, 0.0)
+        out["probe_sizes"] = (n1, n2)
+        return out
+
+    def _fixed_bytes(self, probe: Dict[str, float]) -> int:
+        c, ds = self.cfg, self.train_set
+        syn_bytes = self.syn.numel() * self.syn.element_size()
+        fixed = self.mem.current()
+        if self.syn.grad is None:
+            fixed += syn_bytes
+        if c.momentum and not self.opt.state.get(self.syn):
+            fixed += syn_bytes
+        with torch.no_grad():
+            net = self.new_network(torch.Generator().manual_seed(0))
+            f, e = net.features_and_embedding(self._layout(torch.zeros(1, ds.channels, *ds.image_size,
+                                                                       device=self.device)))
+        per_class = sum(t.shape[2] * t.shape[3] for t in f) + e.shape[1]
+        fixed += self.Kl * per_class * (8 + 4)  # float64 running sums + float32 targets
+        if self.world.distributed and self.world.is_main:
+            full = syn_bytes * self.K // max(self.Kl, 1)
+            fixed += 2 * full  # images + momentum gathered for a checkpoint (on the host)
+        return int(fixed + max(probe["real_base"], probe["syn_base"]))
+
+    def _make_plan(self) -> MemoryPlan:
+        c, ds = self.cfg, self.train_set
+        probe = self._probe()
+        row = ds.channels * ds.image_size[0] * ds.image_size[1]
+        prefetch_per_image = row * (4 + 1) if self.real_all is None else 0
+        plan = plan_chunks(budget=self.budget, fixed=self._fixed_bytes(probe),
+                           real_per_image=int(probe["real_per_image"]), syn_per_image=int(probe["syn_per_image"]),
+                           prefetch_per_image=prefetch_per_image, num_classes=self.Kl, batch_real=self.batch_real,
+                           ipc=c.ipc, lookahead=self.prefetcher.lookahead if self.prefetcher.enabled else 0,
+                           real_chunk=c.real_chunk or None, syn_chunk=c.syn_chunk or None,
+                           single_pass=self.single_pass)
+        plan.notes.append(f"probe batch sizes {probe['probe_sizes']}")
+        return plan
 
     # ---------------------------------------------------------------- checkpoints
-    def checkpoint_state(self) -> Dict:
-        return {"format": "datadam_fast.checkpoint/1", "iteration": self.iteration,
-                "images": self.syn.detach().cpu(), "optimizer": self.opt.state_dict(),
-                "generator": self.gen.get_state(), "config": dataclasses.asdict(self.cfg),
-                "identity": self.cfg.identity()}
+    def _momentum(self) -> Optional[torch.Tensor]:
+        st = self.opt.state.get(self.syn)
+        return None if not st else st.get("momentum_buffer")
+
+    def _syn_counts(self) -> List[int]:
+        return [(b - a) * self.cfg.ipc for a, b in (class_block(self.K, r, self.world.size)
+                                                    for r in range(self.world.size))]
+
+    def checkpoint_state(self) -> Optional[Dict]:
+        """The full run state on rank 0 (collective: every rank must call it); None elsewhere."""
+        counts = self._syn_counts()
+        images = self.world.gather_rows(self.syn.detach(), counts, to_all=False)
+        mom = self._momentum()
+        has_mom = self.world.max_int(0 if mom is None else 1)
+        momentum = None
+        if has_mom:
+            momentum = self.world.gather_rows(mom if mom is not None else torch.zeros_like(self.syn), counts,
+                                              to_all=False)
+        if not self.world.is_main:
+            return None
+        return {"format": CHECKPOINT_FORMAT, "iteration": self.iteration, "images": images, "momentum": momentum,
+                "generator": self.gen.get_state(), "next_real_idx": self._next_real_idx.clone(),
+                "config": dataclasses.asdict(self.cfg), "identity": self.cfg.identity(),
+                "world_size": self.world.size}
 
     def save_checkpoint(self) -> None:
-        if self.out_dir:
-            _atomic_save(self.checkpoint_state(), os.path.join(self.out_dir, CHECKPOINT))
+        if not self.out_dir:
+            return
+        state = self.checkpoint_state()
+        if state is not None:
+            _atomic_save(state, os.path.join(self.out_dir, CHECKPOINT))
 
     def _load_checkpoint(self) -> None:
         path = os.path.join(self.out_dir, CHECKPOINT)
-        try:
-            ck = torch.load(path, map_location="cpu", weights_only=True)
+        try:  # mmap: each rank touches only its own classes' rows of a large checkpoint
+            ck = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         except Exception as e:
             raise UserError(f"checkpoint {path} is unreadable ({type(e).__name__}); delete it and start again "
                             f"with --overwrite") from None
-        if not isinstance(ck, dict) or ck.get("format") != "datadam_fast.checkpoint/1":
+        if not isinstance(ck, dict) or ck.get("format") not in (CHECKPOINT_FORMAT, "datadam_fast.checkpoint/1"):
             raise UserError(f"{path} is not a datadam-fast checkpoint")
         mine = self.cfg.identity()
-        theirs = ck.get("identity", {})
+        theirs = {k: v for k, v in ck.get("identity", {}).items() if k not in _NOT_IDENTITY}
         diff = {k: (theirs.get(k), v) for k, v in mine.items() if theirs.get(k) != v}
         if diff:
             desc = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in list(diff.items())[:6])
             raise UserError(f"checkpoint {path} was made with different settings ({desc}); rerun with the same "
                             f"flags or start a new --out")
-        if tuple(ck["images"].shape) != tuple(self.syn.shape):
-            raise UserError(f"checkpoint images {tuple(ck['images'].shape)} do not match {tuple(self.syn.shape)}")
+        full = (self.K * self.cfg.ipc,) + tuple(self.syn.shape[1:])
+        if tuple(ck["images"].shape) != full:
+            raise UserError(f"checkpoint images {tuple(ck['images'].shape)} do not match {full}")
+        rows = slice(self.k_lo * self.cfg.ipc, self.k_hi * self.cfg.ipc)
         with torch.no_grad():
-            self.syn.copy_(ck["images"].to(self.device))
-        self.opt.load_state_dict(ck["optimizer"])
+            self.syn.copy_(ck["images"][rows].to(self.device))
+        mom = ck.get("momentum")
+        if mom is None and "optimizer" in ck:  # format 1: one parameter, SGD's own state dict
+            mom = (ck["optimizer"].get("state", {}).get(0) or {}).get("momentum_buffer")
+        self.opt.state.clear()
+        if mom is not None:
+            self.opt.state[self.syn]["momentum_buffer"] = mom[rows].to(self.device).clone()
         self.gen.set_state(ck["generator"])
         self.iteration = int(ck["iteration"])
+        nxt = ck.get("next_real_idx")
+        # format 1 stored the generator before the iteration's draws: draw the batch now
+        self._next_real_idx = nxt.clone() if nxt is not None else self._draw_real_indices()
+        del ck
 
     # ---------------------------------------------------------------- outputs
     def test_set(self):
@@ -338,38 +602,68 @@ class Distiller:
                                           **dict(self.cfg.data_opts))
         return self._test_set
 
+    def full_synthetic(self, to_all: bool = True) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+        """(images, labels) of every class, on the host (collective under sharding)."""
+        images = self.world.gather_rows(self.syn.detach(), self._syn_counts(), to_all=to_all)
+        if images is None:
+            return None
+        labels = torch.arange(self.K).repeat_interleave(self.cfg.ipc)
+        return images, labels
+
     def evaluate(self) -> Dict:
+        """Evaluation networks trained on the whole synthetic set; the runs are split over ranks
+        (run r on rank r mod world size, seeded by r alone, so any world size gives the same)."""
         from .evaluate import EvalConfig, evaluate_synthetic
         c = self.cfg
+        images, labels = self.full_synthetic(to_all=True)
         same = c.eval_model == c.model
         ecfg = EvalConfig(model=c.eval_model, epochs=c.eval_epochs, runs=c.eval_runs, dsa=c.dsa,
                           dsa_strategy=c.dsa_strategy, norm=c.norm if same else None,
                           width=c.width if same else None, batch_size=c.eval_batch)
-        return evaluate_synthetic(self.syn.detach(), self.labels_syn, self.test_set(), ecfg,
-                                  seed=c.seed * 7919 + self.iteration, device=self.device)
+        mine = list(range(self.world.rank, c.eval_runs, self.world.size))
+        seed = c.seed * 7919 + self.iteration
+        res = evaluate_synthetic(images, labels, self.test_set(), ecfg, seed=seed, device=self.device,
+                                 run_ids=mine) if mine else {"accuracies": [], "runs": []}
+        parts = self.world.gather_objects(list(zip(mine, res["accuracies"])))
+        accs = [a for _, a in sorted(p for part in parts for p in part)]
+        t = torch.tensor(accs, dtype=torch.float64)
+        return {"accuracies": accs, "mean": float(t.mean()), "std": float(t.std(unbiased=False)) if len(accs) > 1
+                else 0.0, "model": ecfg.model, "epochs": ecfg.epochs, "num_images": int(images.shape[0])}
 
-    def synthetic_state(self) -> Dict:
+    def synthetic_state(self) -> Optional[Dict]:
+        full = self.full_synthetic(to_all=False)
+        if full is None:
+            return None
         ds = self.train_set
-        return {"images": self.syn.detach().cpu().clone(), "labels": self.labels_syn.cpu().clone(),
-                "mean": list(ds.mean), "std": list(ds.std), "dataset": ds.name,
-                "config": dataclasses.asdict(self.cfg), "iteration": self.iteration}
+        return {"images": full[0].clone(), "labels": full[1], "mean": list(ds.mean), "std": list(ds.std),
+                "dataset": ds.name, "config": dataclasses.asdict(self.cfg), "iteration": self.iteration}
 
     def write_outputs(self) -> None:
         from .visualize import save_grid
         if not self.out_dir:
             return
-        _atomic_save(self.synthetic_state(), os.path.join(self.out_dir, "synthetic.pt"))
-        save_grid(self.train_set.denormalize(self.syn.detach().cpu()), os.path.join(self.out_dir, "grid.png"),
+        state = self.synthetic_state()
+        if state is None:
+            return
+        _atomic_save(state, os.path.join(self.out_dir, "synthetic.pt"))
+        # one row per class; a grid of more than GRID_MAX_CLASSES classes would be unreadable
+        shown = state["images"][:GRID_MAX_CLASSES * self.cfg.ipc]
+        save_grid(self.train_set.denormalize(shown), os.path.join(self.out_dir, "grid.png"),
                   nrow=self.cfg.ipc if self.cfg.ipc <= 20 else 20)
 
     def _log(self, record: Dict) -> None:
-        if self.out_dir:
+        if self.out_dir and self.world.is_main:
             with open(os.path.join(self.out_dir, "metrics.jsonl"), "a") as f:
                 f.write(json.dumps(record) + "\n")
 
+    def _say(self, msg: str) -> None:
+        if self.world.is_main and (self.progress or os.environ.get("DATADAM_FAST_QUIET") != "1"):
+            from tqdm import tqdm
+            tqdm.write(msg, file=sys.stderr)
+
     def _truncate_metrics(self) -> None:
         """On resume, drop log lines written after the checkpoint (they will be written again)."""
-        if not self.out_dir:
+        if not self.out_dir or not self.world.is_main:
             return
         p = os.path.join(self.out_dir, "metrics.jsonl")
         if not os.path.exists(p):
@@ -398,9 +692,14 @@ class Distiller:
         """Run to ``cfg.iterations``; ``stop_after`` (testing) returns early after that many iterations."""
         c = self.cfg
         self._truncate_metrics()
-        if self.iteration == 0 and self.out_dir:
+        plan = {**self.plan.as_dict(), "world_size": self.world.size, "device": str(self.device),
+                "classes_total": self.K, "real_cached_on_device": self.real_all is not None}
+        self._say(f"{self.plan.summary()}" + (f"; {self.world.size} processes, {self.Kl} classes on rank 0"
+                                               if self.world.distributed else ""))
+        if self.iteration == 0:
             self._log({"iteration": 0, "event": "start", "config": dataclasses.asdict(c),
                        "batch_real": self.batch_real, "num_classes": self.K})
+        self._log({"iteration": self.iteration, "event": "plan", "plan": plan})
         last_eval = None
         if self.iteration == 0 and self._should_eval(0):
             last_eval = self._eval_and_log()
@@ -409,21 +708,31 @@ class Distiller:
             from tqdm import tqdm
             bar = tqdm(total=c.iterations, initial=self.iteration, desc=f"distill {c.dataset} ipc={c.ipc}",
                        unit="it", dynamic_ncols=True)
-        t_start, it_start = time.time(), self.iteration
+        images_per_it = self.K * (self.batch_real + c.ipc)
+        t_last, it_last = time.perf_counter(), self.iteration
         done = 0
         try:
             while self.iteration < c.iterations:
                 terms = self.step()
                 done += 1
                 it = self.iteration
-                rate = (it - it_start) / max(time.time() - t_start, 1e-9)
                 if bar is not None:
                     bar.update(1)
+                if done == 2 or (done == 1 and it == c.iterations):
+                    self._report_measured(time.perf_counter() - t_last, it - it_last)
                 if it % c.log_every == 0 or it == c.iterations:
-                    terms = {k: float(v) for k, v in terms.items()}
+                    now = time.perf_counter()
+                    sec = (now - t_last) / max(it - it_last, 1)
+                    t_last, it_last = now, it
+                    vals = self.world.sum_(torch.stack([terms[k] for k in _TERMS]))  # sums over ranks
+                    vals = [float(v) for v in vals]
+                    peak = self.world.max_int(self.mem.process_peak())
+                    rec = {"iteration": it, **dict(zip(_TERMS, vals)), "it_per_s": 1.0 / max(sec, 1e-12),
+                           "sec_per_it": sec, "images_per_s": images_per_it / max(sec, 1e-12),
+                           "peak_memory_mb": peak / MB}
                     if bar is not None:
-                        bar.set_postfix(loss=f"{terms['loss']:.4g}", refresh=False)
-                    self._log({"iteration": it, **terms, "it_per_s": rate})
+                        bar.set_postfix(loss=f"{vals[0]:.4g}", refresh=False)
+                    self._log(rec)
                 if self._should_eval(it):
                     last_eval = self._eval_and_log()
                 if c.checkpoint_every > 0 and (it % c.checkpoint_every == 0) and it < c.iterations:
@@ -436,11 +745,23 @@ class Distiller:
         self.save_checkpoint()
         self.write_outputs()
         summary = {"iteration": self.iteration, "dataset": c.dataset, "ipc": c.ipc, "preset": c.preset,
-                   "eval": last_eval}
-        if self.out_dir:
+                   "eval": last_eval, "world_size": self.world.size,
+                   "peak_memory_mb": self.world.max_int(self.mem.process_peak()) / MB,
+                   "predicted_peak_mb": self.plan.predicted_peak / MB, "memory_budget_mb": self.budget / MB}
+        if self.out_dir and self.world.is_main:
             with open(os.path.join(self.out_dir, "summary.json"), "w") as f:
                 json.dump(summary, f, indent=2)
         return summary
+
+    def _report_measured(self, seconds: float, iterations: int) -> None:
+        if iterations <= 0:
+            return
+        sec = seconds / iterations
+        peak = self.world.max_int(self.mem.process_peak())
+        self._say(f"measured: {sec:.3g} s/iteration, peak memory {peak / GB:.2f} GB "
+                  f"(predicted {self.plan.predicted_peak / GB:.2f} GB, budget {self.budget / GB:.2f} GB)")
+        self._log({"iteration": self.iteration, "event": "plan_measured", "sec_per_it": sec,
+                   "peak_memory_mb": peak / MB, "predicted_peak_mb": self.plan.predicted_peak / MB})
 
     def _eval_and_log(self) -> Dict:
         res = self.evaluate()
@@ -451,6 +772,14 @@ class Distiller:
             tqdm.write(f"iteration {self.iteration}: {short['model']} accuracy {short['mean']:.2f} ± {short['std']:.2f} %")
         return short
 
+    def close(self) -> None:
+        self.prefetcher.close()
 
-def distill(cfg: DistillConfig, out_dir: Optional[str] = None, **kw) -> Dict:
-    return Distiller(cfg, out_dir, **{k: v for k, v in kw.items() if k in ("resume", "overwrite", "progress")}).run()
+
+def distill(cfg: DistillConfig, out_dir: Optional[str] = None, *, resume: bool = False, overwrite: bool = False,
+            progress: bool = True) -> Dict:
+    d = Distiller(cfg, out_dir, resume=resume, overwrite=overwrite, progress=progress)
+    try:
+        return d.run()
+    finally:
+        d.close()

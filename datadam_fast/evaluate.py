@@ -148,8 +148,11 @@ def train_and_test(images: torch.Tensor, labels: torch.Tensor, test_set, cfg: Ev
 
 
 def evaluate_synthetic(images, labels, test_set, cfg: EvalConfig, *, seed: int = 0, device="cpu",
-                       progress: bool = False) -> Dict:
-    """``cfg.runs`` independent runs; returns ``{"accuracies", "mean", "std", ...}`` in percent."""
+                       progress: bool = False, run_ids: Optional[List[int]] = None) -> Dict:
+    """``cfg.runs`` independent runs; returns ``{"accuracies", "mean", "std", ...}`` in percent.
+
+    Run ``r`` is seeded by ``(seed, r)`` alone; ``run_ids`` runs only those (e.g. this process's
+    share of a sharded evaluation), which then give the same accuracies as in a full call."""
     if images.shape[0] != labels.shape[0]:
         raise UserError(f"{images.shape[0]} images but {labels.shape[0]} labels")
     if int(labels.max()) >= test_set.num_classes or int(labels.min()) < 0:
@@ -161,7 +164,7 @@ def evaluate_synthetic(images, labels, test_set, cfg: EvalConfig, *, seed: int =
     check_model_name(cfg.model)
     accs: List[float] = []
     details = []
-    it = range(cfg.runs)
+    it = range(cfg.runs) if run_ids is None else list(run_ids)
     if progress:
         from tqdm import tqdm
         it = tqdm(it, desc=f"evaluate {cfg.model}", unit="run")

@@ -1,6 +1,7 @@
 """Core types shared by every reader: :class:`DatasetError`, :class:`ImageDataset`, constants."""
 from __future__ import annotations
 
+import mmap
 import os
 from pathlib import Path
 from typing import Iterable, List, Optional, Sequence, Tuple, Union
@@ -131,11 +132,8 @@ class ImageDataset:
                    else np.asarray(indices)).astype(np.int64).reshape(-1)
             if idx.size and (idx.min() < -len(self) or idx.max() >= len(self)):
                 raise IndexError(f"index out of range for dataset of size {len(self)}")
-            # Sorted reads are much friendlier to the page cache; restore the order afterwards.
-            order = np.argsort(idx, kind="stable")
-            rows = np.empty((idx.size,) + tuple(self.images.shape[1:]), dtype=np.uint8)
-            rows[order] = self.images[idx[order]]
-            return torch.from_numpy(rows)
+            idx = np.where(idx < 0, idx + len(self), idx)
+            return torch.from_numpy(_read_rows(self.images, idx))
         idx = torch.as_tensor(indices if not isinstance(indices, range) else list(indices),
                               dtype=torch.int64).reshape(-1).to(self.images.device)
         return self.images.index_select(0, idx)
@@ -195,6 +193,47 @@ class ImageDataset:
     def data_stats(self, chunk: int = 8192) -> Tuple[Tuple[float, ...], Tuple[float, ...]]:
         """Per-channel mean and (population) std of ``x / 255`` over the whole set."""
         return channel_stats(self.images, chunk=chunk)
+
+
+def _read_rows(images: np.memmap, idx: np.ndarray) -> np.ndarray:
+    """Rows ``idx`` of a memory-mapped uint8 array, read with ``pread`` from its file.
+
+    Reading through the mapping would map every touched page into this process: over an
+    ImageNet-size file the resident set then grows with each random batch until it holds most of
+    the file, which defeats a memory budget. ``pread`` goes through the page cache instead
+    (cached, but not resident in this process). Rows are read in file order, runs of adjacent
+    rows in one call, and put back in the requested order.
+    """
+    row = int(np.prod(images.shape[1:]))
+    out = np.empty((idx.size,) + tuple(images.shape[1:]), dtype=np.uint8)
+    filename = getattr(images, "filename", None)
+    # only the mapping itself (not a view into it) has ``offset`` pointing at its first row
+    if not (isinstance(getattr(images, "base", None), mmap.mmap) and images.flags.c_contiguous):
+        filename = None
+    if not idx.size or filename is None:
+        if idx.size:
+            out[...] = images[idx]
+        return out
+    flat = out.reshape(idx.size, row)
+    order = np.argsort(idx, kind="stable")
+    srt = idx[order]
+    base = int(getattr(images, "offset", 0))
+    fd = os.open(filename, os.O_RDONLY)
+    try:
+        i = 0
+        n = srt.size
+        while i < n:
+            j = i + 1
+            while j < n and srt[j] == srt[j - 1] + 1:  # a run of consecutive rows: one read
+                j += 1
+            buf = os.pread(fd, (j - i) * row, base + int(srt[i]) * row)
+            if len(buf) != (j - i) * row:
+                raise DatasetError(f"{filename}: short read at row {int(srt[i])} (file truncated?)")
+            flat[order[i:j]] = np.frombuffer(buf, np.uint8).reshape(j - i, row)
+            i = j
+    finally:
+        os.close(fd)
+    return out
 
 
 def channel_stats(images, chunk: int = 8192) -> Tuple[Tuple[float, ...], Tuple[float, ...]]:
