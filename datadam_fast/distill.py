@@ -23,7 +23,7 @@ import torch
 
 from .errors import UserError
 from .loss import attention_matching_loss
-from .memory import GB, MB, MemoryPlan, PeakMemory, parse_budget, plan_chunks
+from .memory import GB, MB, MemoryPlan, PeakMemory, linear_fit, parse_budget, plan_chunks
 from .parallel import World, class_block, init_world
 from .prefetch import ChunkPrefetcher
 from .profiling import nvtx_range
@@ -39,6 +39,7 @@ DEFAULT_PRESET = "paper"
 CHECKPOINT = "checkpoint.pt"
 CHECKPOINT_FORMAT = "datadam_fast.checkpoint/2"
 GRID_MAX_CLASSES = 100
+ROUGH_FACTOR = 8
 _TERMS = ("loss", "loss_attention", "loss_embedding")
 # Settings that do not change the result (within float rounding): a checkpoint made with other
 # values resumes. ``iterations`` is among them, so a finished run can be continued for longer.
@@ -486,10 +487,8 @@ class Distiller:
                 fn()  # warm-up: first-call allocations (kernel JIT, weight reorders) are not per image
                 peaks.append(self.mem.measure(fn))
                 del x
-            slope = max((peaks[1] - peaks[0]) / (n2 - n1), 0.0)
-            # what is left of the n1 peak after its images: per-call (not per-image) memory
-            out[f"{side}_per_image"] = max(slope, ds.channels * ds.image_size[0] * ds.image_size[1] * 4.0)
-            out[f"{side}_base"] = max(peaks[0] - slope * n1, 0.0)
+            floor = ds.channels * ds.image_size[0] * ds.image_size[1] * 4.0
+            out[f"{side}_per_image"], out[f"{side}_base"] = linear_fit((n1, n2), peaks, floor)
         out["probe_sizes"] = (n1, n2)
         return out
 
@@ -512,8 +511,38 @@ class Distiller:
             fixed += 2 * full  # images + momentum gathered for a checkpoint (on the host)
         return int(fixed + max(probe["real_base"], probe["syn_base"]))
 
+    def _rough_per_image(self) -> int:
+        """Bytes of every leaf module's output for one image: a generous bound's unit."""
+        ds = self.train_set
+        net = self.new_network(torch.Generator().manual_seed(0))
+        total = [0]
+        hooks = [m.register_forward_hook(lambda m, i, o: total.__setitem__(0, total[0] + o.numel() * o.element_size()))
+                 for m in net.modules() if not list(m.children())]
+        try:
+            with torch.no_grad():
+                net.features_and_embedding(self._layout(torch.zeros(1, ds.channels, *ds.image_size,
+                                                                    device=self.device)))
+        finally:
+            for h in hooks:
+                h.remove()
+        return total[0]
+
     def _make_plan(self) -> MemoryPlan:
         c, ds = self.cfg, self.train_set
+        if not (c.real_chunk or c.syn_chunk):
+            # Small runs skip the probe: with every activation kept ROUGH_FACTOR times over
+            # (saved for backward, gradients, temporaries) one pass still uses under half the budget.
+            rough = ROUGH_FACTOR * self._rough_per_image()
+            syn_bytes = self.syn.numel() * self.syn.element_size()
+            bound = self.mem.current() + 3 * syn_bytes + self.Kl * (self.batch_real + c.ipc) * rough
+            if bound <= self.budget // 2:
+                plan = plan_chunks(budget=self.budget, fixed=bound - self.Kl * (self.batch_real + c.ipc) * rough,
+                                   real_per_image=rough, syn_per_image=rough, prefetch_per_image=0,
+                                   num_classes=self.Kl, batch_real=self.batch_real, ipc=c.ipc, lookahead=0,
+                                   real_chunk=self.Kl, syn_chunk=self.Kl)
+                plan.notes.append(f"not probed: a generous bound ({ROUGH_FACTOR}x every activation) fits in half "
+                                  f"the budget, so one chunk per side")
+                return plan
         probe = self._probe()
         row = ds.channels * ds.image_size[0] * ds.image_size[1]
         prefetch_per_image = row * (4 + 1) if self.real_all is None else 0

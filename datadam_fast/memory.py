@@ -25,7 +25,7 @@ import gc
 import math
 import os
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -109,17 +109,91 @@ class PeakMemory:
         except OSError:
             self.can_reset = False
 
-    def measure(self, fn: Callable[[], None]) -> int:
-        """Peak bytes above the current level while ``fn`` runs."""
+    def measure(self, fn: Callable[[], None]) -> Tuple[int, int]:
+        """Peak bytes above the current level while ``fn`` runs, seen two ways: the growth of
+        the process peak, and the peak of the tensor storages ``fn`` creates."""
         gc.collect()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         base = self.current()
         self.reset()
-        fn()
+        with TensorBytesTracker(self.device) as tracked:
+            fn()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        return max(self.window_peak() - base, 0)
+        return max(self.window_peak() - base, 0), tracked.peak
+
+
+class TensorBytesTracker:
+    """Peak bytes of live tensor storages created while active (a ``TorchDispatchMode``).
+
+    Unlike the resident set, this does not depend on what the allocator kept from earlier work
+    (glibc reuses freed heap memory without a new page fault, so a probe can see no RSS growth
+    at all). Storages are tracked by weak reference and swept before each op; memory private to
+    a kernel (convolution workspaces) is not seen, which is what the RSS probe and the headroom
+    cover.
+    """
+
+    def __init__(self, device: torch.device):
+        from torch.multiprocessing.reductions import StorageWeakRef
+        from torch.utils._python_dispatch import TorchDispatchMode
+        from torch.utils._pytree import tree_leaves
+        dev_type = torch.device(device).type
+        tracker = self
+        self.current = 0
+        self.peak = 0
+        self._live: Dict[int, tuple] = {}
+
+        def sweep():
+            dead = [k for k, (ref, _) in tracker._live.items() if ref.expired()]
+            for k in dead:
+                tracker.current -= tracker._live.pop(k)[1]
+
+        def track(t):
+            if not isinstance(t, torch.Tensor) or t.device.type != dev_type:
+                return
+            st = t.untyped_storage()
+            key = st.data_ptr()
+            if not key or key in tracker._live:
+                return
+            n = st.nbytes()
+            tracker._live[key] = (StorageWeakRef(st), n)
+            tracker.current += n
+            tracker.peak = max(tracker.peak, tracker.current)
+
+        class _Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                sweep()
+                out = func(*args, **(kwargs or {}))
+                for t in tree_leaves(out):
+                    track(t)
+                return out
+
+        self._mode = _Mode()
+
+    def __enter__(self):
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self._mode.__exit__(*exc)
+
+
+def linear_fit(sizes: Sequence[int], peaks: Sequence[Tuple[int, int]], floor: float) -> Tuple[float, float]:
+    """Per-image slope and per-call intercept of measured peaks at two batch sizes.
+
+    Each way of measuring (process peak, tensor bytes) is fitted on its own and the larger
+    slope and intercept are kept: the resident set can miss memory the heap had kept from earlier
+    work, tensor tracking misses kernel workspaces, and a plan must cover both. ``floor``: the
+    least a per-image cost can be (the image itself)."""
+    (n1, n2) = sizes
+    slope, base = float(floor), 0.0
+    for way in range(2):
+        p1, p2 = peaks[0][way], peaks[1][way]
+        s = max((p2 - p1) / (n2 - n1), 0.0)
+        slope = max(slope, s)
+        base = max(base, p1 - s * n1)
+    return slope, base
 
 
 def available_bytes(device: torch.device) -> int:
