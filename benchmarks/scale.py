@@ -116,7 +116,7 @@ def project(m: dict, *, ipc: int, devices: int, classes: int, batch_real: int, i
     syn_state_gb = k * ipc * img_mb * 3 / 1024  # images + gradient + momentum
     fixed_gb = m["process_baseline_gb"] + syn_state_gb
     one_pass_gb = fixed_gb + max(k * batch_real * m["real_mb_per_image"], k * ipc * m["syn_mb_per_image"]) / 1024
-    room_gb = device_memory_gb * 0.95 - fixed_gb
+    room_gb = device_memory_gb * 0.92 - 0.125 - fixed_gb
     one_class_gb = max(batch_real * m["real_mb_per_image"], ipc * m["syn_mb_per_image"]) / 1024
     fits = room_gb >= one_class_gb
     chunks = math.ceil((one_pass_gb - fixed_gb) / room_gb) if fits and room_gb > 0 else None
@@ -167,7 +167,7 @@ def main() -> None:
         "the optimiser step and data loading (overlapped by the prefetcher) are not counted",
         "devices shard the classes (torchrun); per-device time is that of the busiest device; "
         "no communication is counted (only scalars and checkpoints cross devices)",
-        f"one device has {args.device_memory_gb:.0f} GB; the planner keeps 5% headroom; fixed memory = this "
+        f"one device has {args.device_memory_gb:.0f} GB; the planner keeps 8% + 128 MB headroom; fixed memory = this "
         "process's baseline + synthetic images, gradient and momentum of the device's classes",
         "per-image costs measured on this device by benchmarks/scale.py at the shapes above; multi-device rows are "
         "projected, not measured",

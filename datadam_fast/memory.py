@@ -40,7 +40,7 @@ DEFAULT_CPU_SHARE = 0.8
 DEFAULT_GPU_SHARE = 0.9
 # Headroom kept below the budget for what the probe cannot see (allocator rounding, a checkpoint
 # being serialised, the progress bar, ...): a share of the budget plus a constant.
-HEADROOM_SHARE = 0.05
+HEADROOM_SHARE = 0.08
 HEADROOM_BYTES = 128 * MB
 
 
