@@ -27,9 +27,13 @@ def _add_distill(sub) -> None:
     p.add_argument("--download", action="store_true", help="fetch missing official files (checksums verified)")
     p.add_argument("--ipc", type=int, default=10, help="synthetic images per class")
     p.add_argument("--iterations", type=int, default=None,
-                   help="distillation iterations (default 8000 as in the paper, 100 for the digits demo; the official "
+                   help="distillation iterations (default 8000 as in the paper, 20000 with --method dm, 100 for the digits demo; the official "
                         "code's default is 20000); 0 = evaluate the random real subset the run starts from")
-    p.add_argument("--batch-real", type=int, default=64, help="real images per class per iteration")
+    p.add_argument("--method", default="datadam", choices=["datadam", "dm"],
+                   help="datadam: attention matching + embedding MMD; dm: Distribution Matching as main_DM.py runs it "
+                        "(per-class mean embeddings only, lr-img 1, batch-real 256, 20000 iterations by default)")
+    p.add_argument("--batch-real", type=int, default=None,
+                   help="real images per class per iteration (default 64; 256 with --method dm)")
     p.add_argument("--preset", default=DEFAULT_PRESET, choices=sorted(PRESETS),
                    help="paper: InstanceNorm ConvNet, power 4; official: what the official code runs "
                         "(BatchNorm ConvNet, power 1). Flags below override single values")
@@ -143,7 +147,7 @@ def _cmd_distill(args) -> int:
     opts = _data_opts(args)
     download = opts.pop("download", False)
     cfg = DistillConfig(dataset=args.dataset, data_root=args.data_root, ipc=args.ipc, iterations=args.iterations,
-                        batch_real=args.batch_real, preset=args.preset, model=args.model, norm=args.norm,
+                        batch_real=args.batch_real, method=args.method, preset=args.preset, model=args.model, norm=args.norm,
                         depth=args.depth, width=args.width, power=args.power, task_balance=args.task_balance,
                         lr_img=args.lr_img, init=args.init, dsa=not args.no_dsa, real_chunk=args.real_chunk,
                         syn_chunk=args.syn_chunk, memory_budget=args.memory_budget, prefetch=not args.no_prefetch,

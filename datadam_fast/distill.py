@@ -36,6 +36,10 @@ PRESETS = {
     "official": {"norm": "batchnorm", "power": 1.0},
 }
 DEFAULT_PRESET = "paper"
+# dm: Distribution Matching (Zhao & Bilen 2023) as ``main_DM.py`` runs it: per-class mean
+# embeddings only (the DataDAM loss without its attention terms, weight 1), lr_img 1,
+# batch_real 256, 20000 iterations; ConvNet (InstanceNorm) or, with --preset official, ConvNetBN.
+METHODS = ("datadam", "dm")
 CHECKPOINT = "checkpoint.pt"
 CHECKPOINT_FORMAT = "datadam_fast.checkpoint/2"
 GRID_MAX_CLASSES = 100
@@ -54,7 +58,8 @@ class DistillConfig:
     data_root: Optional[str] = None
     ipc: int = 10
     iterations: Optional[int] = None     # 8000 (paper), 100 for the bundled digits demo
-    batch_real: int = 64
+    batch_real: Optional[int] = None     # 64 (official DataDAM), 256 for --method dm (main_DM.py)
+    method: str = "datadam"              # datadam | dm (Distribution Matching: embedding means only)
     preset: str = DEFAULT_PRESET
     model: str = "ConvNet"
     norm: Optional[str] = None           # preset default
@@ -98,14 +103,19 @@ class DistillConfig:
             c.power = p["power"]
         if c.task_balance is None:
             c.task_balance = 0.02 if min(image_size) >= 64 else 0.01
+        if c.method not in METHODS:
+            raise UserError(f"unknown method {c.method!r}; expected one of {', '.join(METHODS)}")
+        dm = c.method == "dm"
+        if c.batch_real is None:
+            c.batch_real = 256 if dm else 64
         if c.lr_img is None:
-            c.lr_img = 1.0 if c.ipc <= 50 else 10.0
+            c.lr_img = 1.0 if (dm or c.ipc <= 50) else 10.0
         if c.depth is None and plain:
             from .networks import default_depth
             c.depth = default_depth(tuple(image_size))
         demo = c.dataset == "digits"
         if c.iterations is None:
-            c.iterations = 100 if demo else 8000
+            c.iterations = 100 if demo else (20000 if dm else 8000)
         if c.eval_epochs is None:
             c.eval_epochs = 300 if demo else 1000
         if c.eval_model is None:
@@ -347,7 +357,7 @@ class Distiller:
                 if mark:
                     mark("augment")
             with nvtx_range("datadam_fast.step.real_forward"):
-                feats_r, emb_r = net.features_and_embedding(x)
+                feats_r, emb_r = ([], net.embed(x)) if self.cfg.method == "dm" else net.features_and_embedding(x)
                 acc.update(feats_r, emb_r, labels=local_labels_cpu)
                 del feats_r, emb_r
             if mark:
@@ -364,17 +374,22 @@ class Distiller:
                 x = self.dsa.apply(x, params, labels)
             if mark:
                 mark("augment")
+        dm = c.method == "dm"
         with nvtx_range("datadam_fast.step.syn_forward"):
-            feats_s, emb_s = net.features_and_embedding(x)
+            feats_s, emb_s = ([], net.embed(x)) if dm else net.features_and_embedding(x)
         if mark:
             mark("syn_forward")
         with nvtx_range("datadam_fast.step.loss"):
-            att = attention_matching_loss(ClassTargets(targets.attention, None, c.power), feats_s,
-                                          num_classes=num_classes, power=c.power,
-                                          attention_weight=c.attention_factor, backend=c.backend)
+            if dm:
+                att = torch.zeros((), device=emb_s.device)
+            else:
+                att = attention_matching_loss(ClassTargets(targets.attention, None, c.power), feats_s,
+                                              num_classes=num_classes, power=c.power,
+                                              attention_weight=c.attention_factor, backend=c.backend)
             emb = attention_matching_loss(ClassTargets([], targets.embedding, c.power), [], None, emb_s,
                                           num_classes=num_classes, power=c.power,
-                                          embedding_weight=c.attention_factor * c.task_balance, backend=c.backend)
+                                          embedding_weight=1.0 if dm else c.attention_factor * c.task_balance,
+                                          backend=c.backend)
         if mark:
             mark("loss")
         with nvtx_range("datadam_fast.step.backward"):

@@ -1,7 +1,9 @@
 """Distillation-loop properties: streamed real side, presets, per-phase timings."""
+import pytest
 import torch
 
 from datadam_fast.distill import DistillConfig, Distiller
+from datadam_fast.errors import UserError
 
 
 def _run(tmp_path, name, **kw):
@@ -54,3 +56,26 @@ def test_benchmark_scripts_smoke(tmp_path):
     subprocess.run([sys.executable, str(root / "benchmarks" / "profile_iteration.py"), "--ipc", "1", "--batch-real", "4",
                     "--iterations", "1", "--warmup", "0", "--json", str(prof)], check=True, capture_output=True)
     assert json.loads(prof.read_text())["total_ms_per_iteration"] > 0
+
+
+def test_dm_method_is_the_main_DM_loss():
+    """--method dm: sum over classes of || mean real embedding - mean synthetic embedding ||^2 (as
+    main_DM.py), on the same fresh network, with main_DM.py's defaults."""
+    cfg = DistillConfig(method="dm", ipc=2, iterations=1, width=16, dsa=False, eval_every=-1)
+    d = Distiller(cfg, None, progress=False)
+    assert d.cfg.batch_real == 256 and d.cfg.lr_img == 1.0 and d.cfg.norm == "instancenorm"
+    assert DistillConfig(method="dm", dataset="mnist").resolved((28, 28)).iterations == 20000
+    gen = torch.Generator()
+    gen.set_state(d.gen.get_state())
+    net = d.new_network(gen)  # the network step() will draw
+    real = d.real_all[d._next_real_idx]
+    B = d.batch_real
+    with torch.no_grad():
+        syn = d.syn.detach().clone()
+        want = sum(((net.embed(real[k * B:(k + 1) * B]).mean(0) - net.embed(syn[k * 2:(k + 1) * 2]).mean(0)) ** 2).sum()
+                   for k in range(d.K))
+    terms = d.step()
+    assert float(terms["loss_attention"]) == 0.0
+    torch.testing.assert_close(terms["loss"], want.float(), rtol=1e-4, atol=1e-4)
+    with pytest.raises(UserError, match="unknown method"):
+        Distiller(DistillConfig(method="mtt"), None, progress=False)
