@@ -116,8 +116,9 @@ def _load_file(path: str, what: str):
         raise UserError(f"{what} not found: {path}") from None
     except Exception as e:
         msg = str(e)
-        m = re.search(r"Unsupported global: GLOBAL ([\w.]+)", msg)
-        if m:
+        # torch words it "Unsupported global: GLOBAL x.y" or "unsupported GLOBAL x.y whose module ... is blocked"
+        m = re.search(r"GLOBAL ([\w.]+)", msg)
+        if m and isinstance(e, __import__("pickle").UnpicklingError):
             raise UserError(f"refusing to load {what} {path}: it references {m.group(1)}, which is not a tensor, "
                             f"numpy array/scalar or plain container (expected data only; nothing else is "
                             f"unpickled, since that could run code)") from None
