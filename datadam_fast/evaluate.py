@@ -29,9 +29,16 @@ import torch.nn.functional as F
 from .errors import UserError
 
 # Whether training the runs together beats training them one after another, per device type.
-# CPU: measured by benchmarks/bench_eval.py (see its JSON in benchmarks/results/); CUDA: not
-# measured here (no GPU was lent) - one batched launch instead of N small ones is assumed faster.
-BATCHED_DEFAULT = {"cpu": True, "cuda": True}
+# CPU (benchmarks/bench_eval.py, benchmarks/results/bench_eval_cpu_2026-11-26.json, width-128 ConvNet,
+# 5 runs): batched wins only with tiny batches (MNIST IPC 1: 10 images per step) and loses ~2.5x at
+# IPC 10 - vmap lowers the stacked convolutions to grouped convolutions, whose backward has no
+# oneDNN kernel on CPU in torch 2.13 (profiled: aten::convolution_backward dominates). The costly
+# evaluations are the large-IPC ones, so the CPU default is sequential. CUDA: not measured here (no
+# GPU was lent); one launch for N small networks instead of N is assumed faster.
+BATCHED_DEFAULT = {"cpu": False, "cuda": True}
+# Testing N trained nets with one vmapped forward: on CPU the grouped convolutions make it ~3x
+# slower than N plain forwards (same benchmark), so only done on GPUs.
+BATCHED_TEST = {"cpu": False, "cuda": True}
 
 
 @dataclass
@@ -428,7 +435,10 @@ def evaluate_synthetic(images, labels, test_set, cfg: EvalConfig, *, seed: int =
     if batched:
         nets, losses, seconds = train_networks(images, labels, cfg, gens, num_classes=K, device=device, batched=True,
                                                epoch_callback=epoch_callback, progress=progress)
-        accs = accuracies_batched(nets, test_set, device, cfg.test_batch)
+        if BATCHED_TEST.get(torch.device(device).type, False):
+            accs = accuracies_batched(nets, test_set, device, cfg.test_batch)
+        else:
+            accs = [accuracy(net, test_set, torch.device(device), cfg.test_batch) for net in nets]
         details = [{"accuracy": a, "train_loss": l, "train_time_s": seconds / len(nets)} for a, l in zip(accs, losses)]
     else:
         it = range(cfg.runs)
