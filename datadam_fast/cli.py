@@ -111,6 +111,19 @@ def _add_evaluate(sub) -> None:
                    help="write {'accuracies': [...], 'mean', 'std', 'network': {model, norm, width, depth}, ...} here")
 
 
+def _add_report(sub) -> None:
+    p = sub.add_parser(
+        "report", help="plot a distillation run's metrics and print a summary",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Reads RUN_DIR/metrics.jsonl and writes report_loss.png (loss terms, log scale), "
+                    "report_accuracy.png (evaluation accuracy with a std band) and report_speed.png (iterations/s, "
+                    "images/s and peak memory when logged) next to grid.png, then prints iterations, final loss, "
+                    "best/final accuracy and speed.")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="the --out directory of datadam-fast distill")
+    p.add_argument("--out", default=None, help="write the PNGs here instead of RUN_DIR")
+    p.add_argument("--json", default=None, help="also write the summary as JSON here")
+
+
 def _add_pack(sub) -> None:
     p = sub.add_parser("pack", help="decode an ImageFolder once into a memory-mapped uint8 array",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -123,9 +136,10 @@ def _add_pack(sub) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="datadam-fast", description="Dataset distillation by attention matching.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
-    sub = parser.add_subparsers(dest="command", metavar="{distill,evaluate,pack,backends}")
+    sub = parser.add_subparsers(dest="command", metavar="{distill,evaluate,report,pack,backends}")
     _add_distill(sub)
     _add_evaluate(sub)
+    _add_report(sub)
     _add_pack(sub)
     sub.add_parser("backends", help="list the loss backends that run on this machine")
     return parser
@@ -227,6 +241,18 @@ def _cmd_evaluate(args) -> int:
     return 0
 
 
+def _cmd_report(args) -> int:
+    from .report import format_summary, report
+    summary, paths = report(args.run_dir, args.out)
+    print(format_summary(summary, args.run_dir))
+    for p in paths:
+        print(f"wrote {p}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(summary, f, indent=2)
+    return 0
+
+
 def _cmd_pack(args) -> int:
     from .data import pack_image_folder
     kw = {} if args.workers is None else {"workers": args.workers}
@@ -262,7 +288,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         from .data import DatasetError
     except ImportError:  # pragma: no cover
         DatasetError = UserError
-    handlers = {"distill": _cmd_distill, "evaluate": _cmd_evaluate, "pack": _cmd_pack, "backends": _cmd_backends}
+    handlers = {"distill": _cmd_distill, "evaluate": _cmd_evaluate, "report": _cmd_report, "pack": _cmd_pack, "backends": _cmd_backends}
     try:
         return handlers[args.command](args)
     except (UserError, DatasetError) as e:
