@@ -85,6 +85,9 @@ class DistillConfig:
             c.task_balance = 0.01 if self.preset == "official" or min(image_size) < 64 else 0.02
         if c.taps is None:
             c.taps = "official" if self.preset == "official" else "blocks"
+        from .networks import TAPS
+        if c.taps not in TAPS:
+            raise UserError(f"unknown taps {c.taps!r}; expected one of {list(TAPS)}")
         if c.lr_img is None:
             c.lr_img = 1.0 if c.ipc <= 50 else 10.0
         if c.depth is None and plain:

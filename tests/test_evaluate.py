@@ -276,3 +276,21 @@ def test_preset_task_balance_and_taps():
     assert DistillConfig(preset="paper").resolved((32, 32)).task_balance == 0.01
     given = DistillConfig(preset="official", task_balance=0.05, taps="blocks").resolved((64, 64))
     assert given.task_balance == 0.05 and given.taps == "blocks"
+
+
+@pytest.mark.parametrize("model", ["ConvNetBN", "ResNet18BN_AP"])
+def test_batched_testing_equals_per_network_testing(digits_small, model):
+    from datadam_fast.evaluate import accuracies_batched, accuracy
+    x, y = digits_small
+    cfg = EvalConfig(model=model, width=8 if model.startswith("ConvNet") else None, epochs=1, batch_size=10)
+    nets, _, _ = train_networks(x, y, cfg, _gens(7, 8), num_classes=10, batched=True)
+    test = load_dataset("digits", split="test")
+    got = accuracies_batched(nets, test, "cpu", batch=100)
+    want = [accuracy(n, test, torch.device("cpu"), 100) for n in nets]
+    assert got == pytest.approx(want, abs=100 / len(test) + 1e-9)
+
+
+def test_unknown_taps_is_a_user_error():
+    from datadam_fast.distill import DistillConfig
+    with pytest.raises(UserError, match="taps"):
+        DistillConfig(taps="every").resolved((32, 32))
