@@ -34,7 +34,7 @@ setup(
     package_dir=package_dir,
     package_data={"datadam_fast._csrc": ["*.cpp", "*.cu", "*.cuh", "*.h"]},
     python_requires=">=3.9",
-    install_requires=["torch", "numpy", "tqdm", "pillow", "scikit-learn"],
+    install_requires=["torch", "numpy", "tqdm", "pillow", "scikit-learn", "matplotlib"],
     extras_require={"triton": ["triton"], "profiling": ["nvtx"],
                     "test": ["pytest", "pytest-benchmark", "scikit-learn"]},
     entry_points={"console_scripts": ["datadam-fast=datadam_fast.cli:main"]},

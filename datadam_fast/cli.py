@@ -87,27 +87,55 @@ def _add_evaluate(sub) -> None:
     p = sub.add_parser(
         "evaluate", help="train fresh networks on a synthetic set and test on real data",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        description="The standard protocol: SGD lr 0.01 momentum 0.9 wd 5e-4, lr x0.1 at half, DSA at train time, "
-                    "test on the full real test set; mean and std over runs (percent). Reads datadam-fast "
-                    "synthetic.pt and the official {'data': [images, labels]} files.")
+        description="The standard protocol: SGD lr 0.01 momentum 0.9 wd 5e-4, epochs+1 epochs with lr x0.1 after "
+                    "epoch epochs//2+1 (as the official code), DSA at train time, test on the full real test set; mean "
+                    "and std over runs (percent). Reads datadam-fast synthetic.pt and the official "
+                    "{'data': [images, labels]} / res_*.pt files. The network is the one recorded in the file "
+                    "(an official-preset set is evaluated with its BatchNorm ConvNet; official files with ConvNetBN) "
+                    "unless --model/--norm/--width/--depth say otherwise; the result states the exact network.")
     p.add_argument("--synthetic", required=True, help="synthetic set file")
     p.add_argument("--dataset", default=None, help="real dataset for testing (default: the one recorded in the file)")
     p.add_argument("--data-root", default=None, help="dataset root (see distill --help)")
     p.add_argument("--folder", default=None, help="with --dataset folder: the ImageFolder or packed directory")
-    p.add_argument("--model", default="ConvNet", help="network to train: ConvNet, ConvNetBN, ConvNetD4, AlexNet, VGG11, ResNet18, ...")
-    p.add_argument("--norm", default=None, help="override the model's normalisation layer")
-    p.add_argument("--width", type=int, default=None, help="override a ConvNet's width (default 128)")
+    p.add_argument("--model", default=None,
+                   help="network to train: ConvNet (InstanceNorm), ConvNetBN (the official 'ConvNet'), ConvNetD4, "
+                        "AlexNet, VGG11, ResNet18, ResNet18BN_AP, ... (default: recorded in the file)")
+    p.add_argument("--norm", default=None, choices=["instancenorm", "batchnorm", "groupnorm", "layernorm", "none"],
+                   help="override the network's normalisation layer")
+    p.add_argument("--width", type=int, default=None, help="override a ConvNet's width")
+    p.add_argument("--depth", type=int, default=None, help="override a ConvNet's depth")
     p.add_argument("--runs", type=int, default=3, help="independent training runs")
-    p.add_argument("--epochs", type=int, default=300, help="training epochs per run")
+    p.add_argument("--epochs", type=int, default=300, help="training epochs per run (the official code trains epochs+1)")
     p.add_argument("--batch", type=int, default=256, help="training batch size")
     p.add_argument("--lr", type=float, default=0.01, help="network learning rate")
     p.add_argument("--no-dsa", action="store_true", help="no augmentation while training")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--batched", dest="batched", action="store_const", const=True, default=None,
+                      help="train the runs together (vmap); default: whichever is faster on the device")
+    mode.add_argument("--sequential", dest="batched", action="store_const", const=False,
+                      help="train the runs one after another")
     p.add_argument("--frozen-model", default=None,
-                   help="official {'net_parameters': state_dict} file: test it without training (like distill_test_model.py)")
+                   help="official {'net_parameters': state_dict} file: test it without training (like "
+                        "distill_test_model.py); the network (BatchNorm or not, width, depth) is read from the state "
+                        "dict unless --model is given")
     p.add_argument("--seed", type=int, default=0, help="seed")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
-    p.add_argument("--json", default=None, help="write {'accuracies': [...], 'mean': m, 'std': s} here")
+    p.add_argument("--json", default=None,
+                   help="write {'accuracies': [...], 'mean', 'std', 'network': {model, norm, width, depth}, ...} here")
+
+
+def _add_report(sub) -> None:
+    p = sub.add_parser(
+        "report", help="plot a distillation run's metrics and print a summary",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Reads RUN_DIR/metrics.jsonl and writes report_loss.png (loss terms, log scale), "
+                    "report_accuracy.png (evaluation accuracy with a std band) and report_speed.png (iterations/s, "
+                    "images/s and peak memory when logged) next to grid.png, then prints iterations, final loss, "
+                    "best/final accuracy and speed.")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="the --out directory of datadam-fast distill")
+    p.add_argument("--out", default=None, help="write the PNGs here instead of RUN_DIR")
+    p.add_argument("--json", default=None, help="also write the summary as JSON here")
 
 
 def _add_pack(sub) -> None:
@@ -122,9 +150,10 @@ def _add_pack(sub) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="datadam-fast", description="Dataset distillation by attention matching.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
-    sub = parser.add_subparsers(dest="command", metavar="{distill,evaluate,pack,backends}")
+    sub = parser.add_subparsers(dest="command", metavar="{distill,evaluate,report,pack,backends}")
     _add_distill(sub)
     _add_evaluate(sub)
+    _add_report(sub)
     _add_pack(sub)
     sub.add_parser("backends", help="list the loss backends that run on this machine")
     return parser
@@ -178,7 +207,17 @@ def _cmd_distill(args) -> int:
 def _cmd_evaluate(args) -> int:
     from .data import load_dataset
     from .errors import UserError
-    from .evaluate import EvalConfig, evaluate_synthetic, frozen_model_accuracy, load_frozen_model, load_synthetic
+    from .evaluate import (EvalConfig, describe_eval_network, evaluate_synthetic, frozen_model_accuracy,
+                           frozen_model_network, load_frozen_model, load_synthetic, network_for_synthetic,
+                           network_label)
+    for flag, v in (("--runs", args.runs), ("--batch", args.batch), ("--width", args.width), ("--depth", args.depth)):
+        if v is not None and v < 1:
+            raise UserError(f"{flag} must be >= 1, got {v}")
+    if args.epochs < 0:
+        raise UserError(f"--epochs must be >= 0, got {args.epochs}")
+    if args.model is not None:
+        from .distill import check_model_name
+        check_model_name(args.model)
     images, labels, meta = load_synthetic(args.synthetic)
     dataset = args.dataset or meta.get("dataset")
     if not dataset:
@@ -187,24 +226,55 @@ def _cmd_evaluate(args) -> int:
     test_set = load_dataset(dataset, root=args.data_root, split="test", **opts)
     if args.frozen_model:
         sd = load_frozen_model(args.frozen_model)
-        model = args.model if args.model != "ConvNet" else "ConvNetBN"
-        acc = frozen_model_accuracy(sd, test_set, model=model, device=args.device)
+        pick = frozen_model_network(sd, model=args.model, norm=args.norm, width=args.width, depth=args.depth)
+        cfg = EvalConfig(model=pick["model"], norm=pick["norm"], width=pick["width"], depth=pick["depth"])
+        network = describe_eval_network(cfg, test_set.channels, test_set.num_classes, test_set.image_size)
+        print(f"frozen model: {network_label(network)} ({pick['reason']})")
+        acc = frozen_model_accuracy(sd, test_set, model=cfg.model, norm=cfg.norm, width=cfg.width, depth=cfg.depth,
+                                    device=args.device)
         print(f"Trained Model Best {acc / 100:.4f}")
-        result = {"accuracies": [acc], "mean": acc, "std": 0.0, "model": model, "frozen_model": args.frozen_model}
+        result = {"accuracies": [acc], "mean": acc, "std": 0.0, "network": network, "frozen_model": args.frozen_model,
+                  "network_source": pick["reason"]}
     else:
-        cfg = EvalConfig(model=args.model, epochs=args.epochs, runs=args.runs, lr=args.lr, batch_size=args.batch,
-                         dsa=not args.no_dsa, norm=args.norm, width=args.width)
+        pick = network_for_synthetic(meta, model=args.model, norm=args.norm, width=args.width, depth=args.depth)
+        cfg = EvalConfig(model=pick["model"], epochs=args.epochs, runs=args.runs, lr=args.lr, batch_size=args.batch,
+                         dsa=not args.no_dsa, norm=pick["norm"], width=pick["width"], depth=pick["depth"],
+                         batched=args.batched)
+        from .distill import check_model_name
+        check_model_name(cfg.model, "recorded model")
+        network = describe_eval_network(cfg, images.shape[1], test_set.num_classes, tuple(images.shape[2:]))
+        print(f"network: {network_label(network)} ({pick['source']})", flush=True)
         result = evaluate_synthetic(images, labels, test_set, cfg, seed=args.seed, device=args.device, progress=True)
-        print(f"{cfg.model} on {dataset}: {result['mean']:.2f} ± {result['std']:.2f} % over {cfg.runs} runs "
-              f"({images.shape[0]} images, {cfg.epochs} epochs)")
+        result["network_source"] = pick["source"]
+        mode = "batched" if result["batched"] else "sequential"
+        print(f"{network_label(result['network'])} on {dataset}: {result['mean']:.2f} ± {result['std']:.2f} % over "
+              f"{cfg.runs} runs ({images.shape[0]} images, {cfg.epochs}+1 epochs, {mode})")
     if args.json:
+        net = result["network"]
         out = {"accuracies": result["accuracies"], "mean": result["mean"], "std": result["std"],
-               "model": result.get("model"), "dataset": dataset, "synthetic": args.synthetic,
-               "epochs": None if args.frozen_model else args.epochs, "runs": len(result["accuracies"])}
+               "model": net["model"], "norm": net["norm"], "width": net["width"], "depth": net["depth"],
+               "network": net, "network_source": result["network_source"], "dataset": dataset,
+               "synthetic": args.synthetic, "epochs": None if args.frozen_model else args.epochs,
+               "runs": len(result["accuracies"]), "seed": args.seed,
+               "batched": None if args.frozen_model else result["batched"]}
+        if args.frozen_model:
+            out["frozen_model"] = args.frozen_model
         tmp = args.json + ".tmp"
         with open(tmp, "w") as f:
             json.dump(out, f, indent=2)
         os.replace(tmp, args.json)
+    return 0
+
+
+def _cmd_report(args) -> int:
+    from .report import format_summary, report
+    summary, paths = report(args.run_dir, args.out)
+    print(format_summary(summary, args.run_dir))
+    for p in paths:
+        print(f"wrote {p}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(summary, f, indent=2)
     return 0
 
 
@@ -249,7 +319,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         from .data import DatasetError
     except ImportError:  # pragma: no cover
         DatasetError = UserError
-    handlers = {"distill": _cmd_distill, "evaluate": _cmd_evaluate, "pack": _cmd_pack, "backends": _cmd_backends}
+    handlers = {"distill": _cmd_distill, "evaluate": _cmd_evaluate, "report": _cmd_report, "pack": _cmd_pack, "backends": _cmd_backends}
     try:
         return handlers[args.command](args)
     except (UserError, DatasetError) as e:

@@ -66,7 +66,8 @@ class DistillConfig:
     depth: Optional[int] = None          # from image size
     width: Optional[int] = None          # 128 for ConvNets
     power: Optional[float] = None        # preset default
-    task_balance: Optional[float] = None  # 0.01, or 0.02 at >= 64 px
+    task_balance: Optional[float] = None  # 0.01; paper preset 0.02 at >= 64 px
+    taps: Optional[str] = None           # feature taps: "official" (official preset) or "blocks"
     attention_factor: float = 100.0
     lr_img: Optional[float] = None       # 1 for IPC <= 50, else 10
     momentum: float = 0.5
@@ -102,7 +103,13 @@ class DistillConfig:
         if c.power is None:
             c.power = p["power"]
         if c.task_balance is None:
-            c.task_balance = 0.02 if min(image_size) >= 64 else 0.01
+            # the official code runs 0.01 at every resolution; 0.02 at >= 64 px is the paper's HP table
+            c.task_balance = 0.01 if self.preset == "official" or min(image_size) < 64 else 0.02
+        if c.taps is None:
+            c.taps = "official" if self.preset == "official" else "blocks"
+        from .networks import TAPS
+        if c.taps not in TAPS:
+            raise UserError(f"unknown taps {c.taps!r}; expected one of {list(TAPS)}")
         if c.method not in METHODS:
             raise UserError(f"unknown method {c.method!r}; expected one of {', '.join(METHODS)}")
         dm = c.method == "dm"
@@ -334,7 +341,7 @@ class Distiller:
     def _build_network(self, gen: torch.Generator):
         from .networks import get_network
         c, ds = self.cfg, self.train_set
-        return get_network(c.model, ds.channels, self.K, tuple(ds.image_size), generator=gen,
+        return get_network(c.model, ds.channels, self.K, tuple(ds.image_size), generator=gen, taps=c.taps,
                            **_net_overrides(c.width, c.depth, c.norm))
 
     def new_network(self, gen: Optional[torch.Generator] = None):
@@ -663,16 +670,18 @@ class Distiller:
         same = c.eval_model == c.model
         ecfg = EvalConfig(model=c.eval_model, epochs=c.eval_epochs, runs=c.eval_runs, dsa=c.dsa,
                           dsa_strategy=c.dsa_strategy, norm=c.norm if same else None,
-                          width=c.width if same else None, batch_size=c.eval_batch)
+                          width=c.width if same else None, depth=c.depth if same else None,
+                          batch_size=c.eval_batch)
         mine = list(range(self.world.rank, c.eval_runs, self.world.size))
         seed = c.seed * 7919 + self.iteration
         res = evaluate_synthetic(images, labels, self.test_set(), ecfg, seed=seed, device=self.device,
-                                 run_ids=mine) if mine else {"accuracies": [], "runs": []}
+                                 run_ids=mine) if mine else {"accuracies": [], "network": None}
         parts = self.world.gather_objects(list(zip(mine, res["accuracies"])))
         accs = [a for _, a in sorted(p for part in parts for p in part)]
         t = torch.tensor(accs, dtype=torch.float64)
         return {"accuracies": accs, "mean": float(t.mean()), "std": float(t.std(unbiased=False)) if len(accs) > 1
-                else 0.0, "model": ecfg.model, "epochs": ecfg.epochs, "num_images": int(images.shape[0])}
+                else 0.0, "model": ecfg.model, "network": res["network"], "epochs": ecfg.epochs,
+                "num_images": int(images.shape[0])}
 
     def synthetic_state(self) -> Optional[Dict]:
         full = self.full_synthetic(to_all=False)
@@ -809,7 +818,7 @@ class Distiller:
 
     def _eval_and_log(self) -> Dict:
         res = self.evaluate()
-        short = {k: res[k] for k in ("mean", "std", "accuracies", "model", "epochs")}
+        short = {k: res[k] for k in ("mean", "std", "accuracies", "model", "network", "epochs")}
         self._log({"iteration": self.iteration, "eval": short})
         if self.progress:
             from tqdm import tqdm

@@ -19,9 +19,15 @@ and offers
     (``[N,64,32,32]``, ``[N,128,16,16]``, ``[N,256,8,8]``, ``[N,512,4,4]``);
   - ResNet18(BN): the outputs of ``layer1``, ``layer2``, ``layer3``.
 
-  (DataDAM itself hooks *every* ReLU inside ``net.features``; for ConvNet that is one per stage,
-  for AlexNet/VGG it would include the intermediate same-resolution ReLUs, and ResNet has no
-  ``features``. One map per resolution is the sensible generalisation.)
+  That is ``taps="blocks"`` (the default). DataDAM itself hooks *every* ``nn.ReLU`` inside
+  ``net.features`` and drops the last one; ``taps="official"`` gives exactly that set:
+
+  - ConvNet: identical to ``"blocks"`` (one ReLU per block);
+  - AlexNet(BN): the outputs of the first four of its five ReLUs (``[N,128,32,32]``,
+    ``[N,192,16,16]``, ``[N,256,8,8]``, ``[N,192,8,8]`` on 32x32);
+  - VGG11(BN): the outputs of the first seven of its eight ReLUs;
+  - ResNet: the official networks have no ``features`` (the official hooks would find nothing and
+    the official loop cannot run them), so ``"official"`` falls back to ``"blocks"``.
 
 Activations are never in-place, so returned tensors are not overwritten later.
 
@@ -47,11 +53,13 @@ import torch.nn.functional as F
 
 __all__ = [
     "NETWORK_NAMES", "get_network", "default_depth", "load_official_state_dict",
-    "ConvNet", "AlexNet", "VGG", "ResNet", "BasicBlock", "init_from_generator",
+    "ConvNet", "AlexNet", "VGG", "ResNet", "BasicBlock", "ResNetAP", "BasicBlockAP", "init_from_generator",
+    "TAPS", "describe_network", "infer_network_from_state_dict",
 ]
 
 _NORMS = ("instancenorm", "batchnorm", "groupnorm", "layernorm", "none")
 _ACTS = ("relu", "leakyrelu", "sigmoid", "swish")
+TAPS = ("blocks", "official")  # see the module docstring
 _POOL_ALIASES = {"avgpool": "avgpool", "avgpooling": "avgpool", "maxpool": "maxpool",
                  "maxpooling": "maxpool", "none": "none"}
 
@@ -63,6 +71,12 @@ def _conv_out(size: int, k: int, s: int, p: int) -> int:
 def _check_spatial(h: int, w: int, what: str) -> None:
     if h < 1 or w < 1:
         raise ValueError(f"{what}: the input is too small, the spatial size drops to {h}x{w}")
+
+
+def _check_taps(taps: str, what: str) -> str:
+    if taps not in TAPS:
+        raise ValueError(f"{what}: unknown taps {taps!r}; choose from {TAPS}")
+    return taps
 
 
 def _im_size(im_size) -> Tuple[int, int]:
@@ -157,8 +171,10 @@ class ConvNet(_SequentialTapNet):
 
     def __init__(self, channel: int, num_classes: int, width: int = 128, depth: int = 3,
                  act: str = "relu", norm: str = "instancenorm", pooling: str = "avgpool",
-                 im_size=(32, 32)):
+                 im_size=(32, 32), taps: str = "blocks"):
         super().__init__()
+        # one activation per block: the official hook set equals the per-block set
+        self.taps = _check_taps(taps, "ConvNet")
         if norm not in _NORMS:
             raise ValueError(f"unknown norm {norm!r}; choose from {_NORMS}")
         if act not in _ACTS:
@@ -209,8 +225,10 @@ class AlexNet(_SequentialTapNet):
     ``norm='batchnorm'`` gives AlexNetBN (BatchNorm2d after every conv); ``'none'`` the plain one.
     """
 
-    def __init__(self, channel: int, num_classes: int, norm: str = "none", im_size=(32, 32)):
+    def __init__(self, channel: int, num_classes: int, norm: str = "none", im_size=(32, 32),
+                 taps: str = "blocks"):
         super().__init__()
+        self.taps = _check_taps(taps, "AlexNet")
         if norm not in ("none", "batchnorm", "instancenorm"):
             raise ValueError(f"AlexNet norm must be 'none', 'batchnorm' or 'instancenorm', got {norm!r}")
         self.channel, self.num_classes, self.norm = int(channel), int(num_classes), norm
@@ -220,8 +238,8 @@ class AlexNet(_SequentialTapNet):
         cfg = [(128, 5, 4 if self.channel == 1 else 2, True), (192, 5, 2, True),
                (256, 3, 1, False), (192, 3, 1, False), (192, 3, 1, True)]
         layers: List[nn.Module] = []
-        taps: List[int] = []
-        shapes: List[Tuple[int, int, int]] = []
+        block_taps: List[Tuple[int, Tuple[int, int, int]]] = []  # ReLU before each max-pool
+        relu_taps: List[Tuple[int, Tuple[int, int, int]]] = []   # every ReLU (official hooks)
         c_in = self.channel
         for c_out, k, p, pool in cfg:
             layers.append(nn.Conv2d(c_in, c_out, kernel_size=k, stride=1, padding=p))
@@ -230,9 +248,9 @@ class AlexNet(_SequentialTapNet):
             if norm != "none":
                 layers.append(_norm2d(norm, c_out, h, w))
             layers.append(nn.ReLU(inplace=False))
+            relu_taps.append((len(layers) - 1, (c_out, h, w)))
             if pool:
-                taps.append(len(layers) - 1)
-                shapes.append((c_out, h, w))
+                block_taps.append((len(layers) - 1, (c_out, h, w)))
                 layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
                 h, w = h // 2, w // 2
                 _check_spatial(h, w, "AlexNet")
@@ -240,8 +258,9 @@ class AlexNet(_SequentialTapNet):
         self.features = nn.Sequential(*layers)
         self.embedding_dim = 192 * h * w
         self.fc = nn.Linear(self.embedding_dim, self.num_classes)
-        self._taps = tuple(taps[:-1])
-        self.feature_shapes = shapes[:-1]
+        chosen = (relu_taps if taps == "official" else block_taps)[:-1]  # the last is the embedding's
+        self._taps = tuple(i for i, _ in chosen)
+        self.feature_shapes = [sh for _, sh in chosen]
 
     def head(self, emb: torch.Tensor) -> torch.Tensor:
         return self.fc(emb)
@@ -264,21 +283,21 @@ class VGG(_SequentialTapNet):
     """
 
     def __init__(self, vgg_name: str, channel: int, num_classes: int, norm: str = "instancenorm",
-                 im_size=(32, 32)):
+                 im_size=(32, 32), taps: str = "blocks"):
         super().__init__()
+        self.taps = _check_taps(taps, vgg_name)
         if norm not in ("instancenorm", "batchnorm"):
             raise ValueError(f"VGG norm must be 'instancenorm' or 'batchnorm', got {norm!r}")
         self.channel, self.num_classes, self.norm = int(channel), int(num_classes), norm
         h, w = _im_size(im_size)
         self.im_size = (h, w)
         layers: List[nn.Module] = []
-        taps: List[int] = []
-        shapes: List[Tuple[int, int, int]] = []
+        block_taps: List[Tuple[int, Tuple[int, int, int]]] = []  # ReLU before each max-pool
+        relu_taps: List[Tuple[int, Tuple[int, int, int]]] = []   # every ReLU (official hooks)
         c_in = self.channel
         for ic, v in enumerate(_CFG_VGG[vgg_name]):
             if v == "M":
-                taps.append(len(layers) - 1)
-                shapes.append((c_in, h, w))
+                block_taps.append((len(layers) - 1, (c_in, h, w)))
                 layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
                 h, w = h // 2, w // 2
                 _check_spatial(h, w, vgg_name)
@@ -287,12 +306,14 @@ class VGG(_SequentialTapNet):
                 layers.append(nn.Conv2d(c_in, v, kernel_size=3, padding=pad))
                 h, w = _conv_out(h, 3, 1, pad), _conv_out(w, 3, 1, pad)
                 layers += [_norm2d(norm, v, h, w), nn.ReLU(inplace=False)]
+                relu_taps.append((len(layers) - 1, (v, h, w)))
                 c_in = v
         self.features = nn.Sequential(*layers)
         self.embedding_dim = c_in * h * w
         self.classifier = nn.Linear(self.embedding_dim, self.num_classes)
-        self._taps = tuple(taps[:-1])
-        self.feature_shapes = shapes[:-1]
+        chosen = (relu_taps if taps == "official" else block_taps)[:-1]  # the last is the embedding's
+        self._taps = tuple(i for i, _ in chosen)
+        self.feature_shapes = [sh for _, sh in chosen]
 
     def head(self, emb: torch.Tensor) -> torch.Tensor:
         return self.classifier(emb)
@@ -333,8 +354,10 @@ class ResNet(_FeatureNet):
     """
 
     def __init__(self, num_blocks: Sequence[int], channel: int = 3, num_classes: int = 10,
-                 norm: str = "instancenorm", im_size=(32, 32)):
+                 norm: str = "instancenorm", im_size=(32, 32), taps: str = "blocks"):
         super().__init__()
+        # no official tap set for ResNets (no ``features``): "official" means "blocks" here
+        self.taps = _check_taps(taps, "ResNet")
         if norm not in ("instancenorm", "batchnorm"):
             raise ValueError(f"ResNet norm must be 'instancenorm' or 'batchnorm', got {norm!r}")
         self.channel, self.num_classes, self.norm = int(channel), int(num_classes), norm
@@ -381,6 +404,87 @@ class ResNet(_FeatureNet):
         return self.classifier(emb)
 
 
+class BasicBlockAP(nn.Module):
+    """The official ``BasicBlock_AP``: stride-2 convolutions replaced by stride-1 + 2x2 avg-pool.
+
+    Main path: conv3x3 (stride 1) -> norm -> ReLU -> [avg_pool 2x2 if stride != 1] -> conv3x3 -> norm.
+    Shortcut (when stride != 1 or the width changes): conv1x1 (stride 1) -> AvgPool2d(2, 2) -> norm,
+    so its state-dict keys are ``shortcut.0`` (conv) and ``shortcut.2`` (norm), as officially.
+    """
+    expansion = 1
+
+    def __init__(self, in_planes: int, planes: int, stride: int = 1, norm: str = "instancenorm"):
+        super().__init__()
+        self.stride = int(stride)
+        self.conv1 = nn.Conv2d(in_planes, planes, kernel_size=3, stride=1, padding=1, bias=False)
+        self.bn1 = _norm_res(norm, planes)
+        self.conv2 = nn.Conv2d(planes, planes, kernel_size=3, stride=1, padding=1, bias=False)
+        self.bn2 = _norm_res(norm, planes)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or in_planes != planes:
+            # officially the pool sits in every projection shortcut, whatever the stride (for
+            # ResNet18 a projection only occurs at the stride-2 blocks, so the sizes agree)
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_planes, planes, kernel_size=1, stride=1, bias=False),
+                nn.AvgPool2d(kernel_size=2, stride=2),
+                _norm_res(norm, planes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        if self.stride != 1:
+            out = F.avg_pool2d(out, kernel_size=2, stride=2)
+        out = self.bn2(self.conv2(out)) + self.shortcut(x)
+        return F.relu(out)
+
+
+class ResNetAP(ResNet):
+    """The official ``ResNet_AP`` (``ResNet18BN_AP`` with ``norm='batchnorm'``).
+
+    Same stem (conv3x3 stride 1 -> norm -> ReLU) and stages as :class:`ResNet`, but built from
+    :class:`BasicBlockAP` (downsampling by 2x2 average pooling, never by strided convolutions), and
+    the final pooling is the official ``F.avg_pool2d(out, kernel_size=1, stride=1)`` - an identity -
+    so the embedding is the whole flattened last stage: 512x4x4 = 8192-d at 32x32 and 512x3x3 =
+    4608-d at 28x28 (the official ``512*3*3 if channel == 1 else 512*4*4``; computed here from the
+    input size, which agrees for both official cases). The official ``forward`` returns logits only,
+    like every network here. Assumption: the official file is the one in DatasetCondensation /
+    DataDAM ``networks.py``; its ``ResNet18BN_AP`` is not given an image size, so other sizes are
+    derived by the same layer arithmetic.
+    """
+
+    def __init__(self, num_blocks: Sequence[int], channel: int = 3, num_classes: int = 10,
+                 norm: str = "batchnorm", im_size=(32, 32), taps: str = "blocks"):
+        nn.Module.__init__(self)
+        self.taps = _check_taps(taps, "ResNetAP")
+        if norm not in ("instancenorm", "batchnorm"):
+            raise ValueError(f"ResNetAP norm must be 'instancenorm' or 'batchnorm', got {norm!r}")
+        self.channel, self.num_classes, self.norm = int(channel), int(num_classes), norm
+        h, w = _im_size(im_size)
+        self.im_size = (h, w)
+        self.in_planes = 64
+        self.conv1 = nn.Conv2d(self.channel, 64, kernel_size=3, stride=1, padding=1, bias=False)
+        self.bn1 = _norm_res(norm, 64)
+        shapes: List[Tuple[int, int, int]] = []
+        stages = []
+        for planes, n, stride in zip((64, 128, 256, 512), num_blocks, (1, 2, 2, 2)):
+            blocks = []
+            for s in [stride] + [1] * (int(n) - 1):
+                blocks.append(BasicBlockAP(self.in_planes, planes, s, norm))
+                self.in_planes = planes
+                if s != 1:
+                    h, w = h // 2, w // 2
+            _check_spatial(h, w, "ResNetAP")
+            stages.append(nn.Sequential(*blocks))
+            shapes.append((planes, h, w))
+        self.layer1, self.layer2, self.layer3, self.layer4 = stages
+        self.embedding_dim = 512 * h * w
+        self.classifier = nn.Linear(self.embedding_dim, self.num_classes)
+        self.feature_shapes = shapes[:-1]
+        self.feature_layers = ["layer1", "layer2", "layer3"]
+
+    def _pool_flat(self, out: torch.Tensor) -> torch.Tensor:
+        return out.flatten(1)  # official avg_pool2d(kernel_size=1, stride=1) is the identity
+
+
 # ------------------------------------------------------------------------------------ registry
 # name -> (family, kwargs). ConvNet defaults: width 128, depth 3, relu, avgpool; "norm" below.
 _CONVNET_REGISTRY: Dict[str, Dict[str, object]] = {
@@ -409,6 +513,7 @@ _OTHER_NETS = {
     "AlexNet": ("alexnet", "none"), "AlexNetBN": ("alexnet", "batchnorm"),
     "VGG11": ("vgg", "instancenorm"), "VGG11BN": ("vgg", "batchnorm"),
     "ResNet18": ("resnet", "instancenorm"), "ResNet18BN": ("resnet", "batchnorm"),
+    "ResNet18_AP": ("resnet_ap", "instancenorm"), "ResNet18BN_AP": ("resnet_ap", "batchnorm"),
 }
 NETWORK_NAMES: Tuple[str, ...] = tuple(_CONVNET_REGISTRY) + tuple(_OTHER_NETS)
 
@@ -458,21 +563,25 @@ def init_from_generator(net: nn.Module, generator: torch.Generator) -> nn.Module
 def get_network(name: str, channel: int, num_classes: int, im_size=(32, 32), *,
                 width: Optional[int] = None, depth: Optional[int] = None,
                 norm: Optional[str] = None, act: Optional[str] = None,
-                pooling: Optional[str] = None,
+                pooling: Optional[str] = None, taps: str = "blocks",
                 generator: Optional[torch.Generator] = None) -> nn.Module:
     """Build network ``name`` (one of :data:`NETWORK_NAMES`) on the CPU.
 
     ``width/depth/norm/act/pooling`` override the registry entry for ConvNet-family names;
-    for AlexNet/VGG/ResNet only ``norm`` may be given. ``generator``: draw the initial weights
-    from it (global RNG untouched); ``None``: PyTorch's default init from the global RNG.
+    for AlexNet/VGG/ResNet only ``norm`` may be given. ``taps``: which activations
+    ``features_and_embedding`` returns, ``"blocks"`` (one per resolution) or ``"official"`` (every
+    ReLU in ``features`` but the last, as the official hooks; see the module docstring).
+    ``generator``: draw the initial weights from it (global RNG untouched); ``None``: PyTorch's
+    default init from the global RNG.
     """
+    _check_taps(taps, f"get_network({name!r})")
     if name in _CONVNET_REGISTRY:
         cfg = {"width": 128, "depth": 3, "act": "relu", "norm": "instancenorm", "pooling": "avgpool"}
         cfg.update(_CONVNET_REGISTRY[name])
         for k, v in (("width", width), ("depth", depth), ("norm", norm), ("act", act), ("pooling", pooling)):
             if v is not None:
                 cfg[k] = v
-        build = lambda: ConvNet(channel, num_classes, im_size=im_size, **cfg)  # noqa: E731
+        build = lambda: ConvNet(channel, num_classes, im_size=im_size, taps=taps, **cfg)  # noqa: E731
     elif name in _OTHER_NETS:
         extra = [k for k, v in (("width", width), ("depth", depth), ("act", act), ("pooling", pooling))
                  if v is not None]
@@ -481,11 +590,13 @@ def get_network(name: str, channel: int, num_classes: int, im_size=(32, 32), *,
         family, default_norm = _OTHER_NETS[name]
         nrm = norm if norm is not None else default_norm
         if family == "alexnet":
-            build = lambda: AlexNet(channel, num_classes, norm=nrm, im_size=im_size)  # noqa: E731
+            build = lambda: AlexNet(channel, num_classes, norm=nrm, im_size=im_size, taps=taps)  # noqa: E731
         elif family == "vgg":
-            build = lambda: VGG("VGG11", channel, num_classes, norm=nrm, im_size=im_size)  # noqa: E731
+            build = lambda: VGG("VGG11", channel, num_classes, norm=nrm, im_size=im_size, taps=taps)  # noqa: E731
+        elif family == "resnet_ap":
+            build = lambda: ResNetAP([2, 2, 2, 2], channel, num_classes, norm=nrm, im_size=im_size, taps=taps)  # noqa: E731
         else:
-            build = lambda: ResNet([2, 2, 2, 2], channel, num_classes, norm=nrm, im_size=im_size)  # noqa: E731
+            build = lambda: ResNet([2, 2, 2, 2], channel, num_classes, norm=nrm, im_size=im_size, taps=taps)  # noqa: E731
     else:
         raise ValueError(f"unknown network {name!r}; choose from {NETWORK_NAMES}")
     if generator is None:
@@ -504,3 +615,63 @@ def load_official_state_dict(net: nn.Module, state_dict: Mapping[str, torch.Tens
         state_dict = state_dict["net_parameters"]
     sd = {(k[len("module."):] if k.startswith("module.") else k): v for k, v in state_dict.items()}
     return net.load_state_dict(sd, strict=strict)
+
+
+def describe_network(net: nn.Module, name: Optional[str] = None) -> Dict[str, object]:
+    """What a network exactly is: ``{"model", "family", "norm", "width", "depth", ...}``.
+
+    ``width``/``depth`` are the ConvNet's channels and number of conv blocks; for the fixed
+    architectures ``width`` is None and ``depth`` the number of weight layers in the name
+    (AlexNet 5 conv, VGG11 8 conv, ResNet18 18). Every evaluation result carries this, so that a
+    number can never be attributed to the wrong network (e.g. InstanceNorm vs BatchNorm ConvNet).
+    """
+    d: Dict[str, object] = {"model": name or type(net).__name__, "family": type(net).__name__,
+                            "norm": getattr(net, "norm", None)}
+    if isinstance(net, ConvNet):
+        d.update(width=net.width, depth=net.depth, act=net.act, pooling=net.pooling)
+    elif isinstance(net, AlexNet):
+        d.update(width=None, depth=5)
+    elif isinstance(net, VGG):
+        d.update(width=None, depth=sum(isinstance(m, nn.Conv2d) for m in net.features))
+    elif isinstance(net, ResNet):
+        d.update(width=None, depth=2 + 2 * sum(len(getattr(net, f"layer{i}")) for i in range(1, 5)))
+    else:
+        d.update(width=None, depth=None)
+    return d
+
+
+_BN_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
+
+
+def infer_network_from_state_dict(state_dict: Mapping[str, torch.Tensor]) -> Dict[str, object]:
+    """Read the architecture of a ConvNet-family state dict (official layout).
+
+    Returns ``{"model", "norm", "width", "depth", "reason"}`` for :func:`get_network`. The norm
+    comes from the module after each conv: BatchNorm buffers -> ``batchnorm``; a ``[C]`` affine
+    without buffers -> ``instancenorm`` (``GroupNorm(C, C)``, the official instancenorm; a
+    ``groupnorm`` state dict looks the same, so that is assumed); ``[C, H, W]`` -> ``layernorm``;
+    nothing -> ``none``. Raises ``ValueError`` for anything that is not a ConvNet.
+    """
+    sd = {(k[len("module."):] if k.startswith("module.") else k): v for k, v in state_dict.items()}
+    convs = sorted(int(k.split(".")[1]) for k, v in sd.items()
+                   if k.startswith("features.") and k.endswith(".weight") and k.count(".") == 2 and v.dim() == 4)
+    if not convs or "classifier.weight" not in sd:
+        raise ValueError("the state dict is not a ConvNet's (no features.<i>.weight convolutions and classifier); "
+                         "name the network explicitly")
+    first = sd[f"features.{convs[0]}.weight"]
+    if first.shape[2:] != (3, 3):
+        raise ValueError(f"the state dict's first convolution is {tuple(first.shape[2:])}, a ConvNet's is 3x3 "
+                         f"(AlexNet/VGG?); name the network explicitly")
+    width = int(first.shape[0])
+    nxt = convs[0] + 1
+    if any(f"features.{nxt}.{b}" in sd for b in _BN_BUFFERS):
+        norm, why = "batchnorm", "BatchNorm buffers (running_mean/running_var) in the state dict"
+    elif f"features.{nxt}.weight" in sd:
+        if sd[f"features.{nxt}.weight"].dim() == 3:
+            norm, why = "layernorm", "[C, H, W] norm weights in the state dict"
+        else:
+            norm, why = "instancenorm", "per-channel norm weights without BatchNorm buffers in the state dict"
+    else:
+        norm, why = "none", "no norm parameters in the state dict"
+    model = "ConvNetBN" if norm == "batchnorm" else "ConvNet"
+    return {"model": model, "norm": norm, "width": width, "depth": len(convs), "reason": why}

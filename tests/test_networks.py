@@ -260,3 +260,79 @@ def test_cuda_forward_and_cuda_generator():
     a = get_network("ConvNet", 3, 10, generator=torch.Generator(device="cuda").manual_seed(1))
     b = get_network("ConvNet", 3, 10, generator=torch.Generator(device="cuda").manual_seed(1))
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+
+
+# ------------------------------------------------------------------ ResNet18BN_AP, taps, helpers
+def test_resnet18bn_ap_layout_and_shapes():
+    from datadam_fast.networks import ResNetAP
+    net = get_network("ResNet18BN_AP", 3, 10, generator=_gen(0))
+    assert isinstance(net, ResNetAP) and net.norm == "batchnorm"
+    # downsampling is by average pooling only: every convolution has stride 1
+    assert all(m.stride == (1, 1) for m in net.modules() if isinstance(m, nn.Conv2d))
+    sd = net.state_dict()
+    for k in ("layer2.0.shortcut.0.weight", "layer2.0.shortcut.2.running_mean", "layer4.1.bn2.num_batches_tracked"):
+        assert k in sd, k
+    assert "layer2.0.shortcut.1.weight" not in sd and "layer1.0.shortcut.0.weight" not in sd
+    assert isinstance(net.layer2[0].shortcut[1], nn.AvgPool2d)
+    # the final avg_pool2d(kernel_size=1) keeps 4x4 (32 px) / 3x3 (28 px): official 512*4*4 / 512*3*3
+    for c, s, dim in ((3, 32, 512 * 4 * 4), (1, 28, 512 * 3 * 3)):
+        n = get_network("ResNet18BN_AP", c, 10, (s, s), generator=_gen(1)).eval()
+        x = torch.randn(2, c, s, s)
+        f, e = n.features_and_embedding(x)
+        assert e.shape == (2, dim) == (2, n.classifier.in_features)
+        assert [tuple(t.shape[1:]) for t in f] == [(64, s, s), (128, s // 2, s // 2), (256, s // 4, s // 4)]
+        assert torch.allclose(n(x), n.head(e), atol=1e-5)
+    # a stride-2 block: conv (stride 1) -> norm -> relu -> avgpool -> conv -> norm, + pooled shortcut
+    blk = get_network("ResNet18BN_AP", 3, 10, generator=_gen(2)).layer2[0].eval()
+    x = torch.randn(2, 64, 8, 8)
+    import torch.nn.functional as F
+    out = F.avg_pool2d(F.relu(blk.bn1(blk.conv1(x))), 2, 2)
+    ref = F.relu(blk.bn2(blk.conv2(out)) + blk.shortcut[2](F.avg_pool2d(blk.shortcut[0](x), 2, 2)))
+    assert torch.allclose(blk(x), ref, atol=1e-6)
+    assert {type(m) for m in get_network("ResNet18_AP", 3, 10).modules()} >= {nn.GroupNorm}
+
+
+@pytest.mark.parametrize("name,n_relu", [("AlexNet", 5), ("AlexNetBN", 5), ("VGG11", 8), ("VGG11BN", 8),
+                                         ("ConvNet", 3)])
+def test_official_taps_are_every_relu_in_features_but_the_last(name, n_relu):
+    """What the official code hooks: every nn.ReLU inside net.features, minus the last."""
+    net = get_network(name, 3, 10, taps="official", generator=_gen(4))
+    relus = [f"features.{i}" for i, m in enumerate(net.features) if isinstance(m, nn.ReLU)]
+    assert len(relus) == n_relu and net.feature_layers == relus[:-1]
+    captured = {}
+    hs = [dict(net.named_modules())[n].register_forward_hook(lambda m, i, o, n=n: captured.__setitem__(n, o.clone()))
+          for n in relus]
+    x = torch.randn(2, 3, 32, 32)
+    feats, emb = net.features_and_embedding(x)
+    for h in hs:
+        h.remove()
+    assert len(feats) == n_relu - 1
+    for f, n, shape in zip(feats, net.feature_layers, net.feature_shapes):
+        assert torch.equal(f, captured[n]) and tuple(f.shape[1:]) == tuple(shape)
+    blocks = get_network(name, 3, 10, taps="blocks")
+    if name == "ConvNet":
+        assert blocks.feature_layers == net.feature_layers
+    else:
+        assert len(blocks.feature_layers) < len(net.feature_layers)
+        assert set(blocks.feature_layers) <= set(net.feature_layers)
+    # same weights either way: the tap set changes only what is returned
+    assert blocks.state_dict().keys() == net.state_dict().keys()
+    with pytest.raises(ValueError, match="taps"):
+        get_network(name, 3, 10, taps="all")
+
+
+def test_describe_and_infer_network():
+    from datadam_fast.networks import describe_network, infer_network_from_state_dict
+    d = describe_network(get_network("ConvNetBN", 1, 10, (28, 28), width=32), "ConvNetBN")
+    assert (d["model"], d["family"], d["norm"], d["width"], d["depth"]) == ("ConvNetBN", "ConvNet", "batchnorm", 32, 3)
+    assert describe_network(get_network("ResNet18", 3, 10))["depth"] == 18
+    assert describe_network(get_network("VGG11", 3, 10))["depth"] == 8
+    for name, kw, norm in (("ConvNetBN", {}, "batchnorm"), ("ConvNet", {"width": 16, "depth": 2}, "instancenorm"),
+                           ("ConvNetLN", {}, "layernorm"), ("ConvNetNN", {"depth": 4}, "none")):
+        sd = get_network(name, 3, 10, (32, 32), **kw).state_dict()
+        got = infer_network_from_state_dict({"module." + k: v for k, v in sd.items()})
+        assert got["norm"] == norm and got["width"] == kw.get("width", 128) and got["depth"] == kw.get("depth", 3)
+        net = get_network(got["model"], 3, 10, (32, 32), norm=got["norm"], width=got["width"], depth=got["depth"])
+        load_official_state_dict(net, sd)  # the inferred network takes the weights
+    with pytest.raises(ValueError, match="ConvNet"):
+        infer_network_from_state_dict(get_network("ResNet18BN", 3, 10).state_dict())
