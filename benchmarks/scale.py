@@ -122,7 +122,7 @@ def project(m: dict, *, ipc: int, devices: int, classes: int, batch_real: int, i
     chunks = math.ceil((one_pass_gb - fixed_gb) / room_gb) if fits and room_gb > 0 else None
     return {"ipc": ipc, "devices": devices, "classes_per_device": k, "sec_per_it": sec,
             "hours": sec * iterations / 3600, "one_pass_peak_gb": one_pass_gb,
-            "planned_peak_gb": min(one_pass_gb, device_memory_gb) if fits else None,
+            "planned_peak_gb": min(one_pass_gb, device_memory_gb * 0.92 - 0.125) if fits else None,
             "synthetic_state_gb": syn_state_gb, "chunks_per_side": max(chunks or 1, 1) if fits else None,
             "fits": fits}
 
