@@ -325,20 +325,21 @@ for dt in ("bf16", "fp32"):
     for layout, bm, bc in ((0, 256, 16), (1, 64, 64), (2, 256, 16)):
         vec = (8 if dt == "bf16" else 4) if layout != 2 else 1
         for pm in (4, 0):
-            a = ptx(K._fwd_accum_kernel, {"f_ptr": "*" + dt, "a_ptr": "*fp32", "meta_ptr": "*i64", "power": "fp32"},
-                    dict(NUM_LAYERS=3, LAYOUT=layout, POWER_MODE=pm, BLOCK_C=bc, BLOCK_M=bm, VEC=vec), 4)
-            b = ptx(K._bwd_grad_kernel, {"f_ptr": "*" + dt, "ws_ptr": "*fp32", "out_ptr": "*" + dt,
-                                         "meta_ptr": "*i64", "power": "fp32"},
+            align = vec * (2 if dt == "bf16" else 4) if vec > 1 else 1
+            a = ptx(K._fwd_accum_kernel, {"f_ptr": "*" + dt, "meta_ptr": "*i64", "power": "fp32"},
+                    dict(NUM_LAYERS=3, LAYOUT=layout, POWER_MODE=pm, BLOCK_C=bc, BLOCK_M=bm, VEC=vec,
+                         ALIGN=align), 4)
+            b = ptx(K._bwd_grad_kernel, {"f_ptr": "*" + dt, "out_ptr": "*" + dt, "meta_ptr": "*i64", "power": "fp32"},
                     dict(NUM_LAYERS=3, LAYOUT=layout, POWER_MODE=pm, SAME_STRIDES=(pm == 4), BLOCK_C=bc,
-                         BLOCK_M=bm, VEC=vec), 4)
+                         BLOCK_M=bm, VEC=vec, ALIGN=align), 4)
             out.append(f"{dt} {layout} {pm} fwd_v4={'ld.global.v4' in a} bwd_ldv4={'ld.global.v4' in b} "
                        f"bwd_stv4={'st.global.v4' in b}")
 for one in (True, False):
-    ptx(K._fwd_normalize_kernel, {"a_ptr": "*fp32", "norm_ptr": "*fp32", "meta_ptr": "*i64", "eps": "fp32"},
-        dict(NUM_LAYERS=2, BLOCK_R=1024, ONE_PASS=one, RV=4), 4)
-    ptx(K._bwd_ga_kernel, {"m_ptr": "*fp32", "norm_ptr": "*fp32", "up_ptr": "*fp32", "ws_ptr": "*fp32",
-                           "meta_ptr": "*i64", "eps": "fp32"},
-        dict(NUM_LAYERS=2, BLOCK_R=256, ONE_PASS=one, RV=4 if one else 1, G_CONTIG=one), 2)
+    n = ptx(K._fwd_normalize_kernel, {"meta_ptr": "*i64", "eps": "fp32"},
+            dict(NUM_LAYERS=2, BLOCK_R=1024, ONE_PASS=one, RV=4), 4)
+    g = ptx(K._bwd_ga_kernel, {"meta_ptr": "*i64", "eps": "fp32"},
+            dict(NUM_LAYERS=2, BLOCK_R=256, ONE_PASS=one, RV=4 if one else 1, G_CONTIG=one), 2)
+    out.append(f"fp32 row {int(one)} norm_v4={'ld.global.v4' in n} ga_v4={('st.global.v4' in g) or not one}")
 print("\n".join(out))
 '''
 
