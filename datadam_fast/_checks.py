@@ -105,11 +105,17 @@ def check_rows(side: str, feats: Sequence[torch.Tensor], emb: Optional[torch.Ten
     return labels
 
 
+def _is_fake(t: torch.Tensor) -> bool:
+    from torch._subclasses.fake_tensor import is_fake
+    return is_fake(t)
+
+
 def check_label_values(side: str, labels: torch.Tensor, num_classes: int) -> None:
     """Range and coverage of CPU labels (a cheap host check). Labels on an accelerator are not read
     back (that would be a device sync per step): an out-of-range index then fails inside
     ``index_add`` and an empty class gives a NaN loss, never a silently wrong one."""
-    if labels.device.type != "cpu" or torch.compiler.is_compiling() or labels.numel() == 0:
+    if labels.device.type != "cpu" or torch.compiler.is_compiling() or labels.numel() == 0 \
+            or _is_fake(labels):
         return
     lo, hi = int(labels.min()), int(labels.max())
     if lo < 0 or hi >= num_classes:
