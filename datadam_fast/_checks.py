@@ -77,16 +77,18 @@ def check_same_device(tensors, what: str = "inputs") -> torch.device:
 
 
 def check_rows(side: str, feats: Sequence[torch.Tensor], emb: Optional[torch.Tensor],
-               labels: Optional[torch.Tensor], num_classes: int) -> Optional[torch.Tensor]:
+               labels: Optional[torch.Tensor], num_classes: int,
+               label_name: Optional[str] = None) -> Optional[torch.Tensor]:
     """Every layer and the embedding of one side hold the same rows; ``labels`` index them.
 
     Returns the labels (validated) or None. Label *values* are checked by
     :func:`check_label_values` (host-side, only where that is free).
     """
+    lname = label_name or f"{side}_labels"
     ts = [("layer %d" % i, f) for i, f in enumerate(feats)] + ([("embedding", emb)] if emb is not None else [])
     if not ts:
         if labels is not None:
-            raise UserError(f"{side}_labels given but the {side} side has no features or embedding")
+            raise UserError(f"{lname} given but the {side} side has no features or embedding")
         return None
     n0 = ts[0][1].shape[0]
     for what, t in ts[1:]:
@@ -98,10 +100,10 @@ def check_rows(side: str, feats: Sequence[torch.Tensor], emb: Optional[torch.Ten
     if not isinstance(labels, torch.Tensor) or labels.dim() != 1 or labels.dtype.is_floating_point \
             or labels.dtype == torch.bool or labels.is_complex():
         shape = tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__
-        raise UserTypeError(f"{side}_labels: expected a 1-d integer tensor of class indices, one per row, got {shape}"
+        raise UserTypeError(f"{lname}: expected a 1-d integer tensor of class indices, one per row, got {shape}"
                             + (f" {labels.dtype}" if isinstance(labels, torch.Tensor) else ""))
     if labels.shape[0] != n0:
-        raise UserError(f"{side}_labels has {labels.shape[0]} entries but the {side} features have {n0} rows")
+        raise UserError(f"{lname} has {labels.shape[0]} entries but the {side} features have {n0} rows")
     return labels
 
 
@@ -110,7 +112,7 @@ def _is_fake(t: torch.Tensor) -> bool:
     return is_fake(t)
 
 
-def check_label_values(side: str, labels: torch.Tensor, num_classes: int) -> None:
+def check_label_values(name: str, labels: torch.Tensor, num_classes: int) -> None:
     """Range and coverage of CPU labels (a cheap host check). Labels on an accelerator are not read
     back (that would be a device sync per step): an out-of-range index then fails inside
     ``index_add`` and an empty class gives a NaN loss, never a silently wrong one."""
@@ -119,10 +121,10 @@ def check_label_values(side: str, labels: torch.Tensor, num_classes: int) -> Non
         return
     lo, hi = int(labels.min()), int(labels.max())
     if lo < 0 or hi >= num_classes:
-        raise UserError(f"{side}_labels must lie in [0, {num_classes}), got values in [{lo}, {hi}]")
+        raise UserError(f"{name} must lie in [0, {num_classes}), got values in [{lo}, {hi}]")
     present = torch.zeros(num_classes, dtype=torch.bool)
     present[labels] = True
     if not bool(present.all()):
         missing = (~present).nonzero().flatten().tolist()
-        raise UserError(f"{side}_labels: classes {missing[:10]}{'...' if len(missing) > 10 else ''} have no rows; "
-                        f"every class needs at least one {side} sample")
+        raise UserError(f"{name}: classes {missing[:10]}{'...' if len(missing) > 10 else ''} have no rows; "
+                        f"every class needs at least one sample")

@@ -111,12 +111,12 @@ def attention_matching_loss(real_feats: RealInput, syn_feats: Sequence[torch.Ten
         raise UserError("real_emb given without syn_emb")
     if not syn_feats and syn_emb is None:
         raise UserError("nothing to match: no attention layers and no embedding")
-    syn_labels = check_rows("synthetic", syn_feats, syn_emb, syn_labels, K)
+    syn_labels = check_rows("synthetic", syn_feats, syn_emb, syn_labels, K, "syn_labels")
     if targets is None:
-        real_labels = check_rows("real", real_feats, real_emb, real_labels, K)
-    for side, lab in (("real", real_labels), ("synthetic", syn_labels)):
+        real_labels = check_rows("real", real_feats, real_emb, real_labels, K, "real_labels")
+    for name, lab in (("real_labels", real_labels), ("syn_labels", syn_labels)):
         if lab is not None:
-            check_label_values(side, lab, K)
+            check_label_values(name, lab, K)
     weights = _check_layer_weights(layer_weights, len(syn_feats))
     layer_w = [attention_weight * (1.0 if weights is None else weights[i]) for i in range(len(syn_feats))]
     active = [i for i, w in enumerate(layer_w) if w != 0.0]

@@ -54,9 +54,9 @@ def class_attention_means(feats: Sequence[torch.Tensor], *, num_classes: int, po
     from .ops import _run, prepare_backend
     num_classes = check_num_classes(num_classes)
     feats = check_feature_list(feats, "input", num_classes if labels is None else None)
-    labels = check_rows("input", feats, None, labels, num_classes)
+    labels = check_rows("input", feats, None, labels, num_classes, "labels")
     if labels is not None:
-        check_label_values("input", labels, num_classes)
+        check_label_values("labels", labels, num_classes)
     power = check_power(power)
     check_backend_name(backend)
     device = check_same_device(feats, "feature maps")
@@ -73,9 +73,9 @@ def class_embedding_means(emb: torch.Tensor, *, num_classes: int,
     """
     num_classes = check_num_classes(num_classes)
     check_embedding(emb, "input", num_classes if labels is None else None)
-    labels = check_rows("input", [], emb, labels, num_classes)
+    labels = check_rows("input", [], emb, labels, num_classes, "labels")
     if labels is not None:
-        check_label_values("input", labels, num_classes)
+        check_label_values("labels", labels, num_classes)
     return class_means(emb.to(acc_dtype(emb)), num_classes, labels, "input embedding")
 
 
@@ -147,7 +147,7 @@ class ClassMeanAccumulator:
         if not isinstance(labels, torch.Tensor):
             raise UserTypeError("labels: expected a 1-d integer tensor with one class index per row, "
                                 f"got {type(labels).__name__}")
-        labels = check_rows("chunk", feats, emb, labels, self.num_classes)
+        labels = check_rows("chunk", feats, emb, labels, self.num_classes, "labels")
         n = labels.shape[0]
         # validation and counts use a host copy of the labels: with CPU labels (as the distillation
         # loop passes them) nothing here waits for the GPU

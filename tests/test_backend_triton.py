@@ -362,3 +362,21 @@ def test_kernels_compile_for_sm90_with_vectorised_access(tmp_path):
         dt, layout, pm, *flags = line.split()
         if layout != "2":
             assert all(f.endswith("True") for f in flags), line
+
+
+@pytest.mark.skipif(DEVICE.type != "cpu", reason="opcheck of the interpreted kernels (CPU); on a GPU see the CUDA run")
+def test_opcheck_triton_ops_under_interpreter():
+    """datadam_fast::triton_fwd / triton_bwd (custom ops) and the router with backend='triton':
+    schema, autograd registration, fake kernels, AOT dispatch -- the kernels run in the interpreter."""
+    feats = [_feat((2, 3, 3, 5), torch.float32).requires_grad_(),
+             _feat((2, 4, 2, 2), torch.bfloat16, "channels_last").requires_grad_(),
+             _feat((2, 2, 3, 3), torch.float32, "w_slice").requires_grad_()]
+    for op, args in ((torch.ops.datadam_fast.triton_fwd.default, (feats, 4.0)),
+                     (torch.ops.datadam_fast.spatial_attention_fwd.default, (feats, 2.5, "triton"))):
+        result = torch.library.opcheck(op, args)
+        assert all(v == "SUCCESS" for v in result.values()), result
+    detached = [f.detach() for f in feats]
+    maps, norms = _BACKEND.forward(detached, 4.0)
+    gmaps = [torch.randn_like(m) for m in maps]
+    result = torch.library.opcheck(torch.ops.datadam_fast.triton_bwd.default, (detached, maps, norms, gmaps, 4.0))
+    assert all(v == "SUCCESS" for v in result.values()), result
