@@ -261,3 +261,16 @@ def test_atomic_write_helpers(tmp_path):
     assert p.read_text() == "one" and sorted(x.name for x in tmp_path.iterdir()) == ["x.txt"]
     _io.atomic_torch_save({"a": torch.arange(3)}, tmp_path / "t.pt")
     assert torch.equal(torch.load(tmp_path / "t.pt")["a"], torch.arange(3))
+
+
+def test_wheel_build_flags_are_portable_and_shared():
+    """setup.py's ahead-of-time build takes its flags from _constants (no -march=native in a wheel)."""
+    import runpy
+    from pathlib import Path
+    from datadam_fast import _constants
+    root = Path(__file__).resolve().parents[1]
+    assert "-march=native" not in " ".join(_constants.CPU_CFLAGS)
+    code = (root / "setup.py").read_text().split('"""', 2)[2]        # past the module docstring
+    assert "-march=native" not in code and "CPU_JIT_NATIVE_CFLAGS" not in code and '_c["CPU_CFLAGS"]' in code
+    assert runpy.run_path(str(root / "datadam_fast" / "_constants.py"))["CPU_CFLAGS"] == _constants.CPU_CFLAGS
+    assert f"-DDATADAM_FAST_NORM_EPS={_constants.NORM_EPS!r}" in _constants.native_defines()
