@@ -14,7 +14,8 @@ Contract (every backend implements both, for a list of layers in one call):
 
 ``backward(feats, maps, norms, grad_maps, power) -> grads``
     ``grad_maps[l]``: ``[N_l, H_l*W_l]`` gradient w.r.t. ``maps[l]``.  Returns ``dL/dfeats[l]`` with
-    the shape, dtype and memory format (contiguous or channels_last) of ``feats[l]``, reading
+    the shape and dtype of ``feats[l]``, channels_last when ``feats[l]`` is channels_last (and not
+    also contiguous), contiguous otherwise (``_oplib.grad_memory_format``), reading
     ``feats[l]`` once and writing the gradient once.  Formula: ``reference.spatial_attention_backward``.
 """
 from __future__ import annotations
@@ -65,13 +66,11 @@ class ReferenceBackend(Backend):
 
     def backward(self, feats, maps, norms, grad_maps, power):
         from ..reference import spatial_attention_backward
+        from .._oplib import grad_memory_format
         out = []
         for f, m, n, g in zip(feats, maps, norms, grad_maps):
             grad = spatial_attention_backward(f, m, n, g, power)
-            if f.dim() == 4 and f.is_contiguous(memory_format=torch.channels_last) \
-                    and not f.is_contiguous():
-                grad = grad.contiguous(memory_format=torch.channels_last)
-            out.append(grad)
+            out.append(grad.contiguous(memory_format=grad_memory_format(f)))
         return out
 
 

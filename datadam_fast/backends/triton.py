@@ -105,6 +105,7 @@ class TritonBackend(Backend):
         return maps, norms
 
     def _backward_impl(self, feats, maps, norms, grad_maps, power):
+        from .._oplib import grad_memory_format
         feats = list(feats)
         fast, slow = self._split(feats)
         out: List = [None] * len(feats)
@@ -113,7 +114,9 @@ class TritonBackend(Backend):
                                                    [norms[i] for i in fast],
                                                    [grad_maps[i] for i in fast], power)
             for j, i in enumerate(fast):
-                out[i] = g[j]
+                # the kernels write a permuted dense input's gradient with its own strides; the
+                # contract (and the ops' fake kernels) say contiguous unless channels_last
+                out[i] = g[j].contiguous(memory_format=grad_memory_format(feats[i]))
         if slow:
             g = self._ref.backward([feats[i] for i in slow], [maps[i] for i in slow],
                                    [norms[i] for i in slow], [grad_maps[i] for i in slow], power)
