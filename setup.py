@@ -4,10 +4,19 @@
 sources in ``csrc/`` are compiled just-in-time on first use (torch.utils.cpp_extension + ninja,
 cached); set ``DATADAM_FAST_BUILD_EXT=1`` to build them ahead of time here instead
 (``DATADAM_FAST_BUILD_CUDA=1`` adds the CUDA extension; needs nvcc).
+
+The ahead-of-time build uses the portable flags of ``datadam_fast/_constants.py`` (the JIT build
+uses the same list and adds ``-march=native`` only for its host-keyed cache), so a wheel runs on
+any CPU of its architecture.
 """
 import os
+import runpy
 
 from setuptools import setup
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+# executed from its file: importing the package here would import torch before it is installed
+_c = runpy.run_path(os.path.join(HERE, "datadam_fast", "_constants.py"))
 
 packages = ["datadam_fast", "datadam_fast.backends", "datadam_fast.data", "datadam_fast.kernels", "datadam_fast._csrc"]
 # kernels/ -> datadam_fast.kernels; csrc/ ships as datadam_fast/_csrc so the JIT build works from a wheel too
@@ -16,12 +25,14 @@ package_dir = {"datadam_fast": "datadam_fast", "datadam_fast.kernels": "kernels"
 ext_modules, cmdclass = [], {}
 if os.environ.get("DATADAM_FAST_BUILD_EXT", "0") == "1":
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
+    defines = _c["native_defines"]()
     ext_modules.append(CppExtension("datadam_fast._C_cpu", ["csrc/spatial_attention_cpu.cpp"],
-                                    extra_compile_args=["-O3", "-fno-math-errno", "-fno-trapping-math", "-fopenmp", "-march=native"],
-                                    extra_link_args=["-fopenmp"]))
+                                    extra_compile_args=[*_c["CPU_CFLAGS"], *defines],
+                                    extra_link_args=list(_c["CPU_LDFLAGS"])))
     if os.environ.get("DATADAM_FAST_BUILD_CUDA", "0") == "1":
         ext_modules.append(CUDAExtension("datadam_fast._C_cuda", ["csrc/spatial_attention_cuda.cu"],
-                                         extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3"]}))
+                                         extra_compile_args={"cxx": [*_c["CUDA_CXX_FLAGS"], *defines],
+                                                             "nvcc": [*_c["CUDA_NVCC_FLAGS"], *defines]}))
     cmdclass = {"build_ext": BuildExtension}
 
 setup(

@@ -10,6 +10,14 @@ process's resident set above the inputs, sampled every 0.5 ms by a thread (an ap
 
     python benchmarks/bench_loss.py                      # CPU: the 32x32 step shapes
     python benchmarks/bench_loss.py --shapes all --device cuda
+    python benchmarks/bench_loss.py --user-step          # torch.compile(network + loss): fused op vs reference
+
+``--user-step`` times a whole user step instead of the loss alone: a ConvNet-3 (InstanceNorm)
+forward of the real batch (no_grad) and of the synthetic batch, the attention-matching loss and
+``backward()`` to the synthetic images, under ``torch.compile`` with the fused op
+(``attention_matching_loss``, traced as ``torch.ops.datadam_fast.*``) and with the reference
+loss, plus both eagerly. The first (compiling) call is reported separately; the timed runs go
+round-robin over the providers so that load from other processes is shared between them.
 """
 from __future__ import annotations
 
@@ -165,6 +173,69 @@ def bench_one(fn, args, K, device, repeat, warmup, backward):
     return statistics.median(times), mem
 
 
+USER_STEP = {"K": 10, "Br": 16, "Bs": 10, "width": 128, "depth": 3, "im": 32}
+
+
+def bench_user_step(device, repeat, warmup, K, Br, Bs, width, depth, im):
+    from datadam_fast.networks import ConvNet
+    g = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    net = ConvNet(3, K, width=width, depth=depth, norm="instancenorm", im_size=(im, im)).to(device)
+    for p in net.parameters():
+        p.requires_grad_(False)
+    real = torch.randn(K * Br, 3, im, im, generator=g).to(device)
+    syn = torch.randn(K * Bs, 3, im, im, generator=g).to(device).requires_grad_()
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    def make(loss_fn):
+        def step(real_x, syn_x):
+            with torch.no_grad():
+                rf, re = net.features_and_embedding(real_x)
+            sf, se = net.features_and_embedding(syn_x)
+            return loss_fn(rf, sf, re, se, num_classes=K, power=4.0)
+        return step
+
+    fused = make(datadam_fast.attention_matching_loss)
+    ref = make(reference.attention_matching_loss)
+    provs = {"compile(step, fused op)": torch.compile(fused, fullgraph=True),
+             "compile(step, reference)": torch.compile(ref, fullgraph=True),
+             "eager(step, fused op)": fused, "eager(step, reference)": ref}
+    def run(fn):
+        loss = fn(real, syn)
+        loss.backward()
+        syn.grad = None
+        return loss
+
+    first = {}
+    for name, fn in provs.items():
+        t0 = time.perf_counter()
+        run(fn)
+        sync()
+        first[name] = time.perf_counter() - t0
+        for _ in range(warmup):
+            run(fn)
+    # round-robin: on a shared machine, load from other processes then hits every provider alike
+    times = {name: [] for name in provs}
+    for _ in range(repeat):
+        for name, fn in provs.items():
+            sync()
+            t0 = time.perf_counter()
+            run(fn)
+            sync()
+            times[name].append(time.perf_counter() - t0)
+    rows = {}
+    for name in provs:
+        ts = times[name]
+        rows[name] = {"fwd_bwd_ms": statistics.median(ts) * 1e3, "first_call_s": first[name],
+                      "min_ms": min(ts) * 1e3, "max_ms": max(ts) * 1e3}
+        print(f"{name:28s} {rows[name]['fwd_bwd_ms']:10.1f} ms (min {rows[name]['min_ms']:.1f}, "
+              f"max {rows[name]['max_ms']:.1f}; first call {first[name]:.1f} s)", flush=True)
+    base = rows["compile(step, reference)"]["fwd_bwd_ms"]
+    for r in rows.values():
+        r["speedup_vs_compile_reference"] = base / r["fwd_bwd_ms"]
+    return rows
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -174,6 +245,10 @@ def main(argv=None):
     ap.add_argument("--no-compile", action="store_true", help="skip torch.compile (it compiles for ~15 s per shape)")
     ap.add_argument("--repeat", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--user-step", action="store_true",
+                    help="time torch.compile(network + loss + backward) with the fused op vs the reference loss")
+    for k, v in USER_STEP.items():
+        ap.add_argument(f"--step-{k.lower()}", type=int, default=v, help=f"--user-step: {k} (default {v})")
     ap.add_argument("--json", default=None, help="output JSON path (default benchmarks/results/bench_loss_<device>_<date>.json)")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
@@ -183,6 +258,8 @@ def main(argv=None):
         shape_names = [s for s in SHAPES if s != "tiny" and (device.type == "cuda" or s in CPU_DEFAULT)]
     dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine())
     peak_bw = peak_bandwidth(dev_name) if device.type == "cuda" else None
+    if args.user_step:
+        return _main_user_step(args, argv, device)
     provs = providers(device, args.providers, with_compile=not args.no_compile)
     results = []
     print(f"device: {dev_name} | torch {torch.__version__} | threads {torch.get_num_threads()} | dtype {args.dtype}")
@@ -227,7 +304,8 @@ def main(argv=None):
             results.append({"shape": sname, "K": shape[0], "Br": shape[1], "Bs": shape[2], "layers": shape[3],
                             "D": shape[4], "provider": pname, **r})
         del inputs
-    out = {"device": dev_name, "device_type": device.type, "torch": torch.__version__,
+    out = {"device": dev_name, "device_type": device.type, "cpu": _cpu_model(), "load_average_end": os.getloadavg(),
+           "torch": torch.__version__,
            "triton": _version("triton"), "datadam_fast": datadam_fast.__version__, "python": platform.python_version(),
            "threads": torch.get_num_threads(), "dtype": args.dtype, "repeat": args.repeat,
            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -240,6 +318,41 @@ def main(argv=None):
         json.dump(out, f, indent=2)
     print(f"wrote {path}")
     return out
+
+
+def _main_user_step(args, argv, device):
+    dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine())
+    cfg = {k: getattr(args, f"step_{k.lower()}") for k in USER_STEP}
+    print(f"device: {dev_name} | torch {torch.__version__} | threads {torch.get_num_threads()} | "
+          f"user step: ConvNet-{cfg['depth']} width {cfg['width']} {cfg['im']}px, K={cfg['K']}, "
+          f"Br={cfg['Br']}, Bs={cfg['Bs']}, fp32, p=4, fwd+bwd medians of {args.repeat}")
+    load_before = os.getloadavg()
+    rows = bench_user_step(device, args.repeat, args.warmup, **cfg)
+    out = {"benchmark": "user_step", "load_average_before_after": [load_before, os.getloadavg()], "device": dev_name, "device_type": device.type, "cpu": _cpu_model(),
+           "torch": torch.__version__, "triton": _version("triton"), "datadam_fast": datadam_fast.__version__,
+           "python": platform.python_version(), "threads": torch.get_num_threads(), "repeat": args.repeat,
+           "resolved_backend": datadam_fast.resolved_backend(device),
+           "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+           "config": cfg, "command": " ".join(["python", "benchmarks/bench_loss.py"] + (argv or sys.argv[1:])),
+           "results": rows}
+    path = args.json or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                                     f"bench_user_step_{device.type}_{datetime.date.today().isoformat()}.json")
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(out, f, indent=2)
+    print(f"wrote {path}")
+    return out
+
+
+def _cpu_model():
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def _version(mod):

@@ -3,9 +3,9 @@
 // forward(feats, p)  -> (maps, norms)
 //     a[n, hw] = sum_c |f[n, c, hw]|^p         accumulated in float32 (float64 for float64 input)
 //     norms[n] = ||a[n, :]||_2                 (sum of squares accumulated in float64)
-//     maps[n]  = a[n] / max(norms[n], 1e-12)  (F.normalize semantics)
+//     maps[n]  = a[n] / max(norms[n], eps)    (F.normalize semantics, eps = 1e-12)
 // backward(feats, maps, norms, grad_maps, p) -> grads
-//     ga[n, hw]          = (g - m <m, g>) / n   if n > 1e-12, else g / 1e-12
+//     ga[n, hw]          = (g - m <m, g>) / n   if n > eps, else g / eps
 //     grad_f[n, c, hw]   = p |f|^(p-1) sign(f) ga[n, hw]     (written once, in the input dtype)
 //
 // Every feature map is read once per direction and nothing of size [N, C, H, W] is materialised
@@ -64,7 +64,12 @@
 
 namespace {
 
-constexpr double kNormEps = 1e-12;  // F.normalize's default eps
+// The eps of a / max(||a||, eps): one value for every backend, passed by the build
+// (datadam_fast/_constants.py: NORM_EPS -> -DDATADAM_FAST_NORM_EPS=...).
+#ifndef DATADAM_FAST_NORM_EPS
+#error "compile with -DDATADAM_FAST_NORM_EPS=<eps> (datadam_fast._constants.native_defines())"
+#endif
+constexpr double kNormEps = DATADAM_FAST_NORM_EPS;
 
 // ------------------------------------------------------------------------------------------
 // Element types: raw storage <-> accumulation type, written so that the vectoriser sees
@@ -774,14 +779,35 @@ std::vector<at::Tensor> backward(const std::vector<at::Tensor>& feats,
 
 }  // namespace
 
+// Dispatcher registration: datadam_fast::cpu_fwd / cpu_bwd, CPU kernels. The schemas are defined
+// here (a fragment: the namespace is shared with the ops datadam_fast/ops.py defines in Python);
+// fake (meta) kernels and the autograd formula are registered in Python
+// (datadam_fast/backends/cpu.py), so the ops trace under torch.compile / torch.export.
+namespace {
+std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> cpu_fwd(at::TensorList feats, double p) {
+  return forward(feats.vec(), p);
+}
+std::vector<at::Tensor> cpu_bwd(at::TensorList feats, at::TensorList maps, at::TensorList norms,
+                                at::TensorList grad_maps, double p, bool huge_pages) {
+  return backward(feats.vec(), maps.vec(), norms.vec(), grad_maps.vec(), p, huge_pages);
+}
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(datadam_fast, m) {
+  m.def("cpu_fwd(Tensor[] feats, float power) -> (Tensor[] maps, Tensor[] norms)");
+  m.def("cpu_bwd(Tensor[] feats, Tensor[] maps, Tensor[] norms, Tensor[] grad_maps, float power, "
+        "bool huge_pages=True) -> Tensor[]");
+}
+
+TORCH_LIBRARY_IMPL(datadam_fast, CPU, m) {
+  m.impl("cpu_fwd", &cpu_fwd);
+  m.impl("cpu_bwd", &cpu_bwd);
+}
+
+// The Python module only carries build facts (the ops are reached through torch.ops).
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "datadam_fast fused CPU spatial attention (forward / backward over a list of layers)";
-  m.def("forward", &forward, "maps, norms = forward(feats, power)", py::arg("feats"),
-        py::arg("power"), py::call_guard<py::gil_scoped_release>());
-  m.def("backward", &backward,
-        "grads = backward(feats, maps, norms, grad_maps, power, huge_pages=True)",
-        py::arg("feats"), py::arg("maps"), py::arg("norms"), py::arg("grad_maps"),
-        py::arg("power"), py::arg("huge_pages") = true, py::call_guard<py::gil_scoped_release>());
+  m.doc() = "datadam_fast fused CPU spatial attention: torch.ops.datadam_fast.cpu_fwd / cpu_bwd";
+  m.attr("NORM_EPS") = kNormEps;
 #if defined(_OPENMP)
   m.attr("openmp") = true;
 #else

@@ -360,8 +360,35 @@ std::vector<at::Tensor> spatial_attention_backward(std::vector<at::Tensor> feats
   return grads;
 }
 
+#if !defined(DATADAM_FAST_HOST_EMULATION)
+// Dispatcher registration: datadam_fast::cuda_fwd / cuda_bwd, CUDA kernels (schemas in a fragment:
+// the namespace is shared with the ops datadam_fast/ops.py defines in Python). Fake kernels and
+// the autograd formula are registered in Python (datadam_fast/backends/cuda.py). The emulated
+// test build (CPU tensors) registers nothing: it is reached through the pybind functions below.
+namespace {
+std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> cuda_fwd(at::TensorList feats, double p) {
+  return spatial_attention_forward(feats.vec(), p);
+}
+std::vector<at::Tensor> cuda_bwd(at::TensorList feats, at::TensorList maps, at::TensorList norms,
+                                 at::TensorList grad_maps, double p) {
+  return spatial_attention_backward(feats.vec(), maps.vec(), norms.vec(), grad_maps.vec(), p);
+}
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(datadam_fast, m) {
+  m.def("cuda_fwd(Tensor[] feats, float power) -> (Tensor[] maps, Tensor[] norms)");
+  m.def("cuda_bwd(Tensor[] feats, Tensor[] maps, Tensor[] norms, Tensor[] grad_maps, float power) -> Tensor[]");
+}
+
+TORCH_LIBRARY_IMPL(datadam_fast, CUDA, m) {
+  m.impl("cuda_fwd", &cuda_fwd);
+  m.impl("cuda_bwd", &cuda_bwd);
+}
+#endif
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "datadam-fast CUDA kernels: grouped spatial attention forward/backward";
+  m.doc() = "datadam-fast CUDA kernels: grouped spatial attention forward/backward "
+            "(torch.ops.datadam_fast.cuda_fwd / cuda_bwd; the functions here serve the emulated test build)";
   m.def("forward", &spatial_attention_forward,
         "forward(feats, power) -> (maps, norms): L2-normalised sum_c |f|^p maps of every layer",
         py::arg("feats"), py::arg("power"));
@@ -370,6 +397,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("feats"), py::arg("maps"), py::arg("norms"), py::arg("grad_maps"), py::arg("power"));
   m.attr("MAX_LAYERS_PER_LAUNCH") = ddk::kMaxLayers;
   m.attr("EMULATED") = kEmulated;
+  m.attr("NORM_EPS") = ddk::kNormEps;
 #if defined(DATADAM_FAST_HOST_EMULATION)
   m.def("_set_emulated_num_sms", [](int v) { g_emulated_sms = v > 0 ? v : 1; });
 #endif

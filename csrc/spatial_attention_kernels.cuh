@@ -7,9 +7,9 @@
 //
 // Math (datadam_fast/reference.py), per layer with f: [N, C, H, W], HW = H*W:
 //   forward   a[n,hw] = sum_c |f[n,c,hw]|^p            (fp32 accumulation; fp64 for fp64 input)
-//             norm[n] = ||a[n,:]||_2,  m[n,hw] = a[n,hw] / max(norm[n], 1e-12)
+//             norm[n] = ||a[n,:]||_2,  m[n,hw] = a[n,hw] / max(norm[n], eps)
 //   backward  dot[n]  = <m[n,:], g[n,:]>
-//             ga      = (g - m*dot) / norm   if norm > 1e-12,   g / 1e-12 otherwise
+//             ga      = (g - m*dot) / norm   if norm > eps,     g / eps otherwise
 //             grad_f  = p * |f|^(p-1) * sign(f) * ga   (broadcast over c)
 //
 // Launch structure: every direction is two grouped launches covering all layers of one call
@@ -54,7 +54,12 @@ constexpr int kMaxLayers = 16;    // descriptors per launch (Params stays < 4 Ki
 constexpr int kMapTile = 2048;    // map elements per block in the [N, HW] kernels
 constexpr int kRows = 4;          // channels_last: positions per lane group (independent loads in flight)
 constexpr int kUnroll = 4;        // NCHW: channel rows loaded back to back per thread
-constexpr double kNormEps = 1e-12;
+// The eps of a / max(||a||, eps): one value for every backend, passed by the build
+// (datadam_fast/_constants.py: NORM_EPS -> -DDATADAM_FAST_NORM_EPS=...).
+#ifndef DATADAM_FAST_NORM_EPS
+#error "compile with -DDATADAM_FAST_NORM_EPS=<eps> (datadam_fast._constants.native_defines())"
+#endif
+constexpr double kNormEps = DATADAM_FAST_NORM_EPS;
 
 enum Layout : int { kNCHW = 0, kNHWC = 1 };
 

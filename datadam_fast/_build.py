@@ -12,10 +12,11 @@ import hashlib
 import importlib
 import os
 import shutil
+import sys
 from pathlib import Path
 from typing import Sequence
 
-from .backends import BackendUnavailable
+from .errors import BackendUnavailable
 
 
 def csrc_dir() -> Path:
@@ -60,11 +61,19 @@ def load_extension(name: str, sources: Sequence[str], *, cuda: bool = False,
     out = build_dir() / tag
     out.mkdir(parents=True, exist_ok=True)
     verbose = verbose or os.environ.get("DATADAM_FAST_VERBOSE_BUILD") == "1"
+    # A cold build takes 40-100 s: one line on stderr so that a first call does not look hung
+    # (stderr, not a warning: it is progress, and warning filters would hide or duplicate it).
+    # A warm cache (the .so already there) loads silently.
+    cold = not any(out.glob(f"{tag}*.so"))
+    if cold:
+        print(f"datadam_fast: building the fused {name} kernels (first use; about a minute, cached in "
+              f"{out})...", file=sys.stderr, flush=True)
     try:
-        return cpp_extension.load(name=tag, sources=paths, extra_cflags=list(extra_cflags),
+        ext = cpp_extension.load(name=tag, sources=paths, extra_cflags=list(extra_cflags),
                                   extra_cuda_cflags=list(extra_cuda_cflags),
                                   extra_ldflags=list(extra_ldflags), build_directory=str(out),
                                   with_cuda=cuda, verbose=verbose)
     except Exception as e:  # compiler error, missing ninja, ...
         raise BackendUnavailable(f"building {name} from {', '.join(sources)} failed: {type(e).__name__}: "
                                  f"{str(e)[-2000:]}") from e
+    return ext

@@ -1,64 +1,102 @@
-"""``spatial_attention``: the fused op and its ``torch.autograd.Function``.
+"""The spatial-attention op: ``torch.library`` ops and the public ``spatial_attention`` function.
 
-Forward reads each feature map once and returns L2-normalised ``[N, H*W]`` maps (float32); the
-saved state for backward is those maps plus the per-sample norms, O(N*H*W), never O(N*C*H*W).
-All layers of one call are handed to the backend together so that a GPU backend can launch one
-grouped kernel per direction.
+Ops (namespace ``datadam_fast``; all take and return lists so that one call covers every layer
+and a GPU backend can launch one grouped kernel per direction)::
+
+    spatial_attention_fwd(Tensor[] feats, float power, str backend="auto") -> (Tensor[] maps, Tensor[] norms)
+    spatial_attention_bwd(Tensor[] feats, Tensor[] maps, Tensor[] norms, Tensor[] grad_maps,
+                          float power, str backend="auto") -> Tensor[]
+
+These two are what user code (and ``torch.compile`` / ``torch.export`` graphs) call. Their kernels
+pick the backend for the tensors' device at run time (``backend="auto"``: the fused one, or the
+reference with one warning naming why) and call its native op, registered with the dispatcher
+by the backend itself: ``datadam_fast::cpu_fwd/_bwd`` (C++, ``TORCH_LIBRARY_IMPL`` CPU),
+``datadam_fast::cuda_fwd/_bwd`` (CUDA, ``TORCH_LIBRARY_IMPL`` CUDA), ``datadam_fast::triton_fwd/_bwd``
+(``torch.library.custom_op``). Because the choice happens inside the op, a traced graph holds no
+backend decision and never triggers a build; the eager wrappers resolve (and build) before the
+first call so that errors and the build message come at a predictable point.
+
+Forward reads each feature map once and returns L2-normalised ``[N, H*W]`` maps (float32; float64
+for float64 input). ``norms`` (``[N]``) are saved state for the backward, not a differentiable
+output. Every op has a fake kernel (shapes for meta/FakeTensor inputs) and the forward ops an
+autograd formula (:mod:`datadam_fast._oplib`).
 """
 from __future__ import annotations
 
-from typing import List, Sequence
+from typing import List, Sequence, Tuple
 
 import torch
+from torch import Tensor
 
+from . import _oplib
 from ._checks import check_feature_list, check_power, check_same_device
-from .backends import Backend, resolve_backend
+from .backends import check_backend_name, resolve_backend
 from .profiling import nvtx_range
 
 
-class SpatialAttentionFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, backend: Backend, power: float, *feats):
-        with nvtx_range(f"datadam_fast.{backend.name}.forward"):
-            maps, norms = backend.forward(list(feats), power)
-        ctx.backend = backend
-        ctx.power = power
-        ctx.num_layers = len(feats)
-        ctx.save_for_backward(*feats, *maps, *norms)
-        return tuple(maps)
-
-    @staticmethod
-    def backward(ctx, *grad_maps):
-        L = ctx.num_layers
-        saved = ctx.saved_tensors
-        feats, maps, norms = saved[:L], saved[L:2 * L], saved[2 * L:]
-        need = ctx.needs_input_grad[2:]
-        idx = [i for i in range(L) if need[i]]
-        grads: List = [None] * L
-        if idx:
-            gm = [grad_maps[i] if grad_maps[i] is not None else torch.zeros_like(maps[i]) for i in idx]
-            with nvtx_range(f"datadam_fast.{ctx.backend.name}.backward"):
-                out = ctx.backend.backward([feats[i] for i in idx], [maps[i] for i in idx],
-                                           [norms[i] for i in idx], gm, ctx.power)
-            for i, g in zip(idx, out):
-                grads[i] = g
-        return (None, None, *grads)
+def _device_of(feats: Sequence[Tensor]) -> torch.device:
+    return feats[0].device if feats else torch.device("cpu")
 
 
-def _run(feats: List[torch.Tensor], power: float, backend: Backend) -> List[torch.Tensor]:
-    if torch.is_grad_enabled() and any(f.requires_grad for f in feats):
-        return list(SpatialAttentionFunction.apply(backend, power, *feats))
-    with nvtx_range(f"datadam_fast.{backend.name}.forward"):
-        return backend.forward(feats, power)[0]
+@torch.library.custom_op("datadam_fast::spatial_attention_fwd", mutates_args=())
+def spatial_attention_fwd(feats: List[Tensor], power: float, backend: str = "auto"
+                          ) -> Tuple[List[Tensor], List[Tensor]]:
+    if not feats:
+        return [], []
+    be = resolve_backend(backend, _device_of(feats))
+    with nvtx_range(f"datadam_fast.{be.name}.forward"):
+        return be.forward(list(feats), power)
 
 
-def spatial_attention(feats: Sequence[torch.Tensor], *, power: float = 4.0,
-                      backend: str = "auto") -> List[torch.Tensor]:
+@torch.library.custom_op("datadam_fast::spatial_attention_bwd", mutates_args=())
+def spatial_attention_bwd(feats: List[Tensor], maps: List[Tensor], norms: List[Tensor],
+                          grad_maps: List[Tensor], power: float, backend: str = "auto") -> List[Tensor]:
+    if not feats:
+        return []
+    be = resolve_backend(backend, _device_of(feats))
+    with nvtx_range(f"datadam_fast.{be.name}.backward"):
+        grads = be.backward(list(feats), list(maps), list(norms), list(grad_maps), power)
+    # one memory-format contract whatever the backend (the fake kernel promises it): a permuted
+    # dense input may come back with its own strides from some backends
+    out = []
+    for f, g in zip(feats, grads):
+        fmt = _oplib.grad_memory_format(f)
+        out.append(g if g.is_contiguous(memory_format=fmt) else g.contiguous(memory_format=fmt))
+    return out
+
+
+_oplib.register_fake_and_autograd(
+    "datadam_fast::spatial_attention_fwd", "datadam_fast::spatial_attention_bwd",
+    lambda ctx, feats, maps, norms, grad_maps: torch.ops.datadam_fast.spatial_attention_bwd(
+        feats, maps, norms, grad_maps, ctx.power, *ctx.extra))
+
+
+def prepare_backend(backend: str, device: torch.device) -> None:
+    """Eager only: load (build) and check the backend before the first op call.
+
+    Under ``torch.compile`` / ``torch.export`` this does nothing: the op resolves at run time.
+    """
+    if not torch.compiler.is_compiling():
+        resolve_backend(backend, device)
+
+
+def _run(feats: List[Tensor], power: float, backend: str) -> List[Tensor]:
+    """Maps of every layer through the op (differentiable when an input requires grad)."""
+    if not feats:
+        return []
+    return list(torch.ops.datadam_fast.spatial_attention_fwd(list(feats), float(power), backend)[0])
+
+
+def spatial_attention(feats: Sequence[Tensor], *, power: float = 4.0,
+                      backend: str = "auto") -> List[Tensor]:
     """Per-sample L2-normalised channel-power attention of each layer: ``[N, H*W]`` float32 maps.
 
-    Differentiable with respect to every input that requires grad.
+    Differentiable with respect to every input that requires grad; traceable by
+    ``torch.compile(fullgraph=True)`` and ``torch.export``.
     """
     feats = check_feature_list(feats, "input", None)
     power = check_power(power)
+    check_backend_name(backend)
     device = check_same_device(feats, "feature maps")
-    return _run(feats, power, resolve_backend(backend, device))
+    prepare_backend(backend, device)
+    return _run(feats, power, backend)

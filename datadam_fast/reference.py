@@ -12,11 +12,16 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-NORM_EPS = 1e-12  # F.normalize's default eps, as used by the official code
+from ._constants import NORM_EPS  # F.normalize's default eps, as used by the official code
+from .errors import UserError
 
 
-def _acc_dtype(t: torch.Tensor) -> torch.dtype:
+def acc_dtype(t: torch.Tensor) -> torch.dtype:
+    """Accumulation dtype of every backend: float64 for float64 input, float32 otherwise."""
     return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+_acc_dtype = acc_dtype
 
 
 def spatial_attention(feat: torch.Tensor, power: float = 4.0) -> torch.Tensor:
@@ -30,14 +35,31 @@ def spatial_attention(feat: torch.Tensor, power: float = 4.0) -> torch.Tensor:
     return F.normalize(a, p=2, dim=1, eps=NORM_EPS)
 
 
-def class_means(x: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """Per-class mean of class-major rows: ``[K*B, ...] -> [K, ...]``."""
-    return x.reshape(num_classes, x.shape[0] // num_classes, *x.shape[1:]).mean(dim=1)
+def class_means(x: torch.Tensor, num_classes: int, labels: Optional[torch.Tensor] = None,
+                what: str = "input") -> torch.Tensor:
+    """Per-class mean of rows: ``[N, ...] -> [K, ...]``; the one class-mean function of the package.
+
+    Without ``labels`` the rows are class-major with the same count per class (``N % K == 0`` is
+    required: anything else is an error, never a silent reshape). With ``labels`` (``[N]``
+    integer class indices, any order, any per-class counts) the means are exact sums over each
+    class divided by its count, computed on ``x``'s device with ``index_add`` (no host sync; a
+    class with no row gets 0/0 = NaN, which propagates to the loss rather than being hidden).
+    """
+    N = x.shape[0]
+    if labels is None:
+        if N % num_classes:
+            raise UserError(f"{what}: {N} rows cannot be split evenly into num_classes={num_classes}; rows must "
+                            f"be class-major with the same count per class, or pass labels")
+        return x.reshape(num_classes, N // num_classes, *x.shape[1:]).mean(dim=1)
+    labels = labels.to(x.device)
+    sums = x.new_zeros((num_classes, *x.shape[1:])).index_add(0, labels, x)
+    counts = x.new_zeros((num_classes,)).index_add(0, labels, x.new_ones((N,)))
+    return sums / counts.view(num_classes, *([1] * (x.dim() - 1)))
 
 
 def class_attention_means(feats: Sequence[torch.Tensor], num_classes: int,
-                          power: float = 4.0) -> list:
-    return [class_means(spatial_attention(f, power), num_classes) for f in feats]
+                          power: float = 4.0, labels: Optional[torch.Tensor] = None) -> list:
+    return [class_means(spatial_attention(f, power), num_classes, labels) for f in feats]
 
 
 def attention_matching_loss(real_feats: Sequence[torch.Tensor], syn_feats: Sequence[torch.Tensor],
@@ -46,22 +68,28 @@ def attention_matching_loss(real_feats: Sequence[torch.Tensor], syn_feats: Seque
                             power: float = 4.0, attention_weight: float = 100.0,
                             embedding_weight: float = 1.0,
                             real_attention_means: Optional[Sequence[torch.Tensor]] = None,
-                            real_embedding_means: Optional[torch.Tensor] = None) -> torch.Tensor:
+                            real_embedding_means: Optional[torch.Tensor] = None,
+                            real_labels: Optional[torch.Tensor] = None,
+                            syn_labels: Optional[torch.Tensor] = None,
+                            layer_weights: Optional[Sequence[float]] = None) -> torch.Tensor:
     """The DataDAM loss, written out term by term.
 
     ``real_attention_means`` / ``real_embedding_means`` replace the real features / embedding
-    when given (precomputed or streamed targets).
+    when given (precomputed or streamed targets). ``*_labels``: per-row class indices (any order).
     """
     if real_attention_means is None:
-        real_attention_means = class_attention_means(real_feats, num_classes, power)
-    syn_means = class_attention_means(syn_feats, num_classes, power)
-    loss = syn_means[0].new_zeros(())
-    for r, s in zip(real_attention_means, syn_means):
-        loss = loss + attention_weight * (r.detach().to(s.dtype) - s).pow(2).sum()
+        real_attention_means = class_attention_means(real_feats, num_classes, power, real_labels)
+    syn_means = class_attention_means(syn_feats, num_classes, power, syn_labels)
+    lw = [1.0] * len(syn_means) if layer_weights is None else list(layer_weights)
+    ref = syn_feats[0] if syn_feats else syn_emb
+    loss = torch.zeros((), dtype=torch.float64 if any(f.dtype == torch.float64 for f in syn_feats)
+                       else torch.float32, device=ref.device)
+    for r, s, w in zip(real_attention_means, syn_means, lw):
+        loss = loss + attention_weight * w * (r.detach().to(s.dtype) - s).pow(2).sum()
     if syn_emb is not None:
         if real_embedding_means is None:
-            real_embedding_means = class_means(real_emb.to(_acc_dtype(real_emb)), num_classes)
-        s = class_means(syn_emb.to(_acc_dtype(syn_emb)), num_classes)
+            real_embedding_means = class_means(real_emb.to(_acc_dtype(real_emb)), num_classes, real_labels)
+        s = class_means(syn_emb.to(_acc_dtype(syn_emb)), num_classes, syn_labels)
         loss = loss + embedding_weight * (real_embedding_means.detach().to(s.dtype) - s).pow(2).sum()
     return loss
 

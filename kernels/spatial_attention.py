@@ -24,11 +24,13 @@ them costs a few percent of bandwidth and one launch, but lets the big kernels t
 ``(n, hw)`` index space freely (a tile may span several samples or part of one), which keeps every
 lane busy for every layer shape in a single grouped launch.
 
-Grouping: all layers of one call go into ONE launch per kernel. Per-layer data (shapes, strides,
-tile/row offsets) lives in an int64 table; per-layer tensors are addressed as element offsets
-relative to the first layer's tensor (``(ptr_l - ptr_0) / itemsize``), so the kernel receives one
-real pointer per role and keeps Triton's alignment specialisation on it. A program finds its layer
-with an unrolled scan over the (few) layer start offsets.
+Grouping: all layers of one call go into ONE launch per kernel. Per-layer data lives in an int64
+table with one row per layer and named columns (``_FIELDS``; rows are built by name with
+:func:`_meta_row`): the layer's tensor addresses (the Triton grouped-GEMM pattern: each program
+loads its layer's pointers and casts them with ``.to(tl.pointer_type(...))``, so no address is
+ever formed across two allocations), its shapes, strides and first program ids. A program finds
+its layer with an unrolled scan over the (few) layer start offsets. The kernel arguments
+``f_ptr`` / ``out_ptr`` only carry the element type of the group.
 
 Layouts (constexpr ``LAYOUT``): 0 = H*W contiguous (NCHW-like, incl. batch/channel slices),
 1 = channels-contiguous (channels_last), 2 = anything else (h, w recovered by division). With
@@ -47,35 +49,62 @@ import torch
 import triton
 import triton.language as tl
 
-NORM_EPS = 1e-12
+from .._constants import NORM_EPS  # one eps for every backend
 
 # --------------------------------------------------------------------------------------------
-# per-layer metadata table: int64 [L, META_STRIDE]
+# per-layer metadata table: int64 [L, META_WIDTH], one named column per field
 # --------------------------------------------------------------------------------------------
-_M_F_OFF = tl.constexpr(0)      # feats[l] element offset from feats[0]
-_M_G_OFF = tl.constexpr(1)      # grad_feats[l] element offset from grad_feats[0] (backward)
-_M_MAP_OFF = tl.constexpr(2)    # maps[l] offset from maps[0] (fp32 elements)
-_M_NORM_OFF = tl.constexpr(3)   # norms[l] offset from norms[0]
-_M_UP_OFF = tl.constexpr(4)     # grad_maps[l] offset from grad_maps[0] (backward)
-_M_WS_OFF = tl.constexpr(5)     # offset of layer l in the fp32 ga workspace (backward)
-_M_C = tl.constexpr(6)
-_M_HW = tl.constexpr(7)
-_M_W = tl.constexpr(8)
-_M_M = tl.constexpr(9)          # N * H * W
-_M_TILE0 = tl.constexpr(10)     # first program id of the layer in the tile kernels
-_M_ROW0 = tl.constexpr(11)      # first program id of the layer in the row kernels
-_M_FSN = tl.constexpr(12)
-_M_FSC = tl.constexpr(13)
-_M_FSH = tl.constexpr(14)
-_M_FSW = tl.constexpr(15)       # LAYOUT 0: 1; LAYOUT 1: the flat H*W stride; LAYOUT 2: W stride
-_M_GSN = tl.constexpr(16)
-_M_GSC = tl.constexpr(17)
-_M_GSH = tl.constexpr(18)
-_M_GSW = tl.constexpr(19)
-_M_USN = tl.constexpr(20)       # grad_maps row stride
-_M_USHW = tl.constexpr(21)      # grad_maps column stride (0 for expanded gradients)
-META_STRIDE = tl.constexpr(24)
-_META_STRIDE = 24
+_FIELDS = (
+    "f_ptr",      # address of feats[l]
+    "grad_ptr",   # address of grad_feats[l] (backward)
+    "map_ptr",    # address of maps[l] (fp32 [N, HW], contiguous)
+    "norm_ptr",   # address of norms[l] (fp32 [N])
+    "gmap_ptr",   # address of grad_maps[l] (fp32, backward)
+    "ws_ptr",     # address of layer l's slice of the fp32 ga workspace (backward)
+    "C", "HW", "W",
+    "M",          # N * H * W
+    "tile0",      # first program id of the layer in the tile kernels
+    "row0",       # first program id of the layer in the row kernels
+    "f_sN", "f_sC", "f_sH",
+    "f_sW",       # LAYOUT 0: 1; LAYOUT 1: the flat H*W stride; LAYOUT 2: W stride
+    "g_sN", "g_sC", "g_sH", "g_sW",
+    "gm_sN",      # grad_maps row stride
+    "gm_sHW",     # grad_maps column stride (0 for expanded gradients)
+)
+_COL = {name: i for i, name in enumerate(_FIELDS)}
+META_WIDTH = len(_FIELDS)
+META_STRIDE = tl.constexpr(META_WIDTH)
+_M_F_PTR = tl.constexpr(_COL["f_ptr"])
+_M_GRAD_PTR = tl.constexpr(_COL["grad_ptr"])
+_M_MAP_PTR = tl.constexpr(_COL["map_ptr"])
+_M_NORM_PTR = tl.constexpr(_COL["norm_ptr"])
+_M_GMAP_PTR = tl.constexpr(_COL["gmap_ptr"])
+_M_WS_PTR = tl.constexpr(_COL["ws_ptr"])
+_M_C = tl.constexpr(_COL["C"])
+_M_HW = tl.constexpr(_COL["HW"])
+_M_W = tl.constexpr(_COL["W"])
+_M_M = tl.constexpr(_COL["M"])
+_M_TILE0 = tl.constexpr(_COL["tile0"])
+_M_ROW0 = tl.constexpr(_COL["row0"])
+_M_FSN = tl.constexpr(_COL["f_sN"])
+_M_FSC = tl.constexpr(_COL["f_sC"])
+_M_FSH = tl.constexpr(_COL["f_sH"])
+_M_FSW = tl.constexpr(_COL["f_sW"])
+_M_GSN = tl.constexpr(_COL["g_sN"])
+_M_GSC = tl.constexpr(_COL["g_sC"])
+_M_GSH = tl.constexpr(_COL["g_sH"])
+_M_GSW = tl.constexpr(_COL["g_sW"])
+_M_USN = tl.constexpr(_COL["gm_sN"])
+_M_USHW = tl.constexpr(_COL["gm_sHW"])
+
+
+def _meta_row(**fields: int) -> List[int]:
+    """One table row from named fields (missing fields are 0; an unknown name is an error)."""
+    unknown = set(fields) - set(_COL)
+    if unknown:
+        raise KeyError(f"unknown metadata fields {sorted(unknown)}; known: {_FIELDS}")
+    return [int(fields.get(name, 0)) for name in _FIELDS]
+
 
 LAYOUT_HW_CONTIG, LAYOUT_CHANNELS_LAST, LAYOUT_GENERIC = 0, 1, 2
 
@@ -96,6 +125,24 @@ def _find_layer(pid, meta_ptr, START_FIELD: tl.constexpr, NUM_LAYERS: tl.constex
         start = tl.load(meta_ptr + i * META_STRIDE + START_FIELD)
         layer += (pid >= start).to(tl.int32)
     return layer
+
+
+@triton.jit
+def _layer_ptr(row, FIELD: tl.constexpr, carrier, ALIGN: tl.constexpr):
+    # the address stored in column FIELD of a layer's row, typed like `carrier`; ALIGN (bytes)
+    # is the alignment the host proved for it (1: none), which lets loads/stores vectorise
+    p = tl.load(row + FIELD).to(tl.pointer_type(carrier.dtype.element_ty))
+    if ALIGN > 1:
+        p = tl.multiple_of(p, ALIGN)
+    return p
+
+
+@triton.jit
+def _layer_ptr_f32(row, FIELD: tl.constexpr, ALIGN: tl.constexpr):
+    p = tl.load(row + FIELD).to(tl.pointer_type(tl.float32))
+    if ALIGN > 1:
+        p = tl.multiple_of(p, ALIGN)
+    return p
 
 
 @triton.jit
@@ -176,21 +223,25 @@ def _layer_geometry(row, pid):
 # kernels
 # --------------------------------------------------------------------------------------------
 @triton.jit
-def _fwd_accum_kernel(f_ptr, a_ptr, meta_ptr, power,
+def _fwd_accum_kernel(f_ptr, meta_ptr, power,
                       NUM_LAYERS: tl.constexpr, LAYOUT: tl.constexpr, POWER_MODE: tl.constexpr,
-                      BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr, VEC: tl.constexpr):
+                      BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr, VEC: tl.constexpr,
+                      ALIGN: tl.constexpr):
     """a[l][n, hw] = sum_c |f_l[n, c, hw]|^p for one BLOCK_M slice of layer l's flat (n, hw) range."""
     pid = tl.program_id(0)
     layer = _find_layer(pid, meta_ptr, _M_TILE0, NUM_LAYERS)
     row = meta_ptr + layer * META_STRIDE
-    f_off = tl.load(row + _M_F_OFF)
-    a_off = tl.load(row + _M_MAP_OFF)
+    f_base = _layer_ptr(row, _M_F_PTR, f_ptr, ALIGN)
+    if LAYOUT == 0:  # the host proved the map address VEC-aligned too (it is stored along hw)
+        a_base = _layer_ptr_f32(row, _M_MAP_PTR, 4 * VEC)
+    else:
+        a_base = _layer_ptr_f32(row, _M_MAP_PTR, 4)
     C, HW, W, M, sN, sC, sH, sW, tile = _layer_geometry(row, pid)
 
     idx = tile * BLOCK_M + tl.arange(0, BLOCK_M)
     n = idx // HW
     hw = idx - n * HW
-    off = f_off + _m_offsets(n, hw, W, sN, sH, sW, LAYOUT)
+    off = _m_offsets(n, hw, W, sN, sH, sW, LAYOUT)
     if VEC > 1:
         if LAYOUT == 0:
             # runs of VEC consecutive (n, hw) never cross a sample (HW % VEC == 0) and start
@@ -198,7 +249,6 @@ def _fwd_accum_kernel(f_ptr, a_ptr, meta_ptr, power,
             off = tl.max_contiguous(tl.multiple_of(off, VEC), VEC)
             sC = tl.multiple_of(sC, VEC)
             M = tl.multiple_of(M, VEC)
-            a_off = tl.multiple_of(a_off, VEC)
         else:
             # channels-contiguous: every (n, hw) row starts aligned and C % VEC == 0
             off = tl.multiple_of(off, VEC)
@@ -216,13 +266,13 @@ def _fwd_accum_kernel(f_ptr, a_ptr, meta_ptr, power,
         else:
             c_off = c.to(tl.int64) * sC
         mask = (c < C)[:, None] & mask_m[None, :]
-        x = tl.load(f_ptr + (c_off[:, None] + off[None, :]), mask=mask, other=0.0).to(tl.float32)
+        x = tl.load(f_base + (c_off[:, None] + off[None, :]), mask=mask, other=0.0).to(tl.float32)
         acc += _abs_pow(tl.abs(x), power, POWER_MODE)
-    tl.store(a_ptr + a_off + idx, tl.sum(acc, axis=0), mask=mask_m)
+    tl.store(a_base + idx, tl.sum(acc, axis=0), mask=mask_m)
 
 
 @triton.jit
-def _fwd_normalize_kernel(a_ptr, norm_ptr, meta_ptr, eps,
+def _fwd_normalize_kernel(meta_ptr, eps,
                           NUM_LAYERS: tl.constexpr, BLOCK_R: tl.constexpr, ONE_PASS: tl.constexpr,
                           RV: tl.constexpr):
     """One sample row: norm = ||a||, m = a / max(norm, eps) in place."""
@@ -231,11 +281,11 @@ def _fwd_normalize_kernel(a_ptr, norm_ptr, meta_ptr, eps,
     row = meta_ptr + layer * META_STRIDE
     HW = tl.load(row + _M_HW).to(tl.int32)
     n = pid - tl.load(row + _M_ROW0).to(tl.int32)
-    a_off = tl.load(row + _M_MAP_OFF) + n.to(tl.int64) * HW
-    if RV > 1:  # host proved: HW and every row start are multiples of RV -> 16-byte accesses
-        a_off = tl.multiple_of(a_off, RV)
+    # host proved (RV > 1): HW and every map address are multiples of RV -> 16-byte accesses
+    a_base = _layer_ptr_f32(row, _M_MAP_PTR, 4 * RV)
+    if RV > 1:
         HW = tl.multiple_of(HW, RV)
-    base = a_ptr + a_off
+    base = a_base + n.to(tl.int64) * HW
     r = tl.arange(0, BLOCK_R)
     if ONE_PASS:
         a = tl.load(base + r, mask=r < HW, other=0.0)
@@ -253,11 +303,11 @@ def _fwd_normalize_kernel(a_ptr, norm_ptr, meta_ptr, eps,
         for r0 in range(0, HW, BLOCK_R):
             a = tl.load(base + r0 + r, mask=r0 + r < HW, other=0.0)
             tl.store(base + r0 + r, a / den, mask=r0 + r < HW)
-    tl.store(norm_ptr + tl.load(row + _M_NORM_OFF) + n, nrm)
+    tl.store(_layer_ptr_f32(row, _M_NORM_PTR, 1) + n, nrm)
 
 
 @triton.jit
-def _bwd_ga_kernel(m_ptr, norm_ptr, up_ptr, ws_ptr, meta_ptr, eps,
+def _bwd_ga_kernel(meta_ptr, eps,
                    NUM_LAYERS: tl.constexpr, BLOCK_R: tl.constexpr, ONE_PASS: tl.constexpr,
                    RV: tl.constexpr, G_CONTIG: tl.constexpr):
     """One sample row: ga = (g - m <m, g>) / norm (norm > eps) or g / eps, into the workspace."""
@@ -267,23 +317,22 @@ def _bwd_ga_kernel(m_ptr, norm_ptr, up_ptr, ws_ptr, meta_ptr, eps,
     HW = tl.load(row + _M_HW).to(tl.int32)
     n = pid - tl.load(row + _M_ROW0).to(tl.int32)
     n64 = n.to(tl.int64)
-    m_off = tl.load(row + _M_MAP_OFF) + n64 * HW
-    g_off = tl.load(row + _M_UP_OFF) + n64 * tl.load(row + _M_USN)
-    w_off = tl.load(row + _M_WS_OFF) + n64 * HW
+    g_sN = tl.load(row + _M_USN)
     if G_CONTIG:  # grad_maps rows have unit column stride (the usual case)
         g_shw = 1
     else:
         g_shw = tl.load(row + _M_USHW)
     if RV > 1:
-        m_off = tl.multiple_of(m_off, RV)
-        w_off = tl.multiple_of(w_off, RV)
         HW = tl.multiple_of(HW, RV)
         if G_CONTIG:
-            g_off = tl.multiple_of(g_off, RV)
-    m_base = m_ptr + m_off
-    g_base = up_ptr + g_off
-    w_base = ws_ptr + w_off
-    nrm = tl.load(norm_ptr + tl.load(row + _M_NORM_OFF) + n)
+            g_sN = tl.multiple_of(g_sN, RV)
+    m_base = _layer_ptr_f32(row, _M_MAP_PTR, 4 * RV) + n64 * HW
+    if G_CONTIG:
+        g_base = _layer_ptr_f32(row, _M_GMAP_PTR, 4 * RV) + n64 * g_sN
+    else:
+        g_base = _layer_ptr_f32(row, _M_GMAP_PTR, 4) + n64 * g_sN
+    w_base = _layer_ptr_f32(row, _M_WS_PTR, 4 * RV) + n64 * HW
+    nrm = tl.load(_layer_ptr_f32(row, _M_NORM_PTR, 1) + n)
     big = nrm > eps
     # one division; the divisor is never 0 (the unselected branch must not form inf/NaN either)
     den = tl.where(big, nrm, eps)
@@ -312,17 +361,20 @@ def _bwd_ga_kernel(m_ptr, norm_ptr, up_ptr, ws_ptr, meta_ptr, eps,
 
 
 @triton.jit
-def _bwd_grad_kernel(f_ptr, ws_ptr, out_ptr, meta_ptr, power,
+def _bwd_grad_kernel(f_ptr, out_ptr, meta_ptr, power,
                      NUM_LAYERS: tl.constexpr, LAYOUT: tl.constexpr, POWER_MODE: tl.constexpr,
                      SAME_STRIDES: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr,
-                     VEC: tl.constexpr):
+                     VEC: tl.constexpr, ALIGN: tl.constexpr):
     """df_l[n, c, hw] = p |f|^(p-1) sign(f) * ga[n, hw] for one BLOCK_M slice, all channels."""
     pid = tl.program_id(0)
     layer = _find_layer(pid, meta_ptr, _M_TILE0, NUM_LAYERS)
     row = meta_ptr + layer * META_STRIDE
-    f_off = tl.load(row + _M_F_OFF)
-    o_off = tl.load(row + _M_G_OFF)
-    ws_off = tl.load(row + _M_WS_OFF)
+    f_base = _layer_ptr(row, _M_F_PTR, f_ptr, ALIGN)
+    o_base = _layer_ptr(row, _M_GRAD_PTR, out_ptr, ALIGN)
+    if LAYOUT == 0:
+        ws_base = _layer_ptr_f32(row, _M_WS_PTR, 4 * VEC)
+    else:
+        ws_base = _layer_ptr_f32(row, _M_WS_PTR, 4)
     C, HW, W, M, sN, sC, sH, sW, tile = _layer_geometry(row, pid)
 
     idx = tile * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -331,12 +383,12 @@ def _bwd_grad_kernel(f_ptr, ws_ptr, out_ptr, meta_ptr, power,
     off_rel = _m_offsets(n, hw, W, sN, sH, sW, LAYOUT)
     if SAME_STRIDES:
         oC = sC
-        ooff = o_off + off_rel
+        ooff = off_rel
     else:
         oC = tl.load(row + _M_GSC)
-        ooff = o_off + _m_offsets(n, hw, W, tl.load(row + _M_GSN), tl.load(row + _M_GSH),
-                                  tl.load(row + _M_GSW), LAYOUT)
-    off = f_off + off_rel
+        ooff = _m_offsets(n, hw, W, tl.load(row + _M_GSN), tl.load(row + _M_GSH),
+                          tl.load(row + _M_GSW), LAYOUT)
+    off = off_rel
     if VEC > 1:
         if LAYOUT == 0:
             off = tl.max_contiguous(tl.multiple_of(off, VEC), VEC)
@@ -344,14 +396,13 @@ def _bwd_grad_kernel(f_ptr, ws_ptr, out_ptr, meta_ptr, power,
             sC = tl.multiple_of(sC, VEC)
             oC = tl.multiple_of(oC, VEC)
             M = tl.multiple_of(M, VEC)
-            ws_off = tl.multiple_of(ws_off, VEC)
         else:
             off = tl.multiple_of(off, VEC)
             ooff = tl.multiple_of(ooff, VEC)
             C = tl.multiple_of(C, VEC)
     mask_m = idx < M
     # ga is read once per tile and reused for every channel
-    ga = tl.load(ws_ptr + ws_off + idx, mask=mask_m, other=0.0)
+    ga = tl.load(ws_base + idx, mask=mask_m, other=0.0)
 
     cr = tl.arange(0, BLOCK_C)
     for ci in range(0, tl.cdiv(C, BLOCK_C)):
@@ -364,9 +415,9 @@ def _bwd_grad_kernel(f_ptr, ws_ptr, out_ptr, meta_ptr, power,
             c_in = c64 * sC
             c_out = c64 * oC
         mask = (c < C)[:, None] & mask_m[None, :]
-        x = tl.load(f_ptr + (c_in[:, None] + off[None, :]), mask=mask, other=0.0)
+        x = tl.load(f_base + (c_in[:, None] + off[None, :]), mask=mask, other=0.0)
         d = _dabs_pow(x.to(tl.float32), power, POWER_MODE) * ga[None, :]
-        tl.store(out_ptr + (c_out[:, None] + ooff[None, :]), d.to(x.dtype), mask=mask)
+        tl.store(o_base + (c_out[:, None] + ooff[None, :]), d.to(x.dtype), mask=mask)
 
 
 # --------------------------------------------------------------------------------------------
@@ -444,12 +495,17 @@ def _strides_for(t: torch.Tensor, layout: int) -> Tuple[int, int, int, int]:
     return sN, sC, (sH if H > 1 else 0), (sW if W > 1 else 0)
 
 
-def _rel(t: torch.Tensor, base: torch.Tensor) -> int:
-    d = t.data_ptr() - base.data_ptr()
-    es = t.element_size()
-    if d % es:  # pragma: no cover - torch allocations are always element aligned
+def _addr(t: torch.Tensor) -> int:
+    """Address of ``t``'s first element (a table entry the kernels cast back to a typed pointer)."""
+    return t.data_ptr()
+
+
+def _elem_addr(t: torch.Tensor) -> int:
+    """Address in units of the element size: the alignment proofs (VEC/RV) divide these."""
+    a, es = t.data_ptr(), t.element_size()
+    if a % es:  # pragma: no cover - torch allocations and views are always element aligned
         raise RuntimeError("datadam_fast triton: tensor not aligned to its element size")
-    return d // es
+    return a // es
 
 
 def _power_mode(power: float) -> int:
@@ -522,8 +578,7 @@ def _meta_tensor(rows: List[List[int]], device: torch.device) -> torch.Tensor:
     if t is not None:
         _META_CACHE.move_to_end(key)
         return t
-    flat = [v for r in rows for v in (r + [0] * (_META_STRIDE - len(r)))]
-    t = torch.tensor(flat, dtype=torch.int64).view(len(rows), _META_STRIDE)
+    t = torch.tensor(rows, dtype=torch.int64).view(len(rows), META_WIDTH)
     if device.type == "cpu":  # interpreter path: nothing to copy, nothing to cache
         return t
     # pinned + non_blocking: a pageable copy would block the host until the GPU queue drains
@@ -632,24 +687,23 @@ def spatial_attention_forward(feats: Sequence[torch.Tensor], power: float, *,
             for f, m, nr, M, HW in zip(fs, ms, ns, Ms, HWs):
                 N, C, H, W = f.shape
                 sN, sC, sH, sW = _strides_for(f, layout)
-                f_off, m_off = _rel(f, fs[0]), _rel(m, ms[0])
-                rows.append([f_off, 0, m_off, _rel(nr, ns[0]), 0, 0, C, HW, W, M,
-                             tile0, row0, sN, sC, sH, sW])
+                rows.append(_meta_row(f_ptr=_addr(f), map_ptr=_addr(m), norm_ptr=_addr(nr), C=C, HW=HW, W=W,
+                                      M=M, tile0=tile0, row0=row0, f_sN=sN, f_sC=sC, f_sH=sH, f_sW=sW))
                 tile0 += triton.cdiv(M, bm)
                 row0 += N
-                row_vals += [HW, m_off]
+                row_vals += [HW, _elem_addr(m)]
                 if layout == LAYOUT_HW_CONTIG:
-                    vec_vals += [f_off, HW, sN, sC, m_off]
+                    vec_vals += [_elem_addr(f), HW, sN, sC, _elem_addr(m)]
                 elif layout == LAYOUT_CHANNELS_LAST:
-                    vec_vals += [f_off, C, sN, sW]
+                    vec_vals += [_elem_addr(f), C, sN, sW]
             vec = min(_vec_for(esize, vec_vals), bm) if layout != LAYOUT_GENERIC else 1
             meta = _meta_tensor(rows, device)
             L = len(fs)
-            _launch(_fwd_accum_kernel, "fwd_accum", (tile0,), fs[0], ms[0], meta, power,
+            _launch(_fwd_accum_kernel, "fwd_accum", (tile0,), fs[0], meta, power,
                     NUM_LAYERS=L, LAYOUT=layout, POWER_MODE=pmode, BLOCK_C=bc, BLOCK_M=bm, VEC=vec,
-                    num_warps=warps)
+                    ALIGN=vec * esize if vec > 1 else 1, num_warps=warps)
             rv = min(_vec_for(4, row_vals), br)
-            _launch(_fwd_normalize_kernel, "fwd_normalize", (row0,), ms[0], ns[0], meta, NORM_EPS,
+            _launch(_fwd_normalize_kernel, "fwd_normalize", (row0,), meta, NORM_EPS,
                     NUM_LAYERS=L, BLOCK_R=br, ONE_PASS=one_pass, RV=rv, num_warps=rwarps)
     return maps, norms
 
@@ -715,34 +769,35 @@ def spatial_attention_backward(feats: Sequence[torch.Tensor], maps: Sequence[tor
             vec_vals, row_vals = [], []
             g_contig = all(u.stride(1) == 1 or u.shape[1] == 1 for u in ug)
             same = True
-            ws_base_off = ws_cursor
             for f, o, m, nr, u, M, HW in zip(fs, os_, mg, ng, ug, Ms, HWs):
                 N, C, H, W = f.shape
                 fsN, fsC, fsH, fsW = _strides_for(f, layout)
                 gsN, gsC, gsH, gsW = _strides_for(o, layout)
                 same = same and (fsN, fsC, fsH, fsW) == (gsN, gsC, gsH, gsW)
-                f_off, o_off = _rel(f, fs[0]), _rel(o, os_[0])
                 usN, usHW = u.stride()
-                m_off, u_off, w_off = _rel(m, mg[0]), _rel(u, ug[0]), ws_cursor - ws_base_off
-                rows.append([f_off, o_off, m_off, _rel(nr, ng[0]), u_off, w_off, C, HW, W, M,
-                             tile0, row0, fsN, fsC, fsH, fsW, gsN, gsC, gsH, gsW, usN, usHW])
-                row_vals += [HW, m_off, w_off] + ([u_off, usN if N > 1 else 0] if g_contig else [])
+                w = ws[ws_cursor:ws_cursor + M]
+                rows.append(_meta_row(f_ptr=_addr(f), grad_ptr=_addr(o), map_ptr=_addr(m), norm_ptr=_addr(nr),
+                                      gmap_ptr=_addr(u), ws_ptr=_addr(w), C=C, HW=HW, W=W, M=M,
+                                      tile0=tile0, row0=row0, f_sN=fsN, f_sC=fsC, f_sH=fsH, f_sW=fsW,
+                                      g_sN=gsN, g_sC=gsC, g_sH=gsH, g_sW=gsW, gm_sN=usN, gm_sHW=usHW))
+                row_vals += [HW, _elem_addr(m), _elem_addr(w)] + (
+                    [_elem_addr(u), usN if N > 1 else 0] if g_contig else [])
                 ws_cursor += M
                 tile0 += triton.cdiv(M, bm)
                 row0 += N
                 if layout == LAYOUT_HW_CONTIG:
-                    vec_vals += [f_off, o_off, HW, fsN, gsN, fsC, gsC, w_off]
+                    vec_vals += [_elem_addr(f), _elem_addr(o), HW, fsN, gsN, fsC, gsC, _elem_addr(w)]
                 elif layout == LAYOUT_CHANNELS_LAST:
-                    vec_vals += [f_off, o_off, C, fsN, gsN, fsW, gsW]
+                    vec_vals += [_elem_addr(f), _elem_addr(o), C, fsN, gsN, fsW, gsW]
             vec = min(_vec_for(esize, vec_vals), bm) if layout != LAYOUT_GENERIC else 1
             meta = _meta_tensor(rows, device)
-            wsg = ws[ws_base_off:]
             L = len(fs)
             rv = min(_vec_for(4, row_vals), br)
-            _launch(_bwd_ga_kernel, "bwd_ga", (row0,), mg[0], ng[0], ug[0], wsg, meta, NORM_EPS,
+            _launch(_bwd_ga_kernel, "bwd_ga", (row0,), meta, NORM_EPS,
                     NUM_LAYERS=L, BLOCK_R=br, ONE_PASS=one_pass, RV=rv, G_CONTIG=g_contig,
                     num_warps=rwarps)
-            _launch(_bwd_grad_kernel, "bwd_grad", (tile0,), fs[0], wsg, os_[0], meta, power,
+            _launch(_bwd_grad_kernel, "bwd_grad", (tile0,), fs[0], os_[0], meta, power,
                     NUM_LAYERS=L, LAYOUT=layout, POWER_MODE=pmode, SAME_STRIDES=same,
-                    BLOCK_C=bc, BLOCK_M=bm, VEC=vec, num_warps=warps)
+                    BLOCK_C=bc, BLOCK_M=bm, VEC=vec, ALIGN=vec * esize if vec > 1 else 1,
+                    num_warps=warps)
     return grads

@@ -126,8 +126,10 @@ def _emulated_ext():
     if not src.is_file() or src.read_text() != text:  # keep the mtime: ninja rebuilds otherwise
         src.write_text(text)
     try:
+        from datadam_fast._constants import native_defines
         ext = cpp_extension.load(name=tag, sources=[str(src)], extra_include_paths=[str(inc), str(CSRC)],
-                                 extra_cflags=["-O2", "-std=c++20", "-pthread"], extra_ldflags=["-pthread"],
+                                 extra_cflags=["-O2", "-std=c++20", "-pthread", *native_defines()],
+                                 extra_ldflags=["-pthread"],
                                  build_directory=str(out), verbose=False)
     except Exception as e:  # no C++20 compiler etc.: a CUDA compile problem would also show here
         msg = str(e)
@@ -141,22 +143,24 @@ def _emulated_ext():
 
 
 class _EmulatedCUDABackend(B.Backend):
-    """The CUDA backend's Python wrapper over the host-emulated extension (CPU tensors)."""
+    """The CUDA extension's entry points, host-emulated (CPU tensors). The emulated build registers
+    no dispatcher op (it would clash with the CPU backend's device), so it is called directly; the
+    real build's ``datadam_fast::cuda_fwd/_bwd`` run the same two C++ functions."""
     name = "cuda_emulated"
 
     def __init__(self, ext):
-        from datadam_fast.backends.cuda import CUDABackend
-        self._impl = CUDABackend.__new__(CUDABackend)
-        self._impl._ext = ext
+        self._ext = ext
 
     def supports(self, device):
         return torch.device(device).type == "cpu"
 
     def forward(self, feats, power):
-        return self._impl.forward(feats, power)
+        maps, norms = self._ext.forward([f.detach() for f in feats], float(power))
+        return list(maps), list(norms)
 
     def backward(self, feats, maps, norms, grad_maps, power):
-        return self._impl.backward(feats, maps, norms, grad_maps, power)
+        return list(self._ext.backward([f.detach() for f in feats], [m.detach() for m in maps],
+                                       [n.detach() for n in norms], [g.detach() for g in grad_maps], float(power)))
 
 
 @pytest.fixture(params=["cuda", "emulated"])
@@ -178,7 +182,7 @@ def _set_sms(target, n):
     """Emulation only: pretend the device has n SMs (many -> channel splits, 1 -> none)."""
     be = target[0]
     if isinstance(be, _EmulatedCUDABackend):
-        be._impl._ext._set_emulated_num_sms(n)
+        be._ext._set_emulated_num_sms(n)
 
 
 # --------------------------------------------------------------------------------------------------

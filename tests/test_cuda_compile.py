@@ -77,10 +77,11 @@ def _gencode(archs):
 
 def _torch_nvcc_flags():
     from torch.utils import cpp_extension
+    from datadam_fast._constants import native_defines  # what the real builds pass (NORM_EPS)
     return list(getattr(cpp_extension, "COMMON_NVCC_FLAGS",
                         ["-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
                          "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__",
-                         "--expt-relaxed-constexpr"]))
+                         "--expt-relaxed-constexpr"])) + native_defines()
 
 
 def _torch_cxx_std():

@@ -14,22 +14,21 @@ Contract (every backend implements both, for a list of layers in one call):
 
 ``backward(feats, maps, norms, grad_maps, power) -> grads``
     ``grad_maps[l]``: ``[N_l, H_l*W_l]`` gradient w.r.t. ``maps[l]``.  Returns ``dL/dfeats[l]`` with
-    the shape, dtype and memory format (contiguous or channels_last) of ``feats[l]``, reading
+    the shape and dtype of ``feats[l]``, channels_last when ``feats[l]`` is channels_last (and not
+    also contiguous), contiguous otherwise (``_oplib.grad_memory_format``), reading
     ``feats[l]`` once and writing the gradient once.  Formula: ``reference.spatial_attention_backward``.
 """
 from __future__ import annotations
 
 import os
 import warnings
-from typing import Callable, Dict, List, Sequence, Tuple
+from typing import Callable, Dict, List, Sequence, Tuple, Union
 
 import torch
 
+from ..errors import BackendUnavailable, UserError
+
 BACKEND_NAMES = ("reference", "triton", "cuda", "cpu")
-
-
-class BackendUnavailable(RuntimeError):
-    """Raised when a named backend cannot run here (no compiler, no GPU, no Triton ...)."""
 
 
 class Backend:
@@ -56,43 +55,42 @@ class ReferenceBackend(Backend):
         return True
 
     def forward(self, feats, power):
-        from .. import reference
+        from ..reference import NORM_EPS, acc_dtype
         maps, norms = [], []
         for f in feats:
-            acc = torch.float64 if f.dtype == torch.float64 else torch.float32
-            a = f.to(acc).abs().pow(power).sum(dim=1).flatten(1)
+            a = f.to(acc_dtype(f)).abs().pow(power).sum(dim=1).flatten(1)
             n = a.norm(dim=1)
-            maps.append((a / n.clamp_min(reference.NORM_EPS).unsqueeze(1)).contiguous())
+            maps.append((a / n.clamp_min(NORM_EPS).unsqueeze(1)).contiguous())
             norms.append(n)
         return maps, norms
 
     def backward(self, feats, maps, norms, grad_maps, power):
         from ..reference import spatial_attention_backward
+        from .._oplib import grad_memory_format
         out = []
         for f, m, n, g in zip(feats, maps, norms, grad_maps):
             grad = spatial_attention_backward(f, m, n, g, power)
-            if f.dim() == 4 and f.is_contiguous(memory_format=torch.channels_last) \
-                    and not f.is_contiguous():
-                grad = grad.contiguous(memory_format=torch.channels_last)
-            out.append(grad)
+            out.append(grad.contiguous(memory_format=grad_memory_format(f)))
         return out
 
 
-class ExtensionBackend(Backend):
-    """A backend whose kernels live in a compiled extension with ``forward``/``backward`` over layer lists."""
-    _ext = None
+class NativeOpBackend(Backend):
+    """A backend whose kernels are dispatcher ops ``torch.ops.datadam_fast.<name>_fwd`` / ``_bwd``
+    registered by a compiled extension (``TORCH_LIBRARY_IMPL``), over lists of layers."""
 
-    def _backward_extra_args(self) -> tuple:
+    def _bwd_extra_args(self) -> tuple:
         return ()
 
     def forward(self, feats, power):
-        maps, norms = self._ext.forward([f.detach() for f in feats], float(power))
+        op = getattr(torch.ops.datadam_fast, f"{self.name}_fwd")
+        maps, norms = op([f.detach() for f in feats], float(power))
         return list(maps), list(norms)
 
     def backward(self, feats, maps, norms, grad_maps, power):
-        return list(self._ext.backward([f.detach() for f in feats], [m.detach() for m in maps],
-                                       [n.detach() for n in norms], [g.detach() for g in grad_maps],
-                                       float(power), *self._backward_extra_args()))
+        op = getattr(torch.ops.datadam_fast, f"{self.name}_bwd")
+        return list(op([f.detach() for f in feats], [m.detach() for m in maps],
+                       [n.detach() for n in norms], [g.detach() for g in grad_maps],
+                       float(power), *self._bwd_extra_args()))
 
 
 def _load_cpu() -> Backend:
@@ -126,8 +124,7 @@ def get_backend(name: str) -> Backend:
 
     Raises :class:`BackendUnavailable` with the reason when it cannot run here.
     """
-    if name not in _FACTORIES:
-        raise ValueError(f"unknown backend {name!r}; expected one of {('auto',) + BACKEND_NAMES}")
+    check_backend_name(name, allow_auto=False)
     if name in _CACHE:
         return _CACHE[name]
     if name in _FAILED:
@@ -142,6 +139,14 @@ def get_backend(name: str) -> Backend:
         raise BackendUnavailable(_FAILED[name]) from e
     _CACHE[name] = backend
     return backend
+
+
+def check_backend_name(name, *, allow_auto: bool = True) -> str:
+    """Validate a user's ``backend=`` string (pure Python: safe to run while tracing)."""
+    names = (("auto",) if allow_auto else ()) + tuple(_FACTORIES)
+    if not isinstance(name, str) or name not in names:
+        raise UserError(f"unknown backend {name!r}; expected one of {names}")
+    return name
 
 
 def _auto_order(device: torch.device) -> Tuple[str, ...]:
@@ -185,6 +190,16 @@ def resolve_backend(name: str, device: torch.device) -> Backend:
         warnings.warn("datadam_fast: falling back to the reference backend on "
                       f"{device.type}: " + "; ".join(reasons), RuntimeWarning, stacklevel=3)
     return get_backend("reference")
+
+
+def resolved_backend(device: Union[str, torch.device] = "cpu", backend: str = "auto") -> str:
+    """Name of the backend that ``backend`` (default ``"auto"``) runs on ``device``.
+
+    Loads (and, the first time, builds) the candidates exactly as a loss call would, so it also
+    answers "did auto fall back to the reference, and why" (the fallback warning is issued here
+    if it has not been yet).
+    """
+    return resolve_backend(check_backend_name(backend), torch.device(device)).name
 
 
 def available_backends(device: torch.device) -> List[str]:

@@ -1,15 +1,16 @@
 """Fused C++ CPU backend (``backend="cpu"``): ``csrc/spatial_attention_cpu.cpp``.
 
-The extension ``_C_cpu`` is imported prebuilt (``DATADAM_FAST_BUILD_EXT=1 pip install -e .``) or
-JIT-built on first use (cached, see :mod:`datadam_fast._build`). It is compiled with
-``-O3 -march=native -fno-trapping-math`` so that the inner loops auto-vectorise for the host
-(AVX2/AVX-512 ...; no fast-math: NaN/Inf semantics and IEEE rounding are kept); the
-JIT cache key includes a fingerprint of the host CPU so that a cache directory shared between
-different machines never hands an AVX-512 build to a CPU without it. If the compiler rejects
-``-march=native`` the build is retried with portable flags. ``-fopenmp`` is required: PyTorch's
-``at::parallel_for`` is a header template that is serial unless the extension is compiled with
-OpenMP (PyTorch's own intra-op backend); the extension links the ``libgomp`` PyTorch has loaded,
-so it shares PyTorch's thread pool and honours ``torch.set_num_threads``.
+The extension registers the dispatcher ops ``torch.ops.datadam_fast.cpu_fwd`` / ``cpu_bwd``
+(``TORCH_LIBRARY_FRAGMENT`` + ``TORCH_LIBRARY_IMPL(datadam_fast, CPU, ...)``); loading it here adds
+their fake kernels and autograd formula (:mod:`datadam_fast._oplib`). It is imported prebuilt
+(``DATADAM_FAST_BUILD_EXT=1 pip install -e .``: portable flags) or JIT-built on first use (cached,
+see :mod:`datadam_fast._build`). The JIT build adds ``-march=native`` so that the inner loops
+auto-vectorise for the host (AVX2/AVX-512 ...), and keys its cache by a fingerprint of the host
+CPU so that a cache directory shared between machines never hands an AVX-512 build to a CPU
+without it; if the compiler rejects ``-march=native`` the build is retried with the portable
+flags. The flag lists live in :mod:`datadam_fast._constants` (shared with setup.py). The extension
+links the ``libgomp`` PyTorch has loaded, so it shares PyTorch's thread pool and honours
+``torch.set_num_threads``.
 
 Layouts: NCHW-contiguous and channels_last inputs are read in place; any other strides are made
 NCHW-contiguous first (one copy) and get an NCHW-contiguous gradient. A channels_last input gets
@@ -20,14 +21,16 @@ from __future__ import annotations
 import hashlib
 import os
 import platform
+
 import torch
 
-from . import BackendUnavailable, ExtensionBackend
+from .. import _constants
+from ..errors import BackendUnavailable
+from . import NativeOpBackend
 
 _EXT_NAME = "_C_cpu"
 _SOURCES = ["spatial_attention_cpu.cpp"]
-_BASE_CFLAGS = ["-O3", "-fno-math-errno", "-fno-trapping-math", "-fopenmp"]
-_LDFLAGS = ["-fopenmp"]
+_REGISTERED = []
 
 
 def _host_fingerprint() -> str:
@@ -48,15 +51,16 @@ def _host_fingerprint() -> str:
 def _load_extension():
     from .._build import load_extension
     native = os.environ.get("DATADAM_FAST_CPU_NATIVE", "1") != "0"
-    tag = f"-DDATADAM_FAST_HOST={_host_fingerprint()}"
+    portable = [*_constants.CPU_CFLAGS, *_constants.native_defines()]
     attempts = []
     if native:
-        attempts.append([*_BASE_CFLAGS, "-march=native", tag])
-    attempts.append(list(_BASE_CFLAGS))
+        attempts.append([*portable, *_constants.CPU_JIT_NATIVE_CFLAGS, f"-DDATADAM_FAST_HOST={_host_fingerprint()}"])
+    attempts.append(portable)
     errors = []
     for cflags in attempts:
         try:
-            return load_extension(_EXT_NAME, _SOURCES, extra_cflags=cflags, extra_ldflags=_LDFLAGS)
+            return load_extension(_EXT_NAME, _SOURCES, extra_cflags=cflags,
+                                  extra_ldflags=list(_constants.CPU_LDFLAGS))
         except BackendUnavailable as e:
             errors.append(str(e))
     raise BackendUnavailable(errors[-1] if len(errors) == 1 else
@@ -64,12 +68,28 @@ def _load_extension():
                              + " | ".join(errors))
 
 
-class CPUBackend(ExtensionBackend):
+def _register_python_parts() -> None:
+    if _REGISTERED:
+        return
+    from .._oplib import register_fake_and_autograd
+
+    def bwd(ctx, feats, maps, norms, grad_maps):
+        return torch.ops.datadam_fast.cpu_bwd(feats, maps, norms, grad_maps, ctx.power, *ctx.extra)
+
+    register_fake_and_autograd("datadam_fast::cpu_fwd", "datadam_fast::cpu_bwd", bwd)
+    _REGISTERED.append(True)
+
+
+class CPUBackend(NativeOpBackend):
     """Fused C++ kernels for CPU tensors; all layers of a call in one C++ call."""
     name = "cpu"
 
     def __init__(self):
         self._ext = _load_extension()  # BackendUnavailable propagates (auto falls back)
+        if not hasattr(torch.ops.datadam_fast, "cpu_fwd"):  # pragma: no cover - stale prebuilt module
+            raise BackendUnavailable("the cpu extension loaded but registered no datadam_fast::cpu_fwd op "
+                                     "(a prebuilt datadam_fast._C_cpu from an older version?)")
+        _register_python_parts()
         # Advise transparent huge pages for large gradient buffers (see the C++ source);
         # DATADAM_FAST_CPU_THP=0 turns the advice off.
         self._huge_pages = os.environ.get("DATADAM_FAST_CPU_THP", "1") != "0"
@@ -77,5 +97,5 @@ class CPUBackend(ExtensionBackend):
     def supports(self, device) -> bool:
         return torch.device(device).type == "cpu"
 
-    def _backward_extra_args(self) -> tuple:
+    def _bwd_extra_args(self) -> tuple:
         return (self._huge_pages,)

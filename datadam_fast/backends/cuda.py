@@ -17,14 +17,17 @@ NCHW-contiguous first (one copy). Results are deterministic (no atomics).
 from __future__ import annotations
 
 import hashlib
+
 import torch
 
-from . import BackendUnavailable, ExtensionBackend
+from .. import _constants
+from ..errors import BackendUnavailable
+from . import NativeOpBackend
 
 _EXT_NAME = "_C_cuda"
 _SOURCES = ["spatial_attention_cuda.cu"]
 _HEADERS = ["spatial_attention_kernels.cuh"]
-_CUDA_CFLAGS = ["-O3", "-lineinfo"]
+_REGISTERED = []
 
 
 def _header_tag() -> str:
@@ -41,8 +44,21 @@ def _header_tag() -> str:
 
 def _load_extension():
     from .._build import load_extension
-    return load_extension(_EXT_NAME, _SOURCES, cuda=True,
-                          extra_cuda_cflags=[*_CUDA_CFLAGS, _header_tag()])
+    defines = _constants.native_defines()
+    return load_extension(_EXT_NAME, _SOURCES, cuda=True, extra_cflags=[*_constants.CUDA_CXX_FLAGS, *defines],
+                          extra_cuda_cflags=[*_constants.CUDA_NVCC_FLAGS, *defines, _header_tag()])
+
+
+def _register_python_parts() -> None:
+    if _REGISTERED:
+        return
+    from .._oplib import register_fake_and_autograd
+
+    def bwd(ctx, feats, maps, norms, grad_maps):
+        return torch.ops.datadam_fast.cuda_bwd(feats, maps, norms, grad_maps, ctx.power)
+
+    register_fake_and_autograd("datadam_fast::cuda_fwd", "datadam_fast::cuda_bwd", bwd)
+    _REGISTERED.append(True)
 
 
 def unavailable_reason() -> str:
@@ -58,7 +74,7 @@ def unavailable_reason() -> str:
     return ""
 
 
-class CUDABackend(ExtensionBackend):
+class CUDABackend(NativeOpBackend):
     """Fused CUDA kernels for CUDA tensors; all layers of a call in one grouped launch per phase."""
     name = "cuda"
 
@@ -67,6 +83,7 @@ class CUDABackend(ExtensionBackend):
         if reason:
             raise BackendUnavailable(f"backend 'cuda' unavailable: {reason}")
         self._ext = _load_extension()  # BackendUnavailable propagates (auto falls back)
+        _register_python_parts()
 
     def supports(self, device) -> bool:
         return torch.device(device).type == "cuda"
