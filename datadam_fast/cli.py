@@ -259,10 +259,8 @@ def _cmd_evaluate(args) -> int:
                "batched": None if args.frozen_model else result["batched"]}
         if args.frozen_model:
             out["frozen_model"] = args.frozen_model
-        tmp = args.json + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(out, f, indent=2)
-        os.replace(tmp, args.json)
+        from ._io import atomic_write_text
+        atomic_write_text(args.json, json.dumps(out, indent=2))
     return 0
 
 
@@ -314,15 +312,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     if getattr(args, "threads", None):
         import torch
         torch.set_num_threads(args.threads)
-    from .errors import UserError
-    try:
-        from .data import DatasetError
-    except ImportError:  # pragma: no cover
-        DatasetError = UserError
-    handlers = {"distill": _cmd_distill, "evaluate": _cmd_evaluate, "report": _cmd_report, "pack": _cmd_pack, "backends": _cmd_backends}
+    from .errors import DatadamError
+    handlers = {"distill": _cmd_distill, "evaluate": _cmd_evaluate, "report": _cmd_report, "pack": _cmd_pack,
+                "backends": _cmd_backends}
     try:
         return handlers[args.command](args)
-    except (UserError, DatasetError) as e:
+    except DatadamError as e:  # every deliberate error: bad input, data, unavailable backend
         if args.debug:
             raise
         print(f"datadam-fast {args.command}: error{_rank_tag()}: {e}", file=sys.stderr)

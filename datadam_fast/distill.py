@@ -21,6 +21,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
+from ._io import atomic_torch_save, atomic_write_text
 from .errors import UserError
 from .loss import attention_matching_loss
 from .memory import GB, MB, MemoryPlan, PeakMemory, linear_fit, parse_budget, plan_chunks
@@ -145,12 +146,6 @@ def check_model_name(name: str, what: str = "--model") -> None:
     from .networks import NETWORK_NAMES
     if name not in NETWORK_NAMES:
         raise UserError(f"unknown {what} {name!r}; expected one of {', '.join(NETWORK_NAMES)}")
-
-
-def _atomic_save(obj, path: str) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
 
 
 class Distiller:
@@ -387,23 +382,22 @@ class Distiller:
         if mark:
             mark("syn_forward")
         with nvtx_range("datadam_fast.step.loss"):
-            if dm:
-                att = torch.zeros((), device=emb_s.device)
-            else:
-                att = attention_matching_loss(ClassTargets(targets.attention, None, c.power), feats_s,
-                                              num_classes=num_classes, power=c.power,
-                                              attention_weight=c.attention_factor, backend=c.backend)
-            emb = attention_matching_loss(ClassTargets([], targets.embedding, c.power), [], None, emb_s,
-                                          num_classes=num_classes, power=c.power,
-                                          embedding_weight=1.0 if dm else c.attention_factor * c.task_balance,
-                                          backend=c.backend)
+            # dm: attention_weight 0 skips the attention work (and there are no taps)
+            loss, terms = attention_matching_loss(
+                targets, feats_s, None, emb_s, num_classes=num_classes, power=c.power,
+                attention_weight=0.0 if dm else c.attention_factor,
+                embedding_weight=1.0 if dm else c.attention_factor * c.task_balance, backend=c.backend,
+                return_terms=True)
         if mark:
             mark("loss")
         with nvtx_range("datadam_fast.step.backward"):
-            (att + emb).backward()
+            loss.backward()
         if mark:
             mark("backward")
-        return leaf.grad, att.detach(), emb.detach()
+        zero = torch.zeros((), device=loss.device)
+        att, emb = terms.get("attention"), terms.get("embedding")
+        return (leaf.grad, zero if att is None else att.detach().float(),
+                zero if emb is None else emb.detach().float())
 
     # ---------------------------------------------------------------- one iteration
     def step(self, timings: Optional[Dict[str, float]] = None) -> Dict[str, torch.Tensor]:
@@ -608,7 +602,7 @@ class Distiller:
             return
         state = self.checkpoint_state()
         if state is not None:
-            _atomic_save(state, os.path.join(self.out_dir, CHECKPOINT))
+            atomic_torch_save(state, os.path.join(self.out_dir, CHECKPOINT))
 
     def _load_checkpoint(self) -> None:
         path = os.path.join(self.out_dir, CHECKPOINT)
@@ -698,7 +692,7 @@ class Distiller:
         state = self.synthetic_state()
         if state is None:
             return
-        _atomic_save(state, os.path.join(self.out_dir, "synthetic.pt"))
+        atomic_torch_save(state, os.path.join(self.out_dir, "synthetic.pt"))
         # one row per class; a grid of more than GRID_MAX_CLASSES classes would be unreadable
         shown = state["images"][:GRID_MAX_CLASSES * self.cfg.ipc]
         save_grid(self.train_set.denormalize(shown), os.path.join(self.out_dir, "grid.png"),
@@ -730,10 +724,7 @@ class Distiller:
                     continue  # a line cut by the kill
                 if rec.get("iteration", 0) <= self.iteration:  # evals at the checkpoint's iteration ran before it
                     keep.append(line if line.endswith("\n") else line + "\n")
-        tmp = p + ".tmp"
-        with open(tmp, "w") as f:
-            f.writelines(keep)
-        os.replace(tmp, p)
+        atomic_write_text(p, "".join(keep))
 
     def _should_eval(self, it: int) -> bool:
         e = self.cfg.eval_every
@@ -802,8 +793,7 @@ class Distiller:
                    "peak_memory_mb": self.world.max_int(self.mem.process_peak()) / MB,
                    "predicted_peak_mb": self.plan.predicted_peak / MB, "memory_budget_mb": self.budget / MB}
         if self.out_dir and self.world.is_main:
-            with open(os.path.join(self.out_dir, "summary.json"), "w") as f:
-                json.dump(summary, f, indent=2)
+            atomic_write_text(os.path.join(self.out_dir, "summary.json"), json.dumps(summary, indent=2))
         return summary
 
     def _report_measured(self, seconds: float, iterations: int) -> None:

@@ -1,10 +1,10 @@
 """PNG grids of synthetic images (Pillow; no matplotlib)."""
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import torch
+
+from ._io import atomic_write
 
 
 def save_grid(images: torch.Tensor, path: str, nrow: int, *, pad: int = 2, min_cell: int = 32) -> None:
@@ -27,6 +27,4 @@ def save_grid(images: torch.Tensor, path: str, nrow: int, *, pad: int = 2, min_c
         grid[:, pad + r * (h + pad):pad + r * (h + pad) + h, pad + col * (w + pad):pad + col * (w + pad) + w] = x[i]
     arr = (grid.permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8)
     img = Image.fromarray(arr[:, :, 0] if c == 1 else arr, mode="L" if c == 1 else "RGB")
-    tmp = path + ".tmp"
-    img.save(tmp, format="PNG")
-    os.replace(tmp, path)
+    atomic_write(path, lambda fh: img.save(fh, format="PNG"))

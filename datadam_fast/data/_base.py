@@ -9,6 +9,8 @@ from typing import Iterable, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
+from ..errors import UserError
+
 __all__ = ["DatasetError", "ImageDataset", "default_data_root", "IMAGENET_MEAN", "IMAGENET_STD",
            "resize_uint8", "channel_stats"]
 
@@ -17,7 +19,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-class DatasetError(ValueError):
+class DatasetError(UserError):
     """Every user-facing data problem: unknown name/option, missing, corrupt or malformed file.
 
     The message is a single line (the CLI prints it and exits with status 2)."""

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from ._base import DatasetError, ImageDataset
+from .._io import atomic_write_text
 
 FORMAT = "datadam_fast.packed"
 VERSION = 1
@@ -40,12 +41,7 @@ def is_packed(path) -> bool:
 
 
 def write_json_atomic(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(obj, indent=1))
 
 
 def fingerprint(items) -> str:
