@@ -197,10 +197,14 @@ def _cmd_distill(args) -> int:
             summary = d.run()
         finally:
             d.close()
-        if world.is_main:
-            print(json.dumps({"out": args.out, **summary}))
-    finally:
-        world.close()
+    except BaseException:
+        # no goodbye collective: the other ranks may be inside a different one. Exiting now lets
+        # torchrun see this rank's failure and stop the rest.
+        world.owns_group = False
+        raise
+    world.close()
+    if world.is_main:
+        print(json.dumps({"out": args.out, **summary}))
     return 0
 
 
@@ -297,6 +301,14 @@ def _cmd_backends(args) -> int:
     return 0
 
 
+def _peer_gone(e: BaseException) -> bool:
+    """A collective failed because another rank's process is gone (gloo / NCCL wording)."""
+    from .parallel import env_world_size
+    text = str(e)
+    return env_world_size() > 1 and any(k in text for k in ("Connection closed by peer", "Connection reset by peer",
+                                                                "Broken pipe", "NCCL communicator was aborted"))
+
+
 def _rank_tag() -> str:
     """' (rank N)' inside a torchrun job, so that the failing rank is named."""
     from .parallel import env_world_size
@@ -322,6 +334,12 @@ def main(argv: Optional[List[str]] = None) -> int:
             raise
         print(f"datadam-fast {args.command}: error{_rank_tag()}: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except RuntimeError as e:
+        if not _peer_gone(e) or args.debug:
+            raise
+        print(f"datadam-fast {args.command}: error{_rank_tag()}: another process of this job stopped (its own "
+              f"error is printed above); the last checkpoint is intact, continue with --resume", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted; resume with --resume (the last checkpoint is kept)", file=sys.stderr)
         return 130

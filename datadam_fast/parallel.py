@@ -95,6 +95,9 @@ class World:
         if self.owns_group:
             import torch.distributed as dist
             if dist.is_initialized():
+                # every rank is done with every collective before any tears its group down
+                # (a rank that leaves early can abort a peer still inside gloo)
+                dist.barrier(group=self._cpu_group)
                 dist.destroy_process_group()
             self.owns_group = False
 
