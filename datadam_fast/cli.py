@@ -59,6 +59,12 @@ def _add_distill(sub) -> None:
                    help="classes per chunk of the synthetic side (forward, loss and backward per chunk, one optimiser "
                         "step per iteration); 0 = chosen by the memory planner. Exact with instancenorm; refused "
                         "with batchnorm")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the network passes once per architecture (each iteration's fresh weights go "
+                        "in as inputs; compile time is paid on the first iteration and reported). Default: on, except "
+                        "for the digits demo or when DATADAM_FAST_COMPILE=0")
+    p.add_argument("--real-dtype", default="fp32", choices=["fp32", "bf16", "fp16"],
+                   help="precision of the real side's network pass (no_grad; maps and means still accumulate in fp32)")
     p.add_argument("--no-prefetch", action="store_true",
                    help="load real chunks in the main thread instead of a background thread")
     p.add_argument("--no-channels-last", action="store_true",
@@ -180,6 +186,7 @@ def _cmd_distill(args) -> int:
                         depth=args.depth, width=args.width, power=args.power, task_balance=args.task_balance,
                         lr_img=args.lr_img, init=args.init, dsa=not args.no_dsa, real_chunk=args.real_chunk,
                         syn_chunk=args.syn_chunk, memory_budget=args.memory_budget, prefetch=not args.no_prefetch,
+                        compile=args.compile, real_dtype=args.real_dtype,
                         channels_last=not args.no_channels_last,
                         backend=args.backend, seed=args.seed, device=args.device, eval_every=args.eval_every,
                         eval_runs=args.eval_runs, eval_epochs=args.eval_epochs, eval_model=args.eval_model,

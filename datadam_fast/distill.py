@@ -41,6 +41,7 @@ DEFAULT_PRESET = "paper"
 # embeddings only (the DataDAM loss without its attention terms, weight 1), lr_img 1,
 # batch_real 256, 20000 iterations; ConvNet (InstanceNorm) or, with --preset official, ConvNetBN.
 METHODS = ("datadam", "dm")
+REAL_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 CHECKPOINT = "checkpoint.pt"
 CHECKPOINT_FORMAT = "datadam_fast.checkpoint/2"
 GRID_MAX_CLASSES = 100
@@ -50,7 +51,7 @@ _TERMS = ("loss", "loss_attention", "loss_embedding")
 # values resumes. ``iterations`` is among them, so a finished run can be continued for longer.
 _NOT_IDENTITY = ("device", "eval_every", "eval_runs", "eval_epochs", "eval_model", "eval_batch", "log_every",
                  "checkpoint_every", "data_root", "backend", "iterations", "real_chunk", "syn_chunk",
-                 "memory_budget", "prefetch")
+                 "memory_budget", "prefetch", "compile")
 
 
 @dataclass
@@ -79,6 +80,9 @@ class DistillConfig:
     syn_chunk: int = 0                   # classes per synthetic chunk; 0 = chosen by the memory planner
     memory_budget: Optional[float] = None  # GB for the whole process; None = a safe share of what is free
     prefetch: bool = True                # load the next real chunk in a background thread
+    compile: Optional[bool] = None       # torch.compile the network passes (weights as inputs); None: on,
+                                         # except the digits demo and when DATADAM_FAST_COMPILE=0
+    real_dtype: str = "fp32"             # fp32 | bf16 | fp16: precision of the real side's network pass
     channels_last: bool = True           # NHWC network + real images: ~20% faster steps on CPU (oneDNN)
     backend: str = "auto"
     seed: int = 0
@@ -128,6 +132,10 @@ class DistillConfig:
             c.eval_epochs = 300 if demo else 1000
         if c.eval_model is None:
             c.eval_model = c.model
+        if c.compile is None:
+            c.compile = not demo and os.environ.get("DATADAM_FAST_COMPILE", "1") != "0"
+        if c.real_dtype not in REAL_DTYPES:
+            raise UserError(f"unknown real dtype {c.real_dtype!r}; expected one of {', '.join(REAL_DTYPES)}")
         return c
 
     # the fields that define the result; a checkpoint must agree on them to be resumed
@@ -238,6 +246,8 @@ class Distiller:
         self.prefetcher = ChunkPrefetcher(self._load_rows, lookahead=1 if c.prefetch else 0,
                                           enabled=self.real_all is None and c.prefetch)
         self.plan = self._make_plan()
+        self.passes = self._compiled_passes() if c.compile else None
+        self.compile_seconds: Optional[float] = None
         self._schedule_real(self.iteration, self._next_real_idx)
         W.barrier()  # every rank validated its inputs (and read the checkpoint) before rank 0 writes
         if out_dir and not resume and W.is_main:
@@ -350,8 +360,9 @@ class Distiller:
 
     # ---------------------------------------------------------------- the two phases of a step
     def _real_pass(self, net, x: torch.Tensor, labels: torch.Tensor, params, acc: ClassMeanAccumulator,
-                   local_labels_cpu: torch.Tensor, mark=None) -> None:
-        """One real chunk (no_grad) into the running class means."""
+                   local_labels_cpu: torch.Tensor, mark=None, weights=None) -> None:
+        """One real chunk (no_grad) into the running class means. Rows are class-major with
+        the same count per class; ``weights``: run the compiled pass with these weights."""
         with torch.no_grad():
             if params is not None:
                 with nvtx_range("datadam_fast.step.augment_real"):
@@ -359,14 +370,23 @@ class Distiller:
                 if mark:
                     mark("augment")
             with nvtx_range("datadam_fast.step.real_forward"):
-                feats_r, emb_r = ([], net.embed(x)) if self.cfg.method == "dm" else net.features_and_embedding(x)
-                acc.update(feats_r, emb_r, labels=local_labels_cpu)
-                del feats_r, emb_r
+                if weights is not None:
+                    first = int(local_labels_cpu[0])
+                    classes = int(local_labels_cpu[-1]) - first + 1
+                    att, emb = self.passes.real(weights, x, classes)
+                    acc.add_class_sums(att, emb, first_class=first, count=x.shape[0] // classes)
+                else:
+                    dtype = REAL_DTYPES[self.cfg.real_dtype]
+                    if dtype != torch.float32:
+                        net, x = self._real_side_copy(net, dtype), x.to(dtype)
+                    feats_r, emb_r = ([], net.embed(x)) if self.cfg.method == "dm" else net.features_and_embedding(x)
+                    acc.update(feats_r, emb_r.float(), labels=local_labels_cpu)
+                    del feats_r, emb_r
             if mark:
                 mark("real_forward")
 
     def _syn_pass(self, net, rows: torch.Tensor, labels: torch.Tensor, params, targets: ClassTargets,
-                  num_classes: int, mark=None):
+                  num_classes: int, mark=None, weights=None):
         """Forward, loss and backward of one synthetic chunk; returns (grad of rows, att, emb)."""
         c = self.cfg
         leaf = rows.detach().requires_grad_(True)
@@ -377,6 +397,18 @@ class Distiller:
             if mark:
                 mark("augment")
         dm = c.method == "dm"
+        if weights is not None:
+            with nvtx_range("datadam_fast.step.syn_forward"):
+                att, emb = self.passes.syn(weights, self._layout(x), num_classes, targets.attention, targets.embedding,
+                                           0.0 if dm else c.attention_factor,
+                                           1.0 if dm else c.attention_factor * c.task_balance)
+            if mark:
+                mark("syn_forward")
+            with nvtx_range("datadam_fast.step.backward"):
+                (att + emb).backward()
+            if mark:
+                mark("backward")
+            return leaf.grad, att.detach(), emb.detach()
         with nvtx_range("datadam_fast.step.syn_forward"):
             feats_s, emb_s = ([], net.embed(x)) if dm else net.features_and_embedding(x)
         if mark:
@@ -425,6 +457,42 @@ class Distiller:
             self._next_real_idx = self._draw_real_indices()
             self._schedule_real(self.iteration + 1, self._next_real_idx)
         mark("sample")
+        if self.passes is not None:
+            return self._step_compiled(net, params, real_idx, mark, timings)
+        return self._finish_step(net, params, real_idx, mark, timings, None, None)
+
+    def _step_compiled(self, net, params, real_idx, mark, timings):
+        from .compiled import CompiledPasses
+        weights = CompiledPasses.weights_of(net)
+        dtype = REAL_DTYPES[self.cfg.real_dtype]
+        real_weights = weights if dtype == torch.float32 else CompiledPasses.weights_of(net, dtype)
+        if self.compile_seconds is not None:
+            return self._finish_step(net, params, real_idx, mark, timings, weights, real_weights)
+        # first compiled step: it compiles (timed); a toolchain without a working compiler falls
+        # back to eager for the rest of the run, with one warning
+        state = (self.syn.detach().clone(), {k: v.clone() for k, v in self.opt.state.get(self.syn, {}).items()})
+        t0 = time.perf_counter()
+        try:
+            out = self._finish_step(net, params, real_idx, mark, timings, weights, real_weights)
+        except (UserError, KeyboardInterrupt):
+            raise
+        except Exception as e:  # noqa: BLE001 - any compiler failure: the eager path is exact
+            import warnings
+            warnings.warn(f"torch.compile of the network passes failed ({type(e).__name__}: {str(e)[:200]}); "
+                          f"running eagerly (pass --no-compile to skip trying)")
+            self.passes = None
+            with torch.no_grad():
+                self.syn.copy_(state[0])
+            self.opt.state[self.syn] = state[1]
+            self.prefetcher.clear()  # the failed attempt consumed this iteration's chunks: load them again
+            self._schedule_real(self.iteration, real_idx)
+            self._schedule_real(self.iteration + 1, self._next_real_idx)
+            return self._finish_step(net, params, real_idx, mark, timings, None, None)
+        self.compile_seconds = time.perf_counter() - t0
+        return out
+
+    def _finish_step(self, net, params, real_idx, mark, timings, weights, real_weights):
+        c, B = self.cfg, self.batch_real
         # Real side: only its per-class means enter the loss, so it is reduced chunk by chunk.
         acc = ClassMeanAccumulator(self.Kl, power=c.power, backend=c.backend)
         for j, (a, b) in enumerate(self._real_chunks()):
@@ -436,7 +504,7 @@ class Distiller:
             mark("load")
             glob = torch.arange(self.k_lo + a, self.k_lo + b, device=self.device).repeat_interleave(B)
             local = torch.arange(a, b).repeat_interleave(B)
-            self._real_pass(net, x, glob, params, acc, local, mark if timings is not None else None)
+            self._real_pass(net, x, glob, params, acc, local, mark if timings is not None else None, real_weights)
             del x
         targets = acc.targets()
         del acc
@@ -451,7 +519,7 @@ class Distiller:
             rows = slice(a * ipc, b * ipc)
             chunk_targets = ClassTargets([t[a:b] for t in targets.attention], targets.embedding[a:b], c.power)
             g, att, emb = self._syn_pass(net, self.syn[rows], self.labels_syn[rows], params, chunk_targets, b - a,
-                                         mark if timings is not None else None)
+                                         mark if timings is not None else None, weights)
             grad[rows].copy_(g)
             att_sum += att
             emb_sum += emb
@@ -461,6 +529,16 @@ class Distiller:
         mark("update")
         self.iteration += 1
         return {"loss": att_sum + emb_sum, "loss_attention": att_sum, "loss_embedding": emb_sum}
+
+    def _real_side_copy(self, net, dtype):
+        import copy
+        return copy.deepcopy(net).to(dtype)
+
+    def _compiled_passes(self):
+        from .compiled import CompiledPasses
+        template = self.new_network(torch.Generator().manual_seed(0))
+        return CompiledPasses(template, power=self.cfg.power, embedding_only=self.cfg.method == "dm",
+                              real_dtype=REAL_DTYPES[self.cfg.real_dtype])
 
     # ---------------------------------------------------------------- memory plan
     def _probe_sizes(self, net) -> Tuple[int, int]:

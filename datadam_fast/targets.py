@@ -174,6 +174,35 @@ class ClassMeanAccumulator:
             self._emb.index_add_(0, labels, emb.to(torch.float64))
         self._counts += torch.bincount(labels_cpu, minlength=self.num_classes).to(torch.float64)
 
+    @torch.no_grad()
+    def add_class_sums(self, att_sums: Sequence[torch.Tensor], emb_sums: Optional[torch.Tensor] = None, *,
+                       first_class: int, count: int) -> None:
+        """Add precomputed per-class *sums* of normalised maps (``[n, H*W]`` per layer) and of
+        embeddings (``[n, D]``) over ``count`` samples per class, for classes ``first_class ..
+        first_class + n - 1`` (what a compiled real pass returns instead of per-sample maps)."""
+        ref = att_sums[0] if len(att_sums) else emb_sums
+        if ref is None:
+            raise UserError("add_class_sums: no attention sums and no embedding sums")
+        n = ref.shape[0]
+        if first_class < 0 or first_class + n > self.num_classes or count < 1:
+            raise UserError(f"add_class_sums: classes {first_class}..{first_class + n - 1} with count {count} "
+                            f"outside 0..{self.num_classes - 1}")
+        shapes = ("sums", [int(a.shape[1]) for a in att_sums], None if emb_sums is None else int(emb_sums.shape[1]))
+        if self._shapes is None:
+            self._shapes = shapes
+            K, device = self.num_classes, ref.device
+            self._att = [torch.zeros(K, w, dtype=torch.float64, device=device) for w in shapes[1]]
+            self._emb = None if emb_sums is None else torch.zeros(K, shapes[2], dtype=torch.float64, device=device)
+            self._counts = torch.zeros(K, dtype=torch.float64)
+        elif shapes != self._shapes:
+            raise UserError(f"add_class_sums: shapes {shapes} differ from earlier additions {self._shapes}")
+        rows = slice(first_class, first_class + n)
+        for acc, a in zip(self._att, att_sums):
+            acc[rows] += a.to(torch.float64)
+        if emb_sums is not None:
+            self._emb[rows] += emb_sums.to(torch.float64)
+        self._counts[rows] += float(count)
+
     def targets(self, dtype: torch.dtype = torch.float32) -> ClassTargets:
         if self._counts is None:
             raise UserError("ClassMeanAccumulator.targets(): no chunk was added")

@@ -4,6 +4,11 @@ from pathlib import Path
 import pytest
 import torch
 
+# The distillation loop compiles its network passes by default (tens of seconds per new shape on
+# a 2-core machine). Tests run the eager path unless they ask for compile=True explicitly (see
+# tests/test_compiled.py); subprocesses inherit this.
+os.environ.setdefault("DATADAM_FAST_COMPILE", "0")
+
 
 def shared_datasets() -> Path:
     env = os.environ.get("DATADAM_FAST_DATA")
