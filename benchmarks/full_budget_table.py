@@ -31,6 +31,8 @@ import time
 from typing import Dict, List, Optional
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from datadam_fast._io import atomic_write_text  # noqa: E402
 METHODS = {
     "datadam-paper": {"preset": "paper"},
     "datadam-official": {"preset": "official"},
@@ -45,10 +47,7 @@ def cell_name(dataset: str, ipc: int, method: str) -> str:
 
 
 def _atomic_json(obj, path: str) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(obj, indent=2))
 
 
 def _git_commit() -> Optional[str]:

@@ -56,7 +56,7 @@ def run_distill(args, root: Path, out: Path, ipc: int, budget: float, extra=()) 
     cmd = [sys.executable, "-m", "datadam_fast", "distill", "--dataset", "imagenet64", "--data-root", str(root),
            "--ipc", str(ipc), "--batch-real", str(args.batch_real), "--iterations", str(args.iterations),
            "--eval-every", "-1", "--log-every", "1", "--no-progress", "--out", str(out), "--overwrite",
-           "--memory-budget", str(budget), *extra]
+           "--memory-budget", str(budget), "--device", args.device, *extra]
     t0 = time.time()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     peak = [0]
@@ -97,6 +97,8 @@ def main() -> None:
                     help="IPCs to also run unchunked (--real-chunk/--syn-chunk 1000) and compare images with")
     ap.add_argument("--unchunked-budget", type=float, default=22.0, help="GB for the unchunked runs")
     ap.add_argument("--work", default=None, help="working folder (default: a temporary one)")
+    ap.add_argument("--device", default="cpu", help="distill --device (on cuda the budget and the reported peak "
+                                                     "are device memory; the polled RSS is the host's)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     import torch
@@ -123,7 +125,8 @@ def main() -> None:
         meta = {"date": datetime.date.today().isoformat(), "torch": torch.__version__, "machine": platform.machine(),
                 "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
                 "command": " ".join(sys.argv), "per_class": args.per_class, "batch_real": args.batch_real,
-                "iterations": args.iterations, "model": "ConvNetD4 (paper preset, 64 px)"}
+                "iterations": args.iterations, "model": "ConvNetD4 (paper preset, 64 px)", "device": args.device,
+                "device_name": torch.cuda.get_device_name() if args.device.startswith("cuda") else None}
         Path(args.json).write_text(json.dumps({"meta": meta, "runs": rows}, indent=2))
 
 
