@@ -304,15 +304,23 @@ def main(argv=None):
             results.append({"shape": sname, "K": shape[0], "Br": shape[1], "Bs": shape[2], "layers": shape[3],
                             "D": shape[4], "provider": pname, **r})
         del inputs
-    out = {"device": dev_name, "device_type": device.type, "cpu": _cpu_model(), "load_average_end": os.getloadavg(),
-           "torch": torch.__version__,
-           "triton": _version("triton"), "datadam_fast": datadam_fast.__version__, "python": platform.python_version(),
-           "threads": torch.get_num_threads(), "dtype": args.dtype, "repeat": args.repeat,
-           "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-           "peak_bandwidth_gbs": peak_bw, "command": " ".join(["python", "benchmarks/bench_loss.py"] + (argv or sys.argv[1:])),
-           "results": results}
-    path = args.json or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                     f"bench_loss_{device.type}_{datetime.date.today().isoformat()}.json")
+    out = {**_run_meta(device, dev_name, args, argv), "load_average_end": os.getloadavg(), "dtype": args.dtype,
+           "peak_bandwidth_gbs": peak_bw, "results": results}
+    return _write_results(out, args.json, f"bench_loss_{device.type}")
+
+
+def _run_meta(device, dev_name, args, argv) -> dict:
+    """Machine, versions, date and command line: what every results file records."""
+    return {"device": dev_name, "device_type": device.type, "cpu": _cpu_model(), "torch": torch.__version__,
+            "triton": _version("triton"), "datadam_fast": datadam_fast.__version__,
+            "python": platform.python_version(), "threads": torch.get_num_threads(), "repeat": args.repeat,
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "command": " ".join(["python", "benchmarks/bench_loss.py"] + (argv or sys.argv[1:]))}
+
+
+def _write_results(out: dict, path, stem: str) -> dict:
+    path = path or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                                f"{stem}_{datetime.date.today().isoformat()}.json")
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with open(path, "w") as f:
         json.dump(out, f, indent=2)
@@ -328,20 +336,10 @@ def _main_user_step(args, argv, device):
           f"Br={cfg['Br']}, Bs={cfg['Bs']}, fp32, p=4, fwd+bwd medians of {args.repeat}")
     load_before = os.getloadavg()
     rows = bench_user_step(device, args.repeat, args.warmup, **cfg)
-    out = {"benchmark": "user_step", "load_average_before_after": [load_before, os.getloadavg()], "device": dev_name, "device_type": device.type, "cpu": _cpu_model(),
-           "torch": torch.__version__, "triton": _version("triton"), "datadam_fast": datadam_fast.__version__,
-           "python": platform.python_version(), "threads": torch.get_num_threads(), "repeat": args.repeat,
-           "resolved_backend": datadam_fast.resolved_backend(device),
-           "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-           "config": cfg, "command": " ".join(["python", "benchmarks/bench_loss.py"] + (argv or sys.argv[1:])),
-           "results": rows}
-    path = args.json or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                     f"bench_user_step_{device.type}_{datetime.date.today().isoformat()}.json")
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(out, f, indent=2)
-    print(f"wrote {path}")
-    return out
+    out = {"benchmark": "user_step", **_run_meta(device, dev_name, args, argv),
+           "load_average_before_after": [load_before, os.getloadavg()],
+           "resolved_backend": datadam_fast.resolved_backend(device), "config": cfg, "results": rows}
+    return _write_results(out, args.json, f"bench_user_step_{device.type}")
 
 
 def _cpu_model():

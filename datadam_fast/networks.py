@@ -353,13 +353,16 @@ class ResNet(_FeatureNet):
     window giving a 512-d embedding.
     """
 
+    _block = BasicBlock  # ResNetAP: BasicBlockAP
+
     def __init__(self, num_blocks: Sequence[int], channel: int = 3, num_classes: int = 10,
                  norm: str = "instancenorm", im_size=(32, 32), taps: str = "blocks"):
         super().__init__()
+        name = type(self).__name__
         # no official tap set for ResNets (no ``features``): "official" means "blocks" here
-        self.taps = _check_taps(taps, "ResNet")
+        self.taps = _check_taps(taps, name)
         if norm not in ("instancenorm", "batchnorm"):
-            raise ValueError(f"ResNet norm must be 'instancenorm' or 'batchnorm', got {norm!r}")
+            raise ValueError(f"{name} norm must be 'instancenorm' or 'batchnorm', got {norm!r}")
         self.channel, self.num_classes, self.norm = int(channel), int(num_classes), norm
         h, w = _im_size(im_size)
         self.im_size = (h, w)
@@ -371,19 +374,25 @@ class ResNet(_FeatureNet):
         for planes, n, stride in zip((64, 128, 256, 512), num_blocks, (1, 2, 2, 2)):
             blocks = []
             for s in [stride] + [1] * (int(n) - 1):
-                blocks.append(BasicBlock(self.in_planes, planes, s, norm))
+                blocks.append(self._block(self.in_planes, planes, s, norm))
                 self.in_planes = planes
-                h, w = _conv_out(h, 3, s, 1), _conv_out(w, 3, s, 1)
-            _check_spatial(h, w, "ResNet")
+                h, w = self._block_out(h, s), self._block_out(w, s)
+            _check_spatial(h, w, name)
             stages.append(nn.Sequential(*blocks))
             shapes.append((planes, h, w))
         self.layer1, self.layer2, self.layer3, self.layer4 = stages
-        self._pool = (min(4, h), min(4, w))
-        ph, pw = _conv_out(h, self._pool[0], self._pool[0], 0), _conv_out(w, self._pool[1], self._pool[1], 0)
-        self.embedding_dim = 512 * ph * pw
+        self.embedding_dim = 512 * self._pooled_area(h, w)
         self.classifier = nn.Linear(self.embedding_dim, self.num_classes)
         self.feature_shapes = shapes[:-1]
         self.feature_layers = ["layer1", "layer2", "layer3"]
+
+    @staticmethod
+    def _block_out(size: int, stride: int) -> int:
+        return _conv_out(size, 3, stride, 1)  # the block's strided 3x3 conv
+
+    def _pooled_area(self, h: int, w: int) -> int:
+        self._pool = (min(4, h), min(4, w))
+        return _conv_out(h, self._pool[0], self._pool[0], 0) * _conv_out(w, self._pool[1], self._pool[1], 0)
 
     def _pool_flat(self, out: torch.Tensor) -> torch.Tensor:
         return F.avg_pool2d(out, self._pool).flatten(1)
@@ -451,35 +460,18 @@ class ResNetAP(ResNet):
     derived by the same layer arithmetic.
     """
 
+    _block = BasicBlockAP
+
     def __init__(self, num_blocks: Sequence[int], channel: int = 3, num_classes: int = 10,
                  norm: str = "batchnorm", im_size=(32, 32), taps: str = "blocks"):
-        nn.Module.__init__(self)
-        self.taps = _check_taps(taps, "ResNetAP")
-        if norm not in ("instancenorm", "batchnorm"):
-            raise ValueError(f"ResNetAP norm must be 'instancenorm' or 'batchnorm', got {norm!r}")
-        self.channel, self.num_classes, self.norm = int(channel), int(num_classes), norm
-        h, w = _im_size(im_size)
-        self.im_size = (h, w)
-        self.in_planes = 64
-        self.conv1 = nn.Conv2d(self.channel, 64, kernel_size=3, stride=1, padding=1, bias=False)
-        self.bn1 = _norm_res(norm, 64)
-        shapes: List[Tuple[int, int, int]] = []
-        stages = []
-        for planes, n, stride in zip((64, 128, 256, 512), num_blocks, (1, 2, 2, 2)):
-            blocks = []
-            for s in [stride] + [1] * (int(n) - 1):
-                blocks.append(BasicBlockAP(self.in_planes, planes, s, norm))
-                self.in_planes = planes
-                if s != 1:
-                    h, w = h // 2, w // 2
-            _check_spatial(h, w, "ResNetAP")
-            stages.append(nn.Sequential(*blocks))
-            shapes.append((planes, h, w))
-        self.layer1, self.layer2, self.layer3, self.layer4 = stages
-        self.embedding_dim = 512 * h * w
-        self.classifier = nn.Linear(self.embedding_dim, self.num_classes)
-        self.feature_shapes = shapes[:-1]
-        self.feature_layers = ["layer1", "layer2", "layer3"]
+        super().__init__(num_blocks, channel, num_classes, norm, im_size, taps)
+
+    @staticmethod
+    def _block_out(size: int, stride: int) -> int:
+        return size // 2 if stride != 1 else size  # stride-1 convs, then AvgPool2d(2, 2)
+
+    def _pooled_area(self, h: int, w: int) -> int:
+        return h * w
 
     def _pool_flat(self, out: torch.Tensor) -> torch.Tensor:
         return out.flatten(1)  # official avg_pool2d(kernel_size=1, stride=1) is the identity
