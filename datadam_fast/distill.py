@@ -574,8 +574,9 @@ class Distiller:
                 else:
                     with torch.no_grad():
                         f, e = net.features_and_embedding(x[:1])
-                    tg = ClassTargets([torch.zeros(1, t.shape[2] * t.shape[3], device=self.device) for t in f],
-                                      torch.zeros(1, e.shape[1], device=self.device), c.power)
+                    maps = [] if c.method == "dm" else [torch.zeros(1, t.shape[2] * t.shape[3], device=self.device)
+                                                        for t in f]
+                    tg = ClassTargets(maps, torch.zeros(1, e.shape[1], device=self.device), c.power)
                     xs = x.contiguous()
                     fn = lambda: self._syn_pass(net, xs, lab, params, tg, 1)  # noqa: E731
                 fn()  # warm-up: first-call allocations (kernel JIT, weight reorders) are not per image

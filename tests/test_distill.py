@@ -79,3 +79,12 @@ def test_dm_method_is_the_main_DM_loss():
     torch.testing.assert_close(terms["loss"], want.float(), rtol=1e-4, atol=1e-4)
     with pytest.raises(UserError, match="unknown method"):
         Distiller(DistillConfig(method="mtt"), None, progress=False)
+
+
+def test_dm_runs_chunked_with_the_probe():
+    """--method dm through the memory probe and class chunks (no attention targets anywhere)."""
+    d = Distiller(DistillConfig(method="dm", ipc=2, batch_real=6, width=16, iterations=2, syn_chunk=3,
+                                eval_every=-1), None, progress=False)
+    assert d.plan.syn_chunks == 4 and "probe" in " ".join(d.plan.notes)
+    d.run()
+    assert d.iteration == 2
