@@ -87,6 +87,32 @@ def _add_distill(sub) -> None:
     p.add_argument("--log-every", type=int, default=10, help="write a metrics.jsonl line every N iterations")
     p.add_argument("--nvtx", action="store_true", help="emit NVTX ranges for Nsight (also DATADAM_FAST_NVTX=1)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _defaults_from_config(p)
+
+
+# flags that switch a DistillConfig field off: flag dest -> field
+_NEGATED = {"no_dsa": "dsa", "no_channels_last": "channels_last", "no_prefetch": "prefetch"}
+
+
+def _defaults_from_config(p) -> None:
+    """Every distill flag that is a ``DistillConfig`` field takes its default from the dataclass,
+    so the two cannot drift apart (``--help`` shows them)."""
+    import dataclasses
+    from .distill import DistillConfig
+    fields = {f.name for f in dataclasses.fields(DistillConfig)}
+    base = DistillConfig()
+    for action in p._actions:
+        if action.dest in fields:
+            action.default = getattr(base, action.dest)
+
+
+def _distill_config(args, data_opts):
+    import dataclasses
+    from .distill import DistillConfig
+    fields = {f.name for f in dataclasses.fields(DistillConfig)}
+    kw = {k: v for k, v in vars(args).items() if k in fields}
+    kw.update({field: not getattr(args, flag) for flag, field in _NEGATED.items()})
+    return DistillConfig(**kw, data_opts=data_opts)
 
 
 def _add_evaluate(sub) -> None:
@@ -176,21 +202,12 @@ def _data_opts(args) -> dict:
 
 def _cmd_distill(args) -> int:
     from . import profiling
-    from .distill import DistillConfig, Distiller
+    from .distill import Distiller
     if args.nvtx:
         profiling.enable()
     opts = _data_opts(args)
     download = opts.pop("download", False)
-    cfg = DistillConfig(dataset=args.dataset, data_root=args.data_root, ipc=args.ipc, iterations=args.iterations,
-                        batch_real=args.batch_real, method=args.method, preset=args.preset, model=args.model, norm=args.norm,
-                        depth=args.depth, width=args.width, power=args.power, task_balance=args.task_balance,
-                        lr_img=args.lr_img, init=args.init, dsa=not args.no_dsa, real_chunk=args.real_chunk,
-                        syn_chunk=args.syn_chunk, memory_budget=args.memory_budget, prefetch=not args.no_prefetch,
-                        compile=args.compile, real_dtype=args.real_dtype,
-                        channels_last=not args.no_channels_last,
-                        backend=args.backend, seed=args.seed, device=args.device, eval_every=args.eval_every,
-                        eval_runs=args.eval_runs, eval_epochs=args.eval_epochs, eval_model=args.eval_model,
-                        log_every=args.log_every, checkpoint_every=args.checkpoint_every, data_opts=opts)
+    cfg = _distill_config(args, opts)
     if download:
         from .data import load_dataset
         for split in ("train", "test"):
@@ -227,7 +244,7 @@ def _cmd_evaluate(args) -> int:
     if args.epochs < 0:
         raise UserError(f"--epochs must be >= 0, got {args.epochs}")
     if args.model is not None:
-        from .distill import check_model_name
+        from .networks import check_model_name
         check_model_name(args.model)
     images, labels, meta = load_synthetic(args.synthetic)
     dataset = args.dataset or meta.get("dataset")
@@ -251,7 +268,7 @@ def _cmd_evaluate(args) -> int:
         cfg = EvalConfig(model=pick["model"], epochs=args.epochs, runs=args.runs, lr=args.lr, batch_size=args.batch,
                          dsa=not args.no_dsa, norm=pick["norm"], width=pick["width"], depth=pick["depth"],
                          batched=args.batched)
-        from .distill import check_model_name
+        from .networks import check_model_name
         check_model_name(cfg.model, "recorded model")
         network = describe_eval_network(cfg, images.shape[1], test_set.num_classes, tuple(images.shape[2:]))
         print(f"network: {network_label(network)} ({pick['source']})", flush=True)

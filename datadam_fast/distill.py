@@ -24,6 +24,7 @@ import torch
 from ._io import atomic_torch_save, atomic_write_text
 from .errors import UserError
 from .loss import attention_matching_loss
+from .networks import check_model_name
 from .memory import GB, MB, MemoryPlan, PeakMemory, linear_fit, parse_budget, plan_chunks
 from .parallel import World, class_block, init_world
 from .prefetch import ChunkPrefetcher
@@ -150,12 +151,6 @@ def _net_overrides(width, depth, norm) -> Dict:
     return {k: v for k, v in (("width", width), ("depth", depth), ("norm", norm)) if v is not None}
 
 
-def check_model_name(name: str, what: str = "--model") -> None:
-    from .networks import NETWORK_NAMES
-    if name not in NETWORK_NAMES:
-        raise UserError(f"unknown {what} {name!r}; expected one of {', '.join(NETWORK_NAMES)}")
-
-
 class Distiller:
     """One distillation run (optionally one rank of a class-sharded ``torchrun`` job).
 
@@ -180,32 +175,32 @@ class Distiller:
         self._test_set = test_set
         ds = self.train_set
         check_model_name(cfg.model)
-        check_model_name(cfg.eval_model or cfg.model, "--eval-model")
+        check_model_name(cfg.eval_model or cfg.model, "eval_model")
         if cfg.width is not None or cfg.depth is not None:
             if not cfg.model.startswith("ConvNet"):
-                raise UserError(f"--width/--depth apply to ConvNet models only, not {cfg.model}")
+                raise UserError(f"width/depth apply to ConvNet models only, not {cfg.model}")
         self.cfg = cfg.resolved(ds.image_size)
         c = self.cfg
         if c.ipc < 1:
-            raise UserError(f"--ipc must be >= 1, got {c.ipc}")
+            raise UserError(f"ipc must be >= 1, got {c.ipc}")
         if c.iterations < 0:  # resolved above
-            raise UserError(f"--iterations must be >= 0, got {c.iterations}")
+            raise UserError(f"iterations must be >= 0, got {c.iterations}")
         if c.init not in ("real", "noise"):
-            raise UserError(f"--init must be 'real' or 'noise', got {c.init!r}")
+            raise UserError(f"init must be 'real' or 'noise', got {c.init!r}")
         for name in ("real_chunk", "syn_chunk"):
             if getattr(c, name) < 0:
-                raise UserError(f"--{name.replace('_', '-')} must be >= 0 (0 = chosen by the memory planner)")
+                raise UserError(f"{name} must be >= 0 (0 = chosen by the memory planner)")
         counts = [len(ix) for ix in ds.class_indices()]
         K = ds.num_classes
         smallest = min(counts)
         if c.ipc > smallest:
-            raise UserError(f"--ipc {c.ipc} is larger than the smallest class of {ds.name} "
+            raise UserError(f"ipc {c.ipc} is larger than the smallest class of {ds.name} "
                             f"(class {counts.index(smallest)} has {smallest} images)")
         self.batch_real = min(c.batch_real, smallest)
         self.device = torch.device(c.device)
         if self.device.type == "cuda":
             if not torch.cuda.is_available():
-                raise UserError("--device cuda requested but CUDA is not available here")
+                raise UserError(f"device {c.device!r} requested but CUDA is not available here")
             if self.world.distributed and self.device.index is None:
                 self.device = torch.device("cuda", self.world.local_rank)
         self.K = K
@@ -218,12 +213,12 @@ class Distiller:
         if self.single_pass:
             if W.distributed:
                 raise UserError(f"class sharding over {W.size} processes needs a network that treats samples "
-                                f"independently, but {self.single_pass}; use --norm instancenorm (the paper "
+                                f"independently, but {self.single_pass}; use norm='instancenorm' (the paper "
                                 f"preset) or run one process")
             if c.real_chunk or c.syn_chunk:
-                raise UserError(f"--real-chunk/--syn-chunk would process the classes in chunks, but "
-                                f"{self.single_pass}: the loss would differ from one pass; use --norm instancenorm "
-                                f"(or --preset paper) to chunk, or drop the chunk flags")
+                raise UserError(f"real_chunk/syn_chunk would process the classes in chunks, but "
+                                f"{self.single_pass}: the loss would differ from one pass; use norm='instancenorm' "
+                                f"(or preset='paper') to chunk, or leave the chunk sizes to the planner")
         self.gen = torch.Generator().manual_seed(c.seed)
         from .augment import DSA
         self.dsa = DSA(c.dsa_strategy) if c.dsa else None
@@ -267,13 +262,13 @@ class Distiller:
     def _check_out_dir(self, out_dir: str, resume: bool, overwrite: bool) -> None:
         if resume:
             if not os.path.isfile(os.path.join(out_dir, CHECKPOINT)):
-                raise UserError(f"--resume: no checkpoint at {os.path.join(out_dir, CHECKPOINT)}")
+                raise UserError(f"resume: no checkpoint at {os.path.join(out_dir, CHECKPOINT)}")
             return
         if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-            raise UserError(f"--out {out_dir} exists and is not a directory")
+            raise UserError(f"output directory {out_dir} exists and is not a directory")
         if os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite:
-            raise UserError(f"output directory {out_dir} is not empty; pass --overwrite to replace its results "
-                            f"or --resume to continue its checkpoint")
+            raise UserError(f"output directory {out_dir} is not empty; pass overwrite=True to replace its results "
+                            f"or resume=True to continue its checkpoint")
 
     def _claim_out_dir(self, out_dir: str) -> None:
         """Called once every input is validated: only then are stale results of --overwrite removed."""
@@ -689,7 +684,7 @@ class Distiller:
             ck = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         except Exception as e:
             raise UserError(f"checkpoint {path} is unreadable ({type(e).__name__}); delete it and start again "
-                            f"with --overwrite") from None
+                            f"with overwrite=True") from None
         if not isinstance(ck, dict) or ck.get("format") not in (CHECKPOINT_FORMAT, "datadam_fast.checkpoint/1"):
             raise UserError(f"{path} is not a datadam-fast checkpoint")
         mine = self.cfg.identity()

@@ -427,7 +427,7 @@ def evaluate_synthetic(images, labels, test_set, cfg: EvalConfig, *, seed: int =
                         f"images are {tuple(test_set.image_size)}")
     if cfg.runs < 1:
         raise UserError(f"runs must be >= 1, got {cfg.runs}")
-    from .distill import check_model_name
+    from .networks import check_model_name
     check_model_name(cfg.model)
     _check_inputs(images, test_set, cfg)
     K = test_set.num_classes

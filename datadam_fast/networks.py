@@ -345,6 +345,18 @@ class BasicBlock(nn.Module):
         return F.relu(out)
 
 
+class _PoolFlatten(nn.Module):
+    """The ResNets' final pooling + flatten as a module (no parameters, so state dicts keep the
+    official keys), so that the embedding has a name: ``FeatureExtractor(net, [...], embedding="avgpool")``."""
+
+    def __init__(self, kernel):
+        super().__init__()
+        self.kernel = kernel
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (F.avg_pool2d(x, self.kernel) if self.kernel else x).flatten(1)
+
+
 class ResNet(_FeatureNet):
     """Official (DC/DataDAM) ResNet with a 3x3 stem, ``avg_pool2d(out, 4)`` and head ``classifier``.
 
@@ -392,10 +404,11 @@ class ResNet(_FeatureNet):
 
     def _pooled_area(self, h: int, w: int) -> int:
         self._pool = (min(4, h), min(4, w))
+        self.avgpool = _PoolFlatten(self._pool)
         return _conv_out(h, self._pool[0], self._pool[0], 0) * _conv_out(w, self._pool[1], self._pool[1], 0)
 
     def _pool_flat(self, out: torch.Tensor) -> torch.Tensor:
-        return F.avg_pool2d(out, self._pool).flatten(1)
+        return self.avgpool(out)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.bn1(self.conv1(x)))
@@ -471,10 +484,9 @@ class ResNetAP(ResNet):
         return size // 2 if stride != 1 else size  # stride-1 convs, then AvgPool2d(2, 2)
 
     def _pooled_area(self, h: int, w: int) -> int:
+        self.avgpool = _PoolFlatten(None)  # official avg_pool2d(kernel_size=1, stride=1) is the identity
         return h * w
 
-    def _pool_flat(self, out: torch.Tensor) -> torch.Tensor:
-        return out.flatten(1)  # official avg_pool2d(kernel_size=1, stride=1) is the identity
 
 
 # ------------------------------------------------------------------------------------ registry
@@ -550,6 +562,13 @@ def init_from_generator(net: nn.Module, generator: torch.Generator) -> nn.Module
                 bt.uniform_(-bound, bound, generator=generator)
                 m.bias.copy_(bt)
     return net
+
+
+def check_model_name(name: str, what: str = "model") -> None:
+    """A one-line ``UserError`` listing the known networks when ``name`` is not one."""
+    if name not in NETWORK_NAMES:
+        from .errors import UserError
+        raise UserError(f"unknown {what} {name!r}; expected one of {', '.join(NETWORK_NAMES)}")
 
 
 def get_network(name: str, channel: int, num_classes: int, im_size=(32, 32), *,

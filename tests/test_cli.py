@@ -189,7 +189,7 @@ def test_never_overwrites_and_rejects_bad_checkpoints(tmp_path, capsys):
     out.mkdir()
     (out / "precious.txt").write_text("keep")
     code, cap = run_cli(["distill", "--out", str(out), "--no-progress", "--iterations", "1"], capsys)
-    assert code == 2 and "--overwrite" in cap.err and (out / "precious.txt").read_text() == "keep"
+    assert code == 2 and "overwrite" in cap.err and (out / "precious.txt").read_text() == "keep"
     code, cap = run_cli(["distill", "--out", str(out), "--no-progress", "--iterations", "1", "--resume"], capsys)
     assert code == 2 and "no checkpoint" in cap.err
     (out / "checkpoint.pt").write_bytes(b"garbage")
@@ -220,3 +220,14 @@ def test_evaluate_bad_files(tmp_path, capsys):
     assert code == 2 and "channels" in cap.err
     code, cap = run_cli(["evaluate", "--synthetic", str(tmp_path / "missing.pt"), "--dataset", "digits"], capsys)
     assert code == 2 and "not found" in cap.err
+
+
+def test_distill_flags_default_to_the_config_dataclass():
+    """No flag repeats a DistillConfig default: parsing no flags gives DistillConfig() exactly."""
+    import dataclasses
+    from datadam_fast.cli import _distill_config, build_parser
+    from datadam_fast.distill import DistillConfig
+    got = _distill_config(build_parser().parse_args(["distill"]), {})
+    assert dataclasses.asdict(got) == dataclasses.asdict(DistillConfig())
+    got = _distill_config(build_parser().parse_args(["distill", "--no-dsa", "--no-prefetch", "--ipc", "3"]), {})
+    assert got.dsa is False and got.prefetch is False and got.ipc == 3 and got.channels_last is True

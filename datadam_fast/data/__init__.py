@@ -156,7 +156,7 @@ def load_dataset(name: str, root=None, split: str = "train", download: bool = Fa
         path = opts.pop("path", None)
         if path is None:
             if not root_given:
-                raise DatasetError("the 'folder' dataset needs path=<folder> (--data-path): "
+                raise DatasetError("the 'folder' dataset needs path=<folder> (on the command line: --folder): "
                                    "<folder>/<class>/*.jpg, <folder>/train|val/<class>/*.jpg, "
                                    "or a folder made by 'datadam-fast pack'")
             path = root

@@ -174,7 +174,7 @@ def load_folder(path, split: str = "train", size=None, split_dirs: bool = True, 
                 in_memory: bool = False, name: str = "folder") -> ImageDataset:
     """An ImageFolder tree decoded into memory, or a packed folder memory-mapped."""
     if path is None:
-        raise DatasetError("the 'folder' dataset needs a path (path=... / --data-path)")
+        raise DatasetError("the 'folder' dataset needs a path (path=...; on the command line: --folder)")
     path = Path(path).expanduser()
     mean, std = _parse_floats(mean, "mean"), _parse_floats(std, "std")
     size = as_size(size)
