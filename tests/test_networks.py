@@ -336,3 +336,18 @@ def test_describe_and_infer_network():
         load_official_state_dict(net, sd)  # the inferred network takes the weights
     with pytest.raises(ValueError, match="ConvNet"):
         infer_network_from_state_dict(get_network("ResNet18BN", 3, 10).state_dict())
+
+
+@pytest.mark.parametrize("name", ["ResNet18", "ResNet18BN_AP"])
+def test_resnet_pooled_embedding_has_a_name(name):
+    """FeatureExtractor(resnet, [...], embedding="avgpool") gives the network's own embedding, and the
+    named pooling module adds no state-dict keys (official weights still load)."""
+    import datadam_fast as dd
+    net = get_network(name, 3, 10, (32, 32)).eval()
+    fx = dd.FeatureExtractor(net, ["layer1", "layer2", "layer3"], embedding="avgpool")
+    x = torch.randn(2, 3, 32, 32)
+    feats, emb = fx(x)
+    want_feats, want_emb = net.features_and_embedding(x)
+    torch.testing.assert_close(emb, want_emb)
+    assert [f.shape for f in feats] == [f.shape for f in want_feats]
+    assert not any(k.startswith("avgpool") for k in net.state_dict())
