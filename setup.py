@@ -48,7 +48,7 @@ setup(
     install_requires=["torch", "numpy", "tqdm", "pillow", "scikit-learn", "matplotlib"],
     extras_require={"triton": ["triton"], "profiling": ["nvtx"],
                     "test": ["pytest", "pytest-benchmark", "scikit-learn"]},
-    entry_points={"console_scripts": ["datadam-fast=datadam_fast.cli:main"]},
+    entry_points={"console_scripts": ["datadam-fast=datadam_fast.cli:entry"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

@@ -369,5 +369,35 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 130
 
 
+def entry(argv: Optional[List[str]] = None) -> None:
+    """The ``datadam-fast`` / ``python -m datadam_fast`` entry point.
+
+    One rank of a ``torchrun`` job leaves with ``os._exit`` once its exit code is known: by then
+    the process group is destroyed (or the rank failed), outputs are written and the streams are
+    flushed. Ordinary interpreter finalization can race gloo's C++ worker threads, which still
+    drop tensor references after a collective has returned; a thread that needs the GIL while the
+    interpreter is being torn down aborts the process ("terminate called without an active
+    exception"), turning a finished rank into a failed job. A single process exits normally.
+    """
+    from .parallel import env_world_size
+    try:
+        rc = main(argv)
+    except SystemExit as e:  # argparse --help / usage errors
+        rc = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        if e.code is not None and not isinstance(e.code, int):
+            print(e.code, file=sys.stderr)
+    except BaseException:
+        if env_world_size() <= 1:
+            raise
+        import traceback
+        traceback.print_exc()
+        rc = 1
+    if env_world_size() > 1:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(int(rc or 0))
+    sys.exit(rc)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -1,7 +1,7 @@
 """A 2-rank torchrun job in which rank 1 raises at iteration 3 (tests/test_scale.py)."""
 import sys
 
-from datadam_fast.cli import main
+from datadam_fast.cli import entry
 from datadam_fast import distill
 
 
@@ -13,4 +13,4 @@ class _FailingDistiller(distill.Distiller):
 
 
 distill.Distiller = _FailingDistiller  # the CLI builds whatever distill.Distiller is
-sys.exit(main(sys.argv[1:]))
+entry(sys.argv[1:])
