@@ -40,6 +40,7 @@ METHODS = {
     "random": {"iterations": 0},
 }
 MIN_ITERATIONS = 2000
+TABLE_ORDER = ["random", "datadam-paper", "datadam-official", "dm"]  # baseline first
 
 
 def cell_name(dataset: str, ipc: int, method: str) -> str:
@@ -174,6 +175,19 @@ def write_table(results_dir: str, datasets: List[str], ipcs: List[int], methods:
                 cells[c["cell"]] = c
             except (OSError, ValueError, KeyError):
                 continue
+    # every finished cell appears, not only the ones this invocation asked for (the table is the
+    # union of all runs so far; columns in TABLE_ORDER)
+    for c in cells.values():
+        if c.get("dataset") is not None and c["dataset"] not in datasets:
+            datasets = list(datasets) + [c["dataset"]]
+        if c.get("ipc") is not None and c["ipc"] not in ipcs:
+            ipcs = list(ipcs) + [c["ipc"]]
+        if c.get("method") in METHODS and c["method"] not in methods:
+            methods = list(methods) + [c["method"]]
+    ipcs = sorted(ipcs)
+    known = ["mnist", "fashion_mnist", "cifar10", "cifar100", "tinyimagenet", "imagenet"]
+    datasets = sorted(datasets, key=lambda d: (known.index(d) if d in known else len(known), d))
+    methods = [m for m in TABLE_ORDER if m in methods]
     head = "| dataset | IPC | " + " | ".join(methods) + " |"
     lines = [head, "|" + "---|" * (len(methods) + 2)]
     for d in datasets:

@@ -50,6 +50,9 @@ def test_full_budget_driver_tiny(tmp_path):
     cell = json.loads((res / "digits_ipc1_datadam-paper.json").read_text())
     assert cell["resumed"] is True
     assert torch.equal(torch.load(run / "synthetic.pt", weights_only=True)["images"], images)
+    # the table keeps every finished cell, not only this invocation's method, baseline column first
+    header = (res / "table.md").read_text().splitlines()[2]
+    assert header.startswith("| dataset | IPC | random | datadam-paper | datadam-official |"), header
 
 
 def test_full_budget_refuses_a_small_budget_without_tiny(tmp_path):
