@@ -65,6 +65,11 @@ def _add_distill(sub) -> None:
                         "for the digits demo or when DATADAM_FAST_COMPILE=0")
     p.add_argument("--real-dtype", default="fp32", choices=["fp32", "bf16", "fp16"],
                    help="precision of the real side's network pass (no_grad; maps and means still accumulate in fp32)")
+    p.add_argument("--real-epilogue", choices=["auto", "triton", "off"],
+                   help="real side of uncompiled ConvNet passes (--no-compile) through the fused Triton epilogue: "
+                        "conv output -> norm statistics -> norm + activation -> pooling and attention map in one "
+                        "pass, the normalised activation never written. auto: on CUDA where Triton runs; triton: "
+                        "required (an error if it cannot run; on CPU only under TRITON_INTERPRET=1, for tests); off")
     p.add_argument("--no-prefetch", action="store_true",
                    help="load real chunks in the main thread instead of a background thread")
     p.add_argument("--no-channels-last", action="store_true",

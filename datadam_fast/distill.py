@@ -52,7 +52,8 @@ _TERMS = ("loss", "loss_attention", "loss_embedding")
 # values resumes. ``iterations`` is among them, so a finished run can be continued for longer.
 _NOT_IDENTITY = ("device", "eval_every", "eval_runs", "eval_epochs", "eval_model", "eval_batch", "log_every",
                  "checkpoint_every", "data_root", "backend", "iterations", "real_chunk", "syn_chunk",
-                 "memory_budget", "prefetch", "compile")
+                 "memory_budget", "prefetch", "compile", "real_epilogue")
+REAL_EPILOGUES = ("auto", "triton", "off")
 
 
 @dataclass
@@ -84,6 +85,8 @@ class DistillConfig:
     compile: Optional[bool] = None       # torch.compile the network passes (weights as inputs); None: on,
                                          # except the digits demo and when DATADAM_FAST_COMPILE=0
     real_dtype: str = "fp32"             # fp32 | bf16 | fp16: precision of the real side's network pass
+    real_epilogue: str = "auto"          # auto | triton | off: the fused Triton real side (real_side.py)
+                                         # for uncompiled ConvNet passes; auto = on CUDA
     channels_last: bool = True           # NHWC network + real images: ~20% faster steps on CPU (oneDNN)
     backend: str = "auto"
     seed: int = 0
@@ -137,6 +140,8 @@ class DistillConfig:
             c.compile = not demo and os.environ.get("DATADAM_FAST_COMPILE", "1") != "0"
         if c.real_dtype not in REAL_DTYPES:
             raise UserError(f"unknown real dtype {c.real_dtype!r}; expected one of {', '.join(REAL_DTYPES)}")
+        if c.real_epilogue not in REAL_EPILOGUES:
+            raise UserError(f"unknown real epilogue {c.real_epilogue!r}; expected one of {', '.join(REAL_EPILOGUES)}")
         return c
 
     # the fields that define the result; a checkpoint must agree on them to be resumed
@@ -240,6 +245,7 @@ class Distiller:
             self._load_checkpoint()
         self.prefetcher = ChunkPrefetcher(self._load_rows, lookahead=1 if c.prefetch else 0,
                                           enabled=self.real_all is None and c.prefetch)
+        self.fused_real = self._resolve_real_epilogue()  # before the plan: its probe runs the real pass
         self.plan = self._make_plan()
         self.passes = self._compiled_passes() if c.compile else None
         self.compile_seconds: Optional[float] = None
@@ -258,6 +264,18 @@ class Distiller:
             return (f"{self.cfg.model} with {self.cfg.norm or 'its'} norm has train-mode BatchNorm layers ({bn[0]}, ...) "
                     f"whose batch statistics mix all classes of an iteration")
         return None
+
+    def _resolve_real_epilogue(self) -> bool:
+        """Whether uncompiled real passes go through the fused Triton epilogue (real_side.py).
+        ``auto``: on CUDA where it can run; ``triton``: wherever it can run, else an error now."""
+        mode = self.cfg.real_epilogue
+        if mode == "off" or (mode == "auto" and self.device.type != "cuda"):
+            return False
+        from .real_side import unavailable_reason
+        why = unavailable_reason(self.new_network(torch.Generator().manual_seed(0)), self.device)
+        if why and mode == "triton":
+            raise UserError(f"--real-epilogue triton: {why}")
+        return why is None
 
     def _check_out_dir(self, out_dir: str, resume: bool, overwrite: bool) -> None:
         if resume:
@@ -374,9 +392,18 @@ class Distiller:
                     dtype = REAL_DTYPES[self.cfg.real_dtype]
                     if dtype != torch.float32:
                         net, x = self._real_side_copy(net, dtype), x.to(dtype)
-                    feats_r, emb_r = ([], net.embed(x)) if self.cfg.method == "dm" else net.features_and_embedding(x)
-                    acc.update(feats_r, emb_r.float(), labels=local_labels_cpu)
-                    del feats_r, emb_r
+                    if self.fused_real:
+                        from .real_side import real_class_sums
+                        first = int(local_labels_cpu[0])
+                        classes = int(local_labels_cpu[-1]) - first + 1
+                        att, emb = real_class_sums(net, x, classes, self.cfg.power,
+                                                   attention=self.cfg.method != "dm")
+                        acc.add_class_sums(att, emb, first_class=first, count=x.shape[0] // classes)
+                    else:
+                        feats_r, emb_r = (([], net.embed(x)) if self.cfg.method == "dm"
+                                          else net.features_and_embedding(x))
+                        acc.update(feats_r, emb_r.float(), labels=local_labels_cpu)
+                        del feats_r, emb_r
             if mark:
                 mark("real_forward")
 

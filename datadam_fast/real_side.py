@@ -1,0 +1,184 @@
+"""The real side of a step for a ConvNet through the fused Triton epilogue.
+
+Per block: the convolution (ATen / cuDNN), then one stats pass and one fused pass of
+:mod:`datadam_fast.kernels.real_epilogue` that produce the next block's pooled input and the
+block's attention map; the normalised activation is never written. The result is what the loss
+needs from the real side: per-class sums of the L2-normalised maps and of the embeddings, the
+same quantities as ``features_and_embedding`` followed by :class:`~datadam_fast.targets.ClassMeanAccumulator`
+(tests/test_real_epilogue.py pins them against that, for every supported norm and activation).
+
+Norm statistics come from per-(n, c) moments: instance norm uses them directly; group norm and
+train-mode batch norm combine them exactly (Chan et al.), in float64 on ``[N, C]`` numbers.
+Train-mode BatchNorm updates its running statistics as ``nn.BatchNorm2d`` does.
+
+Used by the distillation loop on CUDA when the passes are not compiled (``--no-compile``);
+compiled passes get the same fusion from inductor.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional, Tuple
+
+import torch
+from torch import nn
+
+from ._constants import NORM_EPS
+
+_ACT_NAMES = {nn.ReLU: "relu", nn.LeakyReLU: "leakyrelu", nn.Sigmoid: "sigmoid", nn.SiLU: "swish"}
+
+
+@dataclass
+class _Block:
+    conv: nn.Conv2d
+    norm: Optional[nn.Module]
+    act: str
+    slope: float
+    pool: str
+    tapped: bool
+
+
+def _pool_kind(m: nn.Module) -> Optional[str]:
+    def two(v):
+        return v in (2, (2, 2))
+    if isinstance(m, (nn.AvgPool2d, nn.MaxPool2d)) and two(m.kernel_size) and two(m.stride or m.kernel_size) \
+            and m.padding in (0, (0, 0)) and not m.ceil_mode:
+        if isinstance(m, nn.MaxPool2d):
+            return "maxpool" if m.dilation in (1, (1, 1)) and not m.return_indices else None
+        return "avgpool" if m.divisor_override is None else None
+    return None
+
+
+def blocks_of(net: nn.Module) -> Tuple[Optional[List[_Block]], Optional[str]]:
+    """The ConvNet blocks of ``net`` (conv -> [norm] -> act -> [2x2 pool]), or ``(None, reason)``."""
+    from .networks import ConvNet
+    if not isinstance(net, ConvNet):
+        return None, f"the fused real side takes ConvNet models, not {type(net).__name__}"
+    taps = set(getattr(net, "_taps", ()))
+    blocks: List[_Block] = []
+    mods = list(net.features)
+    i = 0
+    while i < len(mods):
+        conv = mods[i]
+        if not isinstance(conv, nn.Conv2d) or conv.padding_mode != "zeros":
+            return None, f"features.{i}: expected a zero-padded Conv2d, got {conv}"
+        i += 1
+        norm = None
+        if i < len(mods) and isinstance(mods[i], (nn.GroupNorm, nn.BatchNorm2d)):
+            norm = mods[i]
+            i += 1
+        elif i < len(mods) and isinstance(mods[i], nn.LayerNorm):
+            return None, f"features.{i}: LayerNorm's per-pixel affine is not fused (use instancenorm/batchnorm/groupnorm)"
+        if i >= len(mods) or type(mods[i]) not in _ACT_NAMES:
+            return None, f"features.{i}: expected an activation in {[a.__name__ for a in _ACT_NAMES]}"
+        act_i, act = i, mods[i]
+        i += 1
+        pool = "none"
+        if i < len(mods) and not isinstance(mods[i], nn.Conv2d):
+            pool = _pool_kind(mods[i])
+            if pool is None:
+                return None, f"features.{i}: only 2x2/stride-2 average or max pooling is fused, got {mods[i]}"
+            i += 1
+        blocks.append(_Block(conv, norm, _ACT_NAMES[type(act)], float(getattr(act, "negative_slope", 0.01)),
+                             pool, act_i in taps))
+    return blocks, None
+
+
+def unavailable_reason(net: nn.Module, device) -> Optional[str]:
+    """Why the fused real side cannot run ``net`` on ``device`` here (None: it can)."""
+    _, why = blocks_of(net)
+    if why:
+        return why
+    try:
+        from .kernels import real_epilogue as k
+    except Exception as e:  # triton missing or failing to initialise
+        return f"triton could not be loaded: {type(e).__name__}: {e}"
+    device = torch.device(device)
+    if device.type == "cuda":
+        return None if torch.cuda.is_available() and not k.interpreter_active() else \
+            "CUDA tensors need compiled Triton kernels (unset TRITON_INTERPRET)"
+    if device.type == "cpu":
+        return None if k.interpreter_active() else "on CPU the Triton kernels run only under TRITON_INTERPRET=1"
+    return f"no Triton kernels for device {device}"
+
+
+def _combine(mean: torch.Tensor, m2: torch.Tensor, count: int, dim: int):
+    """Chan's exact combination of equal-count groups along ``dim``: (mean, M2, total count)."""
+    k = mean.shape[dim]
+    mu = mean.mean(dim, keepdim=True)
+    M2 = m2.sum(dim, keepdim=True) + count * (mean - mu).pow(2).sum(dim, keepdim=True)
+    return mu, M2, count * k
+
+
+@torch.no_grad()
+def norm_scale_shift(norm: Optional[nn.Module], mean: Optional[torch.Tensor], m2: Optional[torch.Tensor],
+                     hw: int, N: int, C: int, device) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per-(n, c) ``scale``, ``shift`` (float32 [N, C]) with ``norm(y) = y * scale + shift``."""
+    if norm is None:
+        one = torch.ones((N, C), dtype=torch.float32, device=device)
+        return one, torch.zeros_like(one)
+    if mean is not None:
+        mean, m2 = mean.double(), m2.double()
+    if isinstance(norm, nn.GroupNorm):
+        G = norm.num_groups
+        mg, M2g, cnt = _combine(mean.view(N, G, C // G), m2.view(N, G, C // G), hw, 2)
+        mu = mg.expand(N, G, C // G).reshape(N, C)
+        var = (M2g / cnt).expand(N, G, C // G).reshape(N, C)
+    elif isinstance(norm, nn.BatchNorm2d):
+        if norm.training or norm.running_mean is None:
+            mc, M2c, cnt = _combine(mean, m2, hw, 0)
+            mu, var = mc.expand(N, C), (M2c / cnt).expand(N, C)
+            if norm.training and norm.track_running_stats and norm.running_mean is not None:
+                _update_running_stats(norm, mc.view(C), (M2c / max(cnt - 1, 1)).view(C))
+        else:
+            mu = norm.running_mean.double().view(1, C).expand(N, C)
+            var = norm.running_var.double().view(1, C).expand(N, C)
+    else:  # pragma: no cover - blocks_of admits only these
+        raise TypeError(f"unsupported norm {type(norm).__name__}")
+    rstd = (var + norm.eps).rsqrt()
+    w = norm.weight.double().view(1, C) if getattr(norm, "weight", None) is not None else 1.0
+    b = norm.bias.double().view(1, C) if getattr(norm, "bias", None) is not None else 0.0
+    scale = rstd * w
+    shift = b - mu * scale
+    return scale.float().contiguous(), shift.float().contiguous()
+
+
+def _update_running_stats(bn: nn.BatchNorm2d, mean: torch.Tensor, unbiased_var: torch.Tensor) -> None:
+    bn.num_batches_tracked.add_(1)
+    f = (1.0 / float(bn.num_batches_tracked)) if bn.momentum is None else bn.momentum
+    bn.running_mean.mul_(1 - f).add_(mean.to(bn.running_mean.dtype), alpha=f)
+    bn.running_var.mul_(1 - f).add_(unbiased_var.to(bn.running_var.dtype), alpha=f)
+
+
+@torch.no_grad()
+def real_class_sums(net: nn.Module, x: torch.Tensor, classes: int, power: float, *,
+                    attention: bool = True) -> Tuple[List[torch.Tensor], torch.Tensor]:
+    """Per-class sums of the L2-normalised attention maps of ``net``'s tapped blocks (float32
+    ``[classes, H*W]`` each; empty when ``attention`` is False) and of the embeddings (float32
+    ``[classes, D]``). ``x``: class-major rows, ``len(x) // classes`` per class."""
+    from .kernels import real_epilogue as k
+    blocks, why = blocks_of(net)
+    if why:
+        raise ValueError(why)
+    N = x.shape[0]
+    if classes <= 0 or N % classes:
+        raise ValueError(f"{N} rows do not split into {classes} classes of equal size")
+    per = N // classes
+    att_sums: List[torch.Tensor] = []
+    h = x
+    for b in blocks:
+        y = b.conv(h)
+        _, C, H, W = y.shape
+        mean = m2 = None
+        needs_stats = b.norm is not None and not (isinstance(b.norm, nn.BatchNorm2d) and not b.norm.training
+                                                  and b.norm.running_mean is not None)
+        if needs_stats:
+            mean, m2 = k.plane_moments(y)
+        scale, shift = norm_scale_shift(b.norm, mean, m2, H * W, N, C, y.device)
+        tap = attention and b.tapped
+        h, a = k.apply_epilogue(y, scale, shift, act=b.act, slope=b.slope, pool=b.pool, power=power, attention=tap)
+        del y
+        if tap:
+            a = a / a.norm(dim=1, keepdim=True).clamp_min(NORM_EPS)
+            att_sums.append(a.view(classes, per, H * W).sum(1))
+    emb = h.flatten(1).float()
+    return att_sums, emb.view(classes, per, -1).sum(1)

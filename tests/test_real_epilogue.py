@@ -1,0 +1,164 @@
+"""Fused real-side epilogue (kernels/real_epilogue.py + datadam_fast/real_side.py) vs the eager
+network followed by the reference attention maps and class sums.
+
+CPU through Triton's interpreter (CI exports TRITON_INTERPRET=1); compiled kernels on a CUDA
+machine without it. Shapes are tiny because the interpreter runs every program in Python.
+
+Tolerances: float32 inputs: 2e-5 of the largest entry (the epilogue computes the same formulas
+in float32, with different summation orders and a fused multiply-add for the normalisation).
+bfloat16 / float16: eager rounds after every op (norm, act, pool) while the fused pass rounds
+once, so the maps agree to about one rounding step of the format, compounded over the blocks
+(4e-2 / 1e-2 relative).
+"""
+import copy
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+pytest.importorskip("triton")
+
+from datadam_fast.kernels import real_epilogue as K  # noqa: E402
+from datadam_fast.networks import get_network  # noqa: E402
+from datadam_fast.real_side import blocks_of, real_class_sums, unavailable_reason  # noqa: E402
+from datadam_fast.targets import ClassMeanAccumulator  # noqa: E402
+
+DEVICE = torch.device("cuda") if torch.cuda.is_available() and not K.interpreter_active() else torch.device("cpu")
+pytestmark = pytest.mark.skipif(
+    DEVICE.type == "cpu" and not K.interpreter_active(),
+    reason="no CUDA and the Triton interpreter is off (run with TRITON_INTERPRET=1 exported)")
+RTOL = {torch.float32: 2e-5, torch.bfloat16: 4e-2, torch.float16: 1e-2}
+
+
+def _net(norm="instancenorm", depth=3, act="relu", pooling="avgpool", channel=1, size=(15, 13), width=8, seed=0):
+    torch.manual_seed(seed)
+    net = get_network("ConvNet", channel, 10, size, width=width, depth=depth, norm=norm, act=act, pooling=pooling)
+    return net.to(DEVICE).train()
+
+
+def _reference(net, x, classes, power, attention=True):
+    """Eager network + the reference per-class sums (float64 accumulation)."""
+    labels = torch.arange(classes).repeat_interleave(x.shape[0] // classes)
+    with torch.no_grad():
+        feats, emb = net.features_and_embedding(x)
+    acc = ClassMeanAccumulator(classes, power=power, backend="reference")
+    acc.update(feats if attention else [], emb.float(), labels=labels)
+    return [a.float() for a in acc._att], acc._emb.float()  # the accumulator keeps class sums
+
+
+def _assert_close(actual, expected, rtol, what):
+    scale = max(expected.abs().max().item(), 1e-6)
+    err = (actual.float() - expected.float()).abs().max().item()
+    assert err <= rtol * scale, f"{what}: max abs err {err:.3g} > {rtol:g} x {scale:.3g}"
+
+
+def _check(net, x, classes, power, rtol=2e-5, attention=True):
+    ref_net = copy.deepcopy(net)
+    att, emb = real_class_sums(net, x, classes, power, attention=attention)
+    ratt, remb = _reference(ref_net, x, classes, power, attention)
+    assert len(att) == len(ratt) == (len(net.feature_shapes) if attention else 0)
+    for i, (a, r) in enumerate(zip(att, ratt)):
+        assert a.shape == r.shape and a.dtype == torch.float32
+        _assert_close(a, r, rtol, f"attention layer {i}")
+    assert emb.shape == remb.shape
+    _assert_close(emb, remb, rtol, "embedding")
+    return net, ref_net
+
+
+@pytest.mark.parametrize("norm", ["instancenorm", "batchnorm", "groupnorm", "none"])
+@pytest.mark.parametrize("depth", [3, 4])
+def test_matches_eager_for_every_norm_and_depth(norm, depth):
+    size = (15, 13) if depth == 3 else (16, 16)  # odd maps (attention keeps the last row/col) and even
+    net = _net(norm, depth, size=size)
+    x = torch.randn(6, 1, *size, device=DEVICE)
+    fused, ref = _check(net, x, 3, 4.0)
+    if norm == "batchnorm":  # train-mode BN: batch statistics, and the running stats move as in eager
+        for a, b in zip(fused.modules(), ref.modules()):
+            if isinstance(a, nn.BatchNorm2d):
+                assert int(a.num_batches_tracked) == int(b.num_batches_tracked) == 1
+                _assert_close(a.running_mean, b.running_mean, 1e-5, "running_mean")
+                _assert_close(a.running_var, b.running_var, 1e-5, "running_var")
+
+
+@pytest.mark.parametrize("power", [1.0, 2.0, 4.0, 2.5])
+def test_powers(power):
+    net = _net("instancenorm", size=(12, 12))
+    _check(net, torch.randn(4, 1, 12, 12, device=DEVICE), 2, power)
+
+
+@pytest.mark.parametrize("act,pooling", [("leakyrelu", "avgpool"), ("sigmoid", "maxpool"), ("swish", "avgpool"),
+                                         ("relu", "maxpool"), ("relu", "none")])
+def test_activations_and_pooling(act, pooling):
+    size = (9, 7) if pooling == "none" else (15, 13)
+    net = _net("instancenorm", depth=2 if pooling == "none" else 3, act=act, pooling=pooling, channel=3,
+               size=size, width=6)
+    _check(net, torch.randn(4, 3, *size, device=DEVICE), 2, 4.0)
+
+
+def test_batchnorm_eval_mode_uses_running_stats():
+    net = _net("batchnorm")
+    x = torch.randn(6, 1, 15, 13, device=DEVICE)
+    with torch.no_grad():
+        net(x)  # move the running stats away from (0, 1)
+    net.eval()
+    fused, ref = _check(net, torch.randn(4, 1, 15, 13, device=DEVICE), 2, 1.0)
+    assert int(fused.features[1].num_batches_tracked) == 1  # eval: no update
+
+
+def test_channels_last_non_contiguous_and_embedding_only():
+    net = _net("instancenorm", channel=3, size=(16, 16), width=12).to(memory_format=torch.channels_last)
+    x = torch.randn(6, 3, 16, 32, device=DEVICE)[..., ::2].contiguous(memory_format=torch.channels_last)
+    _check(net, x, 3, 4.0)
+    _check(net, torch.randn(6, 3, 16, 32, device=DEVICE)[..., ::2], 3, 4.0)  # strided input
+    _check(net, x, 3, 4.0, attention=False)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision(dtype):
+    net = _net("instancenorm", size=(16, 16)).to(dtype)
+    _check(net, torch.randn(4, 1, 16, 16, device=DEVICE).to(dtype), 2, 4.0, rtol=RTOL[dtype])
+
+
+def test_plane_moments_are_stable_far_from_zero():
+    y = 1000.0 + torch.randn(2, 3, 17, 19, device=DEVICE)
+    mean, m2 = K.plane_moments(y)
+    ref_var, ref_mean = torch.var_mean(y.double(), dim=(2, 3), unbiased=False)
+    assert torch.allclose(mean.double(), ref_mean, rtol=1e-6)
+    assert torch.allclose(m2.double() / (17 * 19), ref_var, rtol=1e-3)  # naive fp32 sums would lose it all
+
+
+def test_bad_input_is_a_clear_error():
+    y = torch.randn(2, 3, 4, 4, device=DEVICE)
+    with pytest.raises(ValueError, match=r"scale and shift must be \[N, C\]"):
+        K.apply_epilogue(y, torch.ones(3), torch.zeros(3))
+    with pytest.raises(ValueError, match="unsupported activation"):
+        K.apply_epilogue(y, torch.ones(2, 3), torch.zeros(2, 3), act="gelu")
+    with pytest.raises(TypeError, match="float32/bfloat16/float16"):
+        K.plane_moments(y.double())
+    with pytest.raises(ValueError, match=r"\[N, C, H, W\]"):
+        K.plane_moments(y[0])
+    with pytest.raises(ValueError, match="do not split into 4 classes"):
+        real_class_sums(_net(), torch.randn(6, 1, 15, 13, device=DEVICE), 4, 4.0)
+    alex = get_network("AlexNet", 1, 10, (28, 28))
+    assert "ConvNet" in unavailable_reason(alex, DEVICE)
+    ln = get_network("ConvNet", 1, 10, (16, 16), width=4, norm="layernorm")
+    blocks, why = blocks_of(ln)
+    assert blocks is None and "LayerNorm" in why
+
+
+def test_distiller_with_fused_real_side_equals_eager(tmp_path):
+    from datadam_fast.distill import DistillConfig, Distiller
+    small = dict(dataset="digits", ipc=2, batch_real=6, width=16, iterations=2, eval_every=-1, log_every=1,
+                 checkpoint_every=0, compile=False, device=str(DEVICE))
+    out = {}
+    for mode in ("off", "triton"):
+        d = Distiller(DistillConfig(real_epilogue=mode, **small), None, progress=False)
+        assert d.fused_real == (mode == "triton")
+        d.run()
+        d.close()
+        out[mode] = d.syn.detach().clone()
+    # two SGD steps (lr 1) through a float32 loss: rounding differences of the real targets grow a little
+    assert (out["off"] - out["triton"]).abs().max() <= 1e-4 * out["off"].abs().max()
