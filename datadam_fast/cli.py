@@ -65,6 +65,9 @@ def _add_distill(sub) -> None:
                         "for the digits demo or when DATADAM_FAST_COMPILE=0")
     p.add_argument("--real-dtype", default="fp32", choices=["fp32", "bf16", "fp16"],
                    help="precision of the real side's network pass (no_grad; maps and means still accumulate in fp32)")
+    p.add_argument("--compile-mode", choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
+                   help="torch.compile mode of the compiled passes. reduce-overhead replays CUDA graphs on a GPU "
+                        "(shapes are static per architecture and chunk size); on CPU it equals default")
     p.add_argument("--real-epilogue", choices=["auto", "triton", "off"],
                    help="real side of uncompiled ConvNet passes (--no-compile) through the fused Triton epilogue: "
                         "conv output -> norm statistics -> norm + activation -> pooling and attention map in one "

@@ -52,8 +52,9 @@ _TERMS = ("loss", "loss_attention", "loss_embedding")
 # values resumes. ``iterations`` is among them, so a finished run can be continued for longer.
 _NOT_IDENTITY = ("device", "eval_every", "eval_runs", "eval_epochs", "eval_model", "eval_batch", "log_every",
                  "checkpoint_every", "data_root", "backend", "iterations", "real_chunk", "syn_chunk",
-                 "memory_budget", "prefetch", "compile", "real_epilogue")
+                 "memory_budget", "prefetch", "compile", "compile_mode", "real_epilogue")
 REAL_EPILOGUES = ("auto", "triton", "off")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 @dataclass
@@ -85,6 +86,7 @@ class DistillConfig:
     compile: Optional[bool] = None       # torch.compile the network passes (weights as inputs); None: on,
                                          # except the digits demo and when DATADAM_FAST_COMPILE=0
     real_dtype: str = "fp32"             # fp32 | bf16 | fp16: precision of the real side's network pass
+    compile_mode: str = "default"        # torch.compile mode of the passes; reduce-overhead = CUDA graphs
     real_epilogue: str = "auto"          # auto | triton | off: the fused Triton real side (real_side.py)
                                          # for uncompiled ConvNet passes; auto = on CUDA
     channels_last: bool = True           # NHWC network + real images: ~20% faster steps on CPU (oneDNN)
@@ -140,6 +142,8 @@ class DistillConfig:
             c.compile = not demo and os.environ.get("DATADAM_FAST_COMPILE", "1") != "0"
         if c.real_dtype not in REAL_DTYPES:
             raise UserError(f"unknown real dtype {c.real_dtype!r}; expected one of {', '.join(REAL_DTYPES)}")
+        if c.compile_mode not in COMPILE_MODES:
+            raise UserError(f"unknown compile mode {c.compile_mode!r}; expected one of {', '.join(COMPILE_MODES)}")
         if c.real_epilogue not in REAL_EPILOGUES:
             raise UserError(f"unknown real epilogue {c.real_epilogue!r}; expected one of {', '.join(REAL_EPILOGUES)}")
         return c
@@ -485,6 +489,7 @@ class Distiller:
 
     def _step_compiled(self, net, params, real_idx, mark, timings):
         from .compiled import CompiledPasses
+        self.passes.step_begin()
         weights = CompiledPasses.weights_of(net)
         dtype = REAL_DTYPES[self.cfg.real_dtype]
         real_weights = weights if dtype == torch.float32 else CompiledPasses.weights_of(net, dtype)
@@ -560,7 +565,7 @@ class Distiller:
         from .compiled import CompiledPasses
         template = self.new_network(torch.Generator().manual_seed(0))
         return CompiledPasses(template, power=self.cfg.power, embedding_only=self.cfg.method == "dm",
-                              real_dtype=REAL_DTYPES[self.cfg.real_dtype])
+                              real_dtype=REAL_DTYPES[self.cfg.real_dtype], mode=self.cfg.compile_mode)
 
     # ---------------------------------------------------------------- memory plan
     def _probe_sizes(self, net) -> Tuple[int, int]:
