@@ -17,6 +17,11 @@ CPU_LDFLAGS = ("-fopenmp",)
 #: which must run on any CPU of the architecture.
 CPU_JIT_NATIVE_CFLAGS = ("-march=native",)
 
+#: Codes of the fused real-side epilogue (index = code in kernels/real_epilogue.py and
+#: csrc/real_epilogue_cpu.cpp).
+EPILOGUE_ACTS = ("relu", "leakyrelu", "sigmoid", "swish")
+EPILOGUE_POOLS = ("none", "avgpool", "maxpool")
+
 CUDA_NVCC_FLAGS = ("-O3", "-lineinfo")
 CUDA_CXX_FLAGS = ("-O3",)
 

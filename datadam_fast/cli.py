@@ -5,6 +5,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from typing import List, Optional
 
 EXIT_USAGE = 2
@@ -68,11 +69,13 @@ def _add_distill(sub) -> None:
     p.add_argument("--compile-mode", choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
                    help="torch.compile mode of the compiled passes. reduce-overhead replays CUDA graphs on a GPU "
                         "(shapes are static per architecture and chunk size); on CPU it equals default")
-    p.add_argument("--real-epilogue", choices=["auto", "triton", "off"],
-                   help="real side of uncompiled ConvNet passes (--no-compile) through the fused Triton epilogue: "
-                        "conv output -> norm statistics -> norm + activation -> pooling and attention map in one "
-                        "pass, the normalised activation never written. auto: on CUDA where Triton runs; triton: "
-                        "required (an error if it cannot run; on CPU only under TRITON_INTERPRET=1, for tests); off")
+    p.add_argument("--real-epilogue", choices=["auto", "cpu", "triton", "off"],
+                   help="real side (no_grad) of ConvNet passes through a fused epilogue: conv output -> norm "
+                        "statistics -> norm + activation -> pooling and attention map, the normalised activation "
+                        "never written. cpu: C++ kernels (a first layer with <= 4 input channels is convolved "
+                        "inside them); triton: Triton kernels (CUDA; CPU only under TRITON_INTERPRET=1, for tests). "
+                        "auto: cpu on CPU for fp32 real passes (also replacing the compiled real pass), triton on "
+                        "CUDA with --no-compile; off: the network's own forward (or the compiled pass)")
     p.add_argument("--no-prefetch", action="store_true",
                    help="load real chunks in the main thread instead of a background thread")
     p.add_argument("--no-channels-last", action="store_true",
@@ -347,6 +350,9 @@ def _rank_tag() -> str:
     return f" (rank {os.environ.get('RANK', '?')})" if env_world_size() > 1 else ""
 
 
+PEER_GONE_GRACE_S = 10.0
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -371,6 +377,10 @@ def main(argv: Optional[List[str]] = None) -> int:
             raise
         print(f"datadam-fast {args.command}: error{_rank_tag()}: another process of this job stopped (its own "
               f"error is printed above); the last checkpoint is intact, continue with --resume", file=sys.stderr)
+        # Give the launcher time to see the rank that really failed first: torchrun names the earliest
+        # observed failure as the root cause, and a peer that exits at the same instant can win the tie.
+        # Normally torchrun stops this process (SIGTERM) during the wait.
+        time.sleep(PEER_GONE_GRACE_S)
         return 1
     except KeyboardInterrupt:
         print("interrupted; resume with --resume (the last checkpoint is kept)", file=sys.stderr)

@@ -53,7 +53,7 @@ _TERMS = ("loss", "loss_attention", "loss_embedding")
 _NOT_IDENTITY = ("device", "eval_every", "eval_runs", "eval_epochs", "eval_model", "eval_batch", "log_every",
                  "checkpoint_every", "data_root", "backend", "iterations", "real_chunk", "syn_chunk",
                  "memory_budget", "prefetch", "compile", "compile_mode", "real_epilogue")
-REAL_EPILOGUES = ("auto", "triton", "off")
+REAL_EPILOGUES = ("auto", "cpu", "triton", "off")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
@@ -87,8 +87,8 @@ class DistillConfig:
                                          # except the digits demo and when DATADAM_FAST_COMPILE=0
     real_dtype: str = "fp32"             # fp32 | bf16 | fp16: precision of the real side's network pass
     compile_mode: str = "default"        # torch.compile mode of the passes; reduce-overhead = CUDA graphs
-    real_epilogue: str = "auto"          # auto | triton | off: the fused Triton real side (real_side.py)
-                                         # for uncompiled ConvNet passes; auto = on CUDA
+    real_epilogue: str = "auto"          # auto | cpu | triton | off: the fused real side of ConvNets
+                                         # (real_side.py); auto = C++ on CPU (fp32), Triton on CUDA (uncompiled)
     channels_last: bool = True           # NHWC network + real images: ~20% faster steps on CPU (oneDNN)
     backend: str = "auto"
     seed: int = 0
@@ -269,17 +269,30 @@ class Distiller:
                     f"whose batch statistics mix all classes of an iteration")
         return None
 
-    def _resolve_real_epilogue(self) -> bool:
-        """Whether uncompiled real passes go through the fused Triton epilogue (real_side.py).
-        ``auto``: on CUDA where it can run; ``triton``: wherever it can run, else an error now."""
-        mode = self.cfg.real_epilogue
-        if mode == "off" or (mode == "auto" and self.device.type != "cuda"):
-            return False
+    def _resolve_real_epilogue(self) -> Optional[str]:
+        """The fused real side (real_side.py) this run uses: ``"cpu"`` (C++), ``"triton"`` or None.
+
+        ``auto``: the C++ kernels on CPU for float32 real passes (they replace the compiled real
+        pass too: a first layer convolved per sample in L2 beats oneDNN + inductor's epilogue,
+        see README); Triton on CUDA for uncompiled passes (compiled ones get inductor's fusion).
+        ``cpu`` / ``triton``: that implementation, or an error now if it cannot run here."""
         from .real_side import unavailable_reason
-        why = unavailable_reason(self.new_network(torch.Generator().manual_seed(0)), self.device)
-        if why and mode == "triton":
-            raise UserError(f"--real-epilogue triton: {why}")
-        return why is None
+        mode, dev = self.cfg.real_epilogue, self.device
+        if mode == "off":
+            return None
+        if mode == "auto":
+            if dev.type == "cpu":
+                impl = "cpu" if self.cfg.real_dtype == "fp32" else None
+            else:
+                impl = "triton" if dev.type == "cuda" and not self.cfg.compile else None
+        else:
+            impl = mode
+        if impl is None:
+            return None
+        why = unavailable_reason(self.new_network(torch.Generator().manual_seed(0)), dev, impl)
+        if why and mode != "auto":
+            raise UserError(f"--real-epilogue {mode}: {why}")
+        return None if why else impl
 
     def _check_out_dir(self, out_dir: str, resume: bool, overwrite: bool) -> None:
         if resume:
@@ -387,7 +400,17 @@ class Distiller:
                 if mark:
                     mark("augment")
             with nvtx_range("datadam_fast.step.real_forward"):
-                if weights is not None:
+                if self.fused_real and (weights is None or self.fused_real == "cpu"):
+                    from .real_side import real_class_sums
+                    first = int(local_labels_cpu[0])
+                    classes = int(local_labels_cpu[-1]) - first + 1
+                    if REAL_DTYPES[self.cfg.real_dtype] != torch.float32:
+                        net, x = self._real_side_copy(net, REAL_DTYPES[self.cfg.real_dtype]), \
+                            x.to(REAL_DTYPES[self.cfg.real_dtype])
+                    att, emb = real_class_sums(net, x, classes, self.cfg.power, attention=self.cfg.method != "dm",
+                                               impl=self.fused_real)
+                    acc.add_class_sums(att, emb, first_class=first, count=x.shape[0] // classes)
+                elif weights is not None:
                     first = int(local_labels_cpu[0])
                     classes = int(local_labels_cpu[-1]) - first + 1
                     att, emb = self.passes.real(weights, x, classes)
@@ -396,18 +419,9 @@ class Distiller:
                     dtype = REAL_DTYPES[self.cfg.real_dtype]
                     if dtype != torch.float32:
                         net, x = self._real_side_copy(net, dtype), x.to(dtype)
-                    if self.fused_real:
-                        from .real_side import real_class_sums
-                        first = int(local_labels_cpu[0])
-                        classes = int(local_labels_cpu[-1]) - first + 1
-                        att, emb = real_class_sums(net, x, classes, self.cfg.power,
-                                                   attention=self.cfg.method != "dm")
-                        acc.add_class_sums(att, emb, first_class=first, count=x.shape[0] // classes)
-                    else:
-                        feats_r, emb_r = (([], net.embed(x)) if self.cfg.method == "dm"
-                                          else net.features_and_embedding(x))
-                        acc.update(feats_r, emb_r.float(), labels=local_labels_cpu)
-                        del feats_r, emb_r
+                    feats_r, emb_r = ([], net.embed(x)) if self.cfg.method == "dm" else net.features_and_embedding(x)
+                    acc.update(feats_r, emb_r.float(), labels=local_labels_cpu)
+                    del feats_r, emb_r
             if mark:
                 mark("real_forward")
 

@@ -1,8 +1,14 @@
-"""The real side of a step for a ConvNet through the fused Triton epilogue.
+"""The real side of a step for a ConvNet through a fused epilogue.
 
-Per block: the convolution (ATen / cuDNN), then one stats pass and one fused pass of
-:mod:`datadam_fast.kernels.real_epilogue` that produce the next block's pooled input and the
-block's attention map; the normalised activation is never written. The result is what the loss
+Per block: the convolution (ATen: cuDNN / oneDNN), then a fused epilogue that produces the next
+block's pooled input and the block's attention map; the normalised activation is never written.
+Two implementations of the same contract:
+
+* ``triton`` (:mod:`datadam_fast.kernels.real_epilogue`): CUDA, or CPU under ``TRITON_INTERPRET=1``;
+  one stats pass and one fused pass over the conv output.
+* ``cpu`` (``csrc/real_epilogue_cpu.cpp``, ``torch.ops.datadam_fast.cpu_real_epilogue``): per
+  sample, statistics and everything else while the sample's map is still in the core's L2.
+ The result is what the loss
 needs from the real side: per-class sums of the L2-normalised maps and of the embeddings, the
 same quantities as ``features_and_embedding`` followed by :class:`~datadam_fast.targets.ClassMeanAccumulator`
 (tests/test_real_epilogue.py pins them against that, for every supported norm and activation).
@@ -11,8 +17,7 @@ Norm statistics come from per-(n, c) moments: instance norm uses them directly; 
 train-mode batch norm combine them exactly (Chan et al.), in float64 on ``[N, C]`` numbers.
 Train-mode BatchNorm updates its running statistics as ``nn.BatchNorm2d`` does.
 
-Used by the distillation loop on CUDA when the passes are not compiled (``--no-compile``);
-compiled passes get the same fusion from inductor.
+Chosen by ``--real-epilogue`` in the distillation loop (see ``Distiller._resolve_real_epilogue``).
 """
 from __future__ import annotations
 
@@ -22,7 +27,9 @@ from typing import List, Optional, Tuple
 import torch
 from torch import nn
 
-from ._constants import NORM_EPS
+from ._constants import EPILOGUE_ACTS, EPILOGUE_POOLS, NORM_EPS
+
+IMPLS = ("triton", "cpu")
 
 _ACT_NAMES = {nn.ReLU: "relu", nn.LeakyReLU: "leakyrelu", nn.Sigmoid: "sigmoid", nn.SiLU: "swish"}
 
@@ -83,16 +90,34 @@ def blocks_of(net: nn.Module) -> Tuple[Optional[List[_Block]], Optional[str]]:
     return blocks, None
 
 
-def unavailable_reason(net: nn.Module, device) -> Optional[str]:
-    """Why the fused real side cannot run ``net`` on ``device`` here (None: it can)."""
+def default_impl(device) -> str:
+    """``cpu`` (the C++ kernels) for CPU tensors, ``triton`` otherwise."""
+    return "cpu" if torch.device(device).type == "cpu" else "triton"
+
+
+def unavailable_reason(net: nn.Module, device, impl: Optional[str] = None) -> Optional[str]:
+    """Why the fused real side (``impl``, default :func:`default_impl`) cannot run ``net`` on
+    ``device`` here (None: it can)."""
     _, why = blocks_of(net)
     if why:
         return why
+    device = torch.device(device)
+    impl = impl or default_impl(device)
+    if impl == "cpu":
+        if device.type != "cpu":
+            return f"the C++ epilogue runs on CPU tensors, not {device}"
+        try:
+            from .backends import get_backend
+            get_backend("cpu")  # builds / loads the extension that registers the ops
+        except Exception as e:  # noqa: BLE001 - no compiler, build failure
+            return f"the C++ extension is unavailable: {e}"
+        return None
+    if impl != "triton":
+        raise ValueError(f"unknown epilogue implementation {impl!r}; expected one of {IMPLS}")
     try:
         from .kernels import real_epilogue as k
     except Exception as e:  # triton missing or failing to initialise
         return f"triton could not be loaded: {type(e).__name__}: {e}"
-    device = torch.device(device)
     if device.type == "cuda":
         return None if torch.cuda.is_available() and not k.interpreter_active() else \
             "CUDA tensors need compiled Triton kernels (unset TRITON_INTERPRET)"
@@ -149,16 +174,67 @@ def _update_running_stats(bn: nn.BatchNorm2d, mean: torch.Tensor, unbiased_var: 
     bn.running_var.mul_(1 - f).add_(unbiased_var.to(bn.running_var.dtype), alpha=f)
 
 
+#: a first layer with at most this many input channels is convolved inside the C++ epilogue
+#: (oneDNN writes its huge, cheap output at memory speed; the fused kernel never writes it)
+FUSED_CONV_MAX_IN = 4
+
+
+def _fusable_conv(conv: nn.Conv2d, h: torch.Tensor) -> bool:
+    return (conv.in_channels <= FUSED_CONV_MAX_IN and conv.stride == (1, 1) and conv.dilation == (1, 1)
+            and conv.groups == 1 and isinstance(conv.padding, tuple) and h.dtype == torch.float32
+            and conv.weight.dtype == torch.float32)
+
+
+def _block(b: _Block, h: torch.Tensor, power: float, tap: bool, impl: str):
+    """(pooled output, attention sums or None, conv output H, W) of one block from its input ``h``."""
+    per_sample = isinstance(b.norm, nn.GroupNorm)
+    bn_eval = isinstance(b.norm, nn.BatchNorm2d) and not b.norm.training and b.norm.running_mean is not None
+    if impl == "cpu":
+        from .backends import get_backend
+        get_backend("cpu")  # loads (once) the extension that registers the ops
+        ops = torch.ops.datadam_fast
+        act, pool = EPILOGUE_ACTS.index(b.act), EPILOGUE_POOLS.index(b.pool)
+        if _fusable_conv(b.conv, h):
+            y, conv = h, dict(conv_weight=b.conv.weight, conv_bias=b.conv.bias, conv_padding=list(b.conv.padding))
+            N, C = h.shape[0], b.conv.out_channels
+            H = h.shape[2] + 2 * b.conv.padding[0] - b.conv.kernel_size[0] + 1
+            W = h.shape[3] + 2 * b.conv.padding[1] - b.conv.kernel_size[1] + 1
+        else:
+            y, conv = b.conv(h), {}
+            N, C, H, W = y.shape
+        if per_sample:  # instance / group norm: statistics inside the kernel, per sample
+            out, a = ops.cpu_real_epilogue(y, None, None, b.norm.weight, b.norm.bias, b.norm.num_groups,
+                                           float(b.norm.eps), act, b.slope, pool, float(power), tap, **conv)
+        else:
+            mean, m2 = ops.cpu_plane_moments(y, **conv) if b.norm is not None and not bn_eval else (None, None)
+            scale, shift = norm_scale_shift(b.norm, mean, m2, H * W, N, C, y.device)
+            out, a = ops.cpu_real_epilogue(y, scale, shift, None, None, 1, 0.0, act, b.slope, pool, float(power), tap,
+                                           **conv)
+        return out, (a if tap else None), H, W
+    from .kernels import real_epilogue as k
+    y = b.conv(h)
+    N, C, H, W = y.shape
+    mean = m2 = None
+    if b.norm is not None and not bn_eval:
+        mean, m2 = k.plane_moments(y)
+    scale, shift = norm_scale_shift(b.norm, mean, m2, H * W, N, C, y.device)
+    out, a = k.apply_epilogue(y, scale, shift, act=b.act, slope=b.slope, pool=b.pool, power=power, attention=tap)
+    return out, a, H, W
+
+
 @torch.no_grad()
 def real_class_sums(net: nn.Module, x: torch.Tensor, classes: int, power: float, *,
-                    attention: bool = True) -> Tuple[List[torch.Tensor], torch.Tensor]:
+                    attention: bool = True, impl: Optional[str] = None) -> Tuple[List[torch.Tensor], torch.Tensor]:
     """Per-class sums of the L2-normalised attention maps of ``net``'s tapped blocks (float32
     ``[classes, H*W]`` each; empty when ``attention`` is False) and of the embeddings (float32
-    ``[classes, D]``). ``x``: class-major rows, ``len(x) // classes`` per class."""
-    from .kernels import real_epilogue as k
+    ``[classes, D]``). ``x``: class-major rows, ``len(x) // classes`` per class. ``impl``:
+    ``triton`` or ``cpu`` (default: :func:`default_impl` of ``x``'s device)."""
     blocks, why = blocks_of(net)
     if why:
         raise ValueError(why)
+    impl = impl or default_impl(x.device)
+    if impl not in IMPLS:
+        raise ValueError(f"unknown epilogue implementation {impl!r}; expected one of {IMPLS}")
     N = x.shape[0]
     if classes <= 0 or N % classes:
         raise ValueError(f"{N} rows do not split into {classes} classes of equal size")
@@ -166,17 +242,8 @@ def real_class_sums(net: nn.Module, x: torch.Tensor, classes: int, power: float,
     att_sums: List[torch.Tensor] = []
     h = x
     for b in blocks:
-        y = b.conv(h)
-        _, C, H, W = y.shape
-        mean = m2 = None
-        needs_stats = b.norm is not None and not (isinstance(b.norm, nn.BatchNorm2d) and not b.norm.training
-                                                  and b.norm.running_mean is not None)
-        if needs_stats:
-            mean, m2 = k.plane_moments(y)
-        scale, shift = norm_scale_shift(b.norm, mean, m2, H * W, N, C, y.device)
         tap = attention and b.tapped
-        h, a = k.apply_epilogue(y, scale, shift, act=b.act, slope=b.slope, pool=b.pool, power=power, attention=tap)
-        del y
+        h, a, H, W = _block(b, h, power, tap, impl)
         if tap:
             a = a / a.norm(dim=1, keepdim=True).clamp_min(NORM_EPS)
             att_sums.append(a.view(classes, per, H * W).sum(1))

@@ -31,10 +31,11 @@ import torch
 import triton
 import triton.language as tl
 
+from .._constants import EPILOGUE_ACTS, EPILOGUE_POOLS
 from .spatial_attention import _abs_pow, _power_mode, interpreter_active, _next_pow2, _launch
 
-ACTS = {"relu": 0, "leakyrelu": 1, "sigmoid": 2, "swish": 3}
-POOLS = {"none": 0, "avgpool": 1, "maxpool": 2}
+ACTS = {name: code for code, name in enumerate(EPILOGUE_ACTS)}
+POOLS = {name: code for code, name in enumerate(EPILOGUE_POOLS)}
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 

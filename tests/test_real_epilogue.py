@@ -55,9 +55,22 @@ def _assert_close(actual, expected, rtol, what):
     assert err <= rtol * scale, f"{what}: max abs err {err:.3g} > {rtol:g} x {scale:.3g}"
 
 
-def _check(net, x, classes, power, rtol=2e-5, attention=True):
+@pytest.fixture(params=["triton", "cpu"])
+def impl(request):
+    """Both implementations of the epilogue: Triton (interpreter on CPU / compiled on CUDA) and the
+    C++ kernels (CPU tensors; the first layer convolved inside the kernel)."""
+    if request.param == "cpu":
+        if DEVICE.type != "cpu":
+            pytest.skip("the C++ epilogue takes CPU tensors")
+        why = unavailable_reason(_net(), DEVICE, "cpu")
+        if why:
+            pytest.skip(why)
+    return request.param
+
+
+def _check(net, x, classes, power, rtol=2e-5, attention=True, impl="triton"):
     ref_net = copy.deepcopy(net)
-    att, emb = real_class_sums(net, x, classes, power, attention=attention)
+    att, emb = real_class_sums(net, x, classes, power, attention=attention, impl=impl)
     ratt, remb = _reference(ref_net, x, classes, power, attention)
     assert len(att) == len(ratt) == (len(net.feature_shapes) if attention else 0)
     for i, (a, r) in enumerate(zip(att, ratt)):
@@ -70,11 +83,11 @@ def _check(net, x, classes, power, rtol=2e-5, attention=True):
 
 @pytest.mark.parametrize("norm", ["instancenorm", "batchnorm", "groupnorm", "none"])
 @pytest.mark.parametrize("depth", [3, 4])
-def test_matches_eager_for_every_norm_and_depth(norm, depth):
+def test_matches_eager_for_every_norm_and_depth(norm, depth, impl):
     size = (15, 13) if depth == 3 else (16, 16)  # odd maps (attention keeps the last row/col) and even
     net = _net(norm, depth, size=size)
     x = torch.randn(6, 1, *size, device=DEVICE)
-    fused, ref = _check(net, x, 3, 4.0)
+    fused, ref = _check(net, x, 3, 4.0, impl=impl)
     if norm == "batchnorm":  # train-mode BN: batch statistics, and the running stats move as in eager
         for a, b in zip(fused.modules(), ref.modules()):
             if isinstance(a, nn.BatchNorm2d):
@@ -84,42 +97,71 @@ def test_matches_eager_for_every_norm_and_depth(norm, depth):
 
 
 @pytest.mark.parametrize("power", [1.0, 2.0, 4.0, 2.5])
-def test_powers(power):
+def test_powers(power, impl):
     net = _net("instancenorm", size=(12, 12))
-    _check(net, torch.randn(4, 1, 12, 12, device=DEVICE), 2, power)
+    _check(net, torch.randn(4, 1, 12, 12, device=DEVICE), 2, power, impl=impl)
 
 
 @pytest.mark.parametrize("act,pooling", [("leakyrelu", "avgpool"), ("sigmoid", "maxpool"), ("swish", "avgpool"),
                                          ("relu", "maxpool"), ("relu", "none")])
-def test_activations_and_pooling(act, pooling):
+def test_activations_and_pooling(act, pooling, impl):
     size = (9, 7) if pooling == "none" else (15, 13)
     net = _net("instancenorm", depth=2 if pooling == "none" else 3, act=act, pooling=pooling, channel=3,
                size=size, width=6)
-    _check(net, torch.randn(4, 3, *size, device=DEVICE), 2, 4.0)
+    _check(net, torch.randn(4, 3, *size, device=DEVICE), 2, 4.0, impl=impl)
 
 
-def test_batchnorm_eval_mode_uses_running_stats():
+def test_batchnorm_eval_mode_uses_running_stats(impl):
     net = _net("batchnorm")
     x = torch.randn(6, 1, 15, 13, device=DEVICE)
     with torch.no_grad():
         net(x)  # move the running stats away from (0, 1)
     net.eval()
-    fused, ref = _check(net, torch.randn(4, 1, 15, 13, device=DEVICE), 2, 1.0)
+    fused, ref = _check(net, torch.randn(4, 1, 15, 13, device=DEVICE), 2, 1.0, impl=impl)
     assert int(fused.features[1].num_batches_tracked) == 1  # eval: no update
 
 
-def test_channels_last_non_contiguous_and_embedding_only():
+def test_channels_last_non_contiguous_and_embedding_only(impl):
     net = _net("instancenorm", channel=3, size=(16, 16), width=12).to(memory_format=torch.channels_last)
     x = torch.randn(6, 3, 16, 32, device=DEVICE)[..., ::2].contiguous(memory_format=torch.channels_last)
-    _check(net, x, 3, 4.0)
-    _check(net, torch.randn(6, 3, 16, 32, device=DEVICE)[..., ::2], 3, 4.0)  # strided input
-    _check(net, x, 3, 4.0, attention=False)
+    _check(net, x, 3, 4.0, impl=impl)
+    _check(net, torch.randn(6, 3, 16, 32, device=DEVICE)[..., ::2], 3, 4.0, impl=impl)  # strided input
+    _check(net, x, 3, 4.0, attention=False, impl=impl)
+    _check(net.to(memory_format=torch.contiguous_format), x.contiguous(), 3, 4.0, impl=impl)  # NCHW
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_low_precision(dtype):
+def test_low_precision(dtype, impl):
     net = _net("instancenorm", size=(16, 16)).to(dtype)
-    _check(net, torch.randn(4, 1, 16, 16, device=DEVICE).to(dtype), 2, 4.0, rtol=RTOL[dtype])
+    _check(net, torch.randn(4, 1, 16, 16, device=DEVICE).to(dtype), 2, 4.0, rtol=RTOL[dtype], impl=impl)
+
+
+def test_cpu_fused_first_convolution_shapes():
+    """The C++ kernels convolve a first layer (<= 4 input channels) themselves: other paddings,
+    5x5 kernels, no bias, 3 and 4 input channels, against ATen's convolution."""
+    if DEVICE.type != "cpu" or unavailable_reason(_net(), DEVICE, "cpu"):
+        pytest.skip("the C++ epilogue is unavailable here")
+    from datadam_fast.backends import get_backend
+    get_backend("cpu")
+    ops = torch.ops.datadam_fast
+    for cin, k, pad, bias in ((1, 3, (3, 3), True), (3, 3, (1, 1), True), (4, 5, (2, 1), False), (3, 3, (0, 0), True)):
+        x = torch.randn(3, cin, 11, 9)
+        conv = nn.Conv2d(cin, 20, k, padding=pad, bias=bias)
+        y = conv(x).detach()
+        ones, zeros = torch.ones(3, 20), torch.zeros(3, 20)
+        ref, _ = ops.cpu_real_epilogue(y, ones, zeros, None, None, 1, 0.0, 3, 0.01, 0, 1.0, False)
+        got, _ = ops.cpu_real_epilogue(x, ones, zeros, None, None, 1, 0.0, 3, 0.01, 0, 1.0, False,
+                                       conv.weight.detach(), conv.bias.detach() if bias else None, list(pad))
+        _assert_close(got, ref, 2e-5, f"fused conv cin={cin} k={k} pad={pad}")
+        m_ref = ops.cpu_plane_moments(y)
+        m_got = ops.cpu_plane_moments(x, conv.weight.detach(), conv.bias.detach() if bias else None, list(pad))
+        for a, b in zip(m_got, m_ref):
+            _assert_close(a, b, 1e-4, "moments of the fused conv")
+    with pytest.raises(RuntimeError, match="float32 input and weight"):
+        ops.cpu_real_epilogue(x.double(), ones, zeros, None, None, 1, 0.0, 0, 0.01, 0, 1.0, False,
+                              conv.weight.detach().double(), None, [0, 0])
+    with pytest.raises(RuntimeError, match=r"scale and shift must be \[N, C\]"):
+        ops.cpu_real_epilogue(y, torch.ones(2, 20), zeros, None, None, 1, 0.0, 0, 0.01, 0, 1.0, False)
 
 
 def test_plane_moments_are_stable_far_from_zero():
@@ -149,16 +191,19 @@ def test_bad_input_is_a_clear_error():
     assert blocks is None and "LayerNorm" in why
 
 
-def test_distiller_with_fused_real_side_equals_eager(tmp_path):
+@pytest.mark.parametrize("mode", ["triton", "cpu"])
+def test_distiller_with_fused_real_side_equals_eager(tmp_path, mode):
     from datadam_fast.distill import DistillConfig, Distiller
+    if mode == "cpu" and DEVICE.type != "cpu":
+        pytest.skip("the C++ epilogue takes CPU tensors")
     small = dict(dataset="digits", ipc=2, batch_real=6, width=16, iterations=2, eval_every=-1, log_every=1,
                  checkpoint_every=0, compile=False, device=str(DEVICE))
     out = {}
-    for mode in ("off", "triton"):
-        d = Distiller(DistillConfig(real_epilogue=mode, **small), None, progress=False)
-        assert d.fused_real == (mode == "triton")
+    for m in ("off", mode):
+        d = Distiller(DistillConfig(real_epilogue=m, **small), None, progress=False)
+        assert d.fused_real == (None if m == "off" else m)
         d.run()
         d.close()
-        out[mode] = d.syn.detach().clone()
+        out[m] = d.syn.detach().clone()
     # two SGD steps (lr 1) through a float32 loss: rounding differences of the real targets grow a little
-    assert (out["off"] - out["triton"]).abs().max() <= 1e-4 * out["off"].abs().max()
+    assert (out["off"] - out[mode]).abs().max() <= 1e-4 * out["off"].abs().max()
