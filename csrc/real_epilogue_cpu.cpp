@@ -130,11 +130,29 @@ inline void conv_sample(const DirectConv& cv, int64_t n, int64_t C, int64_t H, i
   }
 }
 
-// Per-sample scale / shift from the sample's own moments (instance / group norm).
+// One sample's NHWC conv output: a view into y, or (fused first layer) computed into a per-thread
+// buffer that stays in L2 while the sample is processed.
+template <typename scalar_t>
+struct SampleSource {
+  const scalar_t* y;
+  const DirectConv* conv;
+  int64_t C, H, W;
+  std::vector<scalar_t> buf;
+  std::vector<float> taps;
+  SampleSource(const scalar_t* y_, const DirectConv* conv_, int64_t C_, int64_t H_, int64_t W_)
+      : y(y_), conv(conv_), C(C_), H(H_), W(W_), buf(conv_ ? C_ * H_ * W_ : 0),
+        taps(conv_ ? conv_->Cin * conv_->kH * conv_->kW : 0) {}
+  const scalar_t* get(int64_t n) {
+    if (!conv) return y + n * H * W * C;
+    if constexpr (std::is_same_v<scalar_t, float>) conv_sample(*conv, n, C, H, W, buf.data(), taps.data());
+    return buf.data();  // (prepare_conv admits float32 only)
+  }
+};
+
+// Per-channel sums of (y - pivot) and (y - pivot)^2 over one sample's HW pixels (NHWC), pivot =
+// the first pixel: no cancellation when a channel's mean is far from zero.
 template <typename scalar_t, typename acc_t>
-void sample_norm(const scalar_t* yn, const Geometry& g, int64_t groups, double eps, const scalar_t* weight,
-                 const scalar_t* bias, acc_t* piv, acc_t* s1, acc_t* s2, acc_t* sc, acc_t* sh) {
-  const int64_t C = g.C, HW = g.H * g.W;
+void pivoted_sums(const scalar_t* yn, int64_t HW, int64_t C, acc_t* piv, acc_t* s1, acc_t* s2) {
   for (int64_t c = 0; c < C; ++c) {
     piv[c] = static_cast<acc_t>(yn[c]);
     s1[c] = acc_t(0);
@@ -149,6 +167,14 @@ void sample_norm(const scalar_t* yn, const Geometry& g, int64_t groups, double e
       s2[c] += d * d;
     }
   }
+}
+
+// Per-sample scale / shift from the sample's own moments (instance / group norm).
+template <typename scalar_t, typename acc_t>
+void sample_norm(const scalar_t* yn, const Geometry& g, int64_t groups, double eps, const scalar_t* weight,
+                 const scalar_t* bias, acc_t* piv, acc_t* s1, acc_t* s2, acc_t* sc, acc_t* sh) {
+  const int64_t C = g.C, HW = g.H * g.W;
+  pivoted_sums(yn, HW, C, piv, s1, s2);
   const int64_t cg = C / groups;
   for (int64_t gi = 0; gi < groups; ++gi) {
     // exact combination of the group's channel moments (equal counts HW)
@@ -187,13 +213,9 @@ void run(const at::Tensor& y, const at::Tensor& scale, const at::Tensor& shift, 
     std::vector<acc_t> buf(9 * C);
     acc_t *piv = buf.data(), *s1 = piv + C, *s2 = s1 + C, *sc = s2 + C, *sh = sc + C;
     acc_t* v[4] = {sh + C, sh + 2 * C, sh + 3 * C, sh + 4 * C};
-    std::vector<scalar_t> ybuf(conv ? HW * C : 0);
-    std::vector<float> taps(conv ? conv->Cin * conv->kH * conv->kW : 0);
+    SampleSource<scalar_t> src(yp, conv, C, H, W);
     for (int64_t n = begin; n < end; ++n) {
-      const scalar_t* yn = yp ? yp + n * HW * C : ybuf.data();
-      if constexpr (std::is_same_v<scalar_t, float>) {
-        if (conv) conv_sample(*conv, n, C, H, W, ybuf.data(), taps.data());
-      }
+      const scalar_t* yn = src.get(n);
       if (scp) {
         for (int64_t c = 0; c < C; ++c) {
           sc[c] = static_cast<acc_t>(scp[n * C + c]);
@@ -284,6 +306,23 @@ std::tuple<int64_t, int64_t, int64_t> prepare_conv(const char* op, const at::Ten
   return {C, H, W};
 }
 
+// The tensor the kernels read: the conv output as channels_last, or (with conv_weight) the input
+// of a fused first layer, unchanged. Returns the conv output's C, H, W.
+std::tuple<int64_t, int64_t, int64_t> prepare_input(const char* op, const at::Tensor& y_in,
+                                                    const std::optional<at::Tensor>& conv_weight,
+                                                    const std::optional<at::Tensor>& conv_bias,
+                                                    at::IntArrayRef conv_padding, at::Tensor& y, at::Tensor& wt,
+                                                    at::Tensor& bt, DirectConv& conv) {
+  TORCH_CHECK(y_in.dim() == 4, op, ": expected [N, C, H, W], got ", y_in.sizes());
+  TORCH_CHECK(y_in.device().is_cpu(), op, ": expected a CPU tensor, got ", y_in.device());
+  if (conv_weight.has_value() && conv_weight->defined()) {
+    y = y_in;
+    return prepare_conv(op, y, *conv_weight, conv_bias, conv_padding, wt, bt, conv);
+  }
+  y = y_in.contiguous(at::MemoryFormat::ChannelsLast);
+  return {y.size(1), y.size(2), y.size(3)};
+}
+
 // y: the conv output, or (with conv_weight) the conv input of a fused stride-1 first layer.
 std::tuple<at::Tensor, at::Tensor> cpu_real_epilogue(const at::Tensor& y_in, const std::optional<at::Tensor>& scale_in,
                                                      const std::optional<at::Tensor>& shift_in,
@@ -294,21 +333,13 @@ std::tuple<at::Tensor, at::Tensor> cpu_real_epilogue(const at::Tensor& y_in, con
                                                      const std::optional<at::Tensor>& conv_bias,
                                                      at::IntArrayRef conv_padding) {
   const char* op = "cpu_real_epilogue";
-  TORCH_CHECK(y_in.dim() == 4, op, ": expected [N, C, H, W], got ", y_in.sizes());
-  TORCH_CHECK(y_in.device().is_cpu(), op, ": expected a CPU tensor, got ", y_in.device());
   TORCH_CHECK(act >= 0 && act <= 3, op, ": act must be 0..3 (relu, leakyrelu, sigmoid, swish), got ", act);
   TORCH_CHECK(pool >= 0 && pool <= 2, op, ": pool must be 0..2 (none, avg, max), got ", pool);
-  const bool fused = conv_weight.has_value() && conv_weight->defined();
   at::Tensor y, wt, bt;
   DirectConv conv;
-  int64_t N = y_in.size(0), C, H, W;
-  if (fused) {
-    y = y_in;
-    std::tie(C, H, W) = prepare_conv(op, y, *conv_weight, conv_bias, conv_padding, wt, bt, conv);
-  } else {
-    y = y_in.contiguous(at::MemoryFormat::ChannelsLast);
-    C = y.size(1); H = y.size(2); W = y.size(3);
-  }
+  const bool fused = conv_weight.has_value() && conv_weight->defined();
+  const auto [C, H, W] = prepare_input(op, y_in, conv_weight, conv_bias, conv_padding, y, wt, bt, conv);
+  const int64_t N = y.size(0);
   const bool given = scale_in.has_value() && scale_in->defined();
   at::Tensor scale, shift;
   if (given) {
@@ -356,26 +387,10 @@ void plane_moments(const at::Tensor& y, int64_t C, int64_t HW, at::Tensor& mean,
   at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> buf(3 * C);
     acc_t *piv = buf.data(), *s1 = piv + C, *s2 = s1 + C;
-    std::vector<scalar_t> ybuf(conv ? HW * C : 0);
-    std::vector<float> taps(conv ? conv->Cin * conv->kH * conv->kW : 0);
+    SampleSource<scalar_t> src(yp, conv, C, H, W);
     for (int64_t n = begin; n < end; ++n) {
-      const scalar_t* yn = yp ? yp + n * HW * C : ybuf.data();
-      if constexpr (std::is_same_v<scalar_t, float>) {
-        if (conv) conv_sample(*conv, n, C, H, W, ybuf.data(), taps.data());
-      }
-      for (int64_t c = 0; c < C; ++c) {
-        piv[c] = static_cast<acc_t>(yn[c]);
-        s1[c] = s2[c] = acc_t(0);
-      }
-      for (int64_t p = 0; p < HW; ++p) {
-        const scalar_t* row = yn + p * C;
-#pragma omp simd
-        for (int64_t c = 0; c < C; ++c) {
-          acc_t d = static_cast<acc_t>(row[c]) - piv[c];
-          s1[c] += d;
-          s2[c] += d * d;
-        }
-      }
+      const scalar_t* yn = src.get(n);
+      pivoted_sums(yn, HW, C, piv, s1, s2);
       for (int64_t c = 0; c < C; ++c) {
         mp[n * C + c] = static_cast<float>(piv[c] + s1[c] / acc_t(HW));
         qp[n * C + c] = static_cast<float>(std::max(s2[c] - s1[c] * s1[c] / acc_t(HW), acc_t(0)));
@@ -388,19 +403,10 @@ std::tuple<at::Tensor, at::Tensor> cpu_plane_moments(const at::Tensor& y_in, con
                                                      const std::optional<at::Tensor>& conv_bias,
                                                      at::IntArrayRef conv_padding) {
   const char* op = "cpu_plane_moments";
-  TORCH_CHECK(y_in.dim() == 4, op, ": expected [N, C, H, W], got ", y_in.sizes());
-  TORCH_CHECK(y_in.device().is_cpu(), op, ": expected a CPU tensor, got ", y_in.device());
-  const bool fused = conv_weight.has_value() && conv_weight->defined();
   at::Tensor y, wt, bt;
   DirectConv conv;
-  int64_t C, H, W;
-  if (fused) {
-    y = y_in;
-    std::tie(C, H, W) = prepare_conv(op, y, *conv_weight, conv_bias, conv_padding, wt, bt, conv);
-  } else {
-    y = y_in.contiguous(at::MemoryFormat::ChannelsLast);
-    C = y.size(1); H = y.size(2); W = y.size(3);
-  }
+  const bool fused = conv_weight.has_value() && conv_weight->defined();
+  const auto [C, H, W] = prepare_input(op, y_in, conv_weight, conv_bias, conv_padding, y, wt, bt, conv);
   const int64_t N = y.size(0), HW = H * W;
   at::Tensor mean = at::empty({N, C}, y.options().dtype(at::kFloat));
   at::Tensor m2 = at::empty({N, C}, y.options().dtype(at::kFloat));
