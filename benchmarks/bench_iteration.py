@@ -290,10 +290,11 @@ def _med(xs: List[float]) -> Optional[float]:
     return float(statistics.median(xs)) if xs else None
 
 
-def summarize(rows: List[Row]) -> List[Dict]:
+def summarize(rows: List[Row], base: str = BASE_PRESET) -> List[Dict]:
+    """``base``: the variant of the "vs package before" column (``speedup_vs_paper``)."""
     by_name = {r.name: r for r in rows}
     official = _med(by_name["official"].ms) if "official" in by_name else None
-    paper_row = by_name.get(f"package:{BASE_PRESET}")
+    paper_row = by_name.get(f"package:{base}")
     paper = _med(paper_row.ms) if paper_row is not None else None
     limit = next((r for r in rows if r.kind == "limit" and r.parts), None)
     limit_real = _med([p["real_forward_convs"] for p in limit.parts]) * 1e3 if limit else None
@@ -327,7 +328,7 @@ def _f(x, fmt="{:.1f}"):
 
 
 def markdown(summary: List[Dict]) -> str:
-    lines = ["| row | median ms/it | p20 | p80 | first it ms | vs official | vs paper | note |",
+    lines = ["| row | median ms/it | p20 | p80 | first it ms | vs official | vs base | note |",
              "|---|---|---|---|---|---|---|---|"]
     for s in summary:
         if s["status"] != "ok":
@@ -398,6 +399,10 @@ def main(argv=None) -> Dict:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS,
                     help="package rows: 'PRESET[,key=value...]' with DistillConfig fields as keys")
+    ap.add_argument("--base", default=BASE_PRESET,
+                    help="the variant the 'vs package before' column divides by (e.g. "
+                         "'paper,compile=0,real_epilogue=off' for the code before issue #8); it must be one of "
+                         "--variants. The real-forward goal is always checked on the plain 'paper' row")
     ap.add_argument("--iterations", type=int, default=10, help="timed iterations per row")
     ap.add_argument("--warmup", type=int, default=2, help="untimed iterations per row first (compile, caches)")
     ap.add_argument("--seed", type=int, default=0)
@@ -454,7 +459,7 @@ def main(argv=None) -> Dict:
     for r in rows:
         r.close()
 
-    summary = summarize(rows)
+    summary = summarize(rows, args.base)
     meta = machine()
     print(f"{args.dataset} ipc={args.ipc} batch_real={args.batch_real} width={args.width} device={args.device} "
           f"threads={torch.get_num_threads()} affinity={meta['affinity']} iterations={args.iterations} "
