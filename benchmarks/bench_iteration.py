@@ -113,6 +113,21 @@ def parse_variant(spec: str) -> Tuple[Dict[str, object], List[str]]:
     return kw, missing
 
 
+def shaped_dataset(shape: str, per_class: int, seed: int = 0):
+    """Random uint8 images shaped like a real dataset (``"K,C,S"``), for timing only."""
+    from datadam_fast.data import ImageDataset
+    try:
+        K, C, S = (int(v) for v in shape.split(","))
+    except ValueError:
+        raise SystemExit(f"--shape must be K,C,S (classes, channels, pixels), got {shape!r}")
+    if min(K, C, S) < 1:
+        raise SystemExit(f"--shape values must be >= 1, got {shape!r}")
+    gen = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 256, (K * per_class, C, S, S), dtype=torch.uint8, generator=gen)
+    labels = torch.arange(K).repeat_interleave(per_class)
+    return ImageDataset(f"random{K}x{C}x{S}", images, labels, [str(k) for k in range(K)], [0.5] * C, [0.25] * C)
+
+
 # ------------------------------------------------------------------------------------ rows
 def _sync(device: torch.device):
     if device.type == "cuda":
@@ -392,6 +407,10 @@ def main(argv=None) -> Dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dataset", default="mnist", help="mnist (default), or digits for quick smoke runs")
     ap.add_argument("--data-root", default=None)
+    ap.add_argument("--shape", default=None, metavar="K,C,S",
+                    help="time on random uint8 images of K classes, C channels, S x S pixels instead of --dataset "
+                         "(speed only: e.g. 10,3,32 for CIFAR-10 shapes, 1000,3,64 for ImageNet-1K at 64 px); "
+                         "each class holds max(batch_real, ipc) + 1 images")
     ap.add_argument("--ipc", type=int, default=10)
     ap.add_argument("--batch-real", type=int, default=64)
     ap.add_argument("--width", type=int, default=128)
@@ -422,8 +441,12 @@ def main(argv=None) -> Dict:
         except ValueError as e:
             ap.error(str(e))
 
-    from datadam_fast.data import load_dataset
-    train_set = load_dataset(args.dataset, root=args.data_root, split="train")
+    if args.shape:
+        train_set = shaped_dataset(args.shape, per_class=max(args.batch_real, args.ipc) + 1, seed=args.seed)
+        args.dataset = train_set.name
+    else:
+        from datadam_fast.data import load_dataset
+        train_set = load_dataset(args.dataset, root=args.data_root, split="train")
     load_start = _loadavg()
     rows: List[Row] = []
     if not args.no_official:

@@ -105,3 +105,20 @@ def test_bench_iteration_smoke(tmp_path):
     assert set(rows["limit:convs"]["parts_median_ms"]) >= {"real_forward_convs", "syn_convs"}
     m = res["machine"]
     assert m["torch"] == torch.__version__ and m["affinity"] and m["command"] and m["torch_threads"] == 1
+
+
+def test_bench_iteration_on_random_shaped_data(tmp_path):
+    """--shape K,C,S: CIFAR / ImageNet-64 shapes without the data (the GPU table of issue 8)."""
+    out = tmp_path / "bench.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_iteration.py"), "--shape", "3,3,16", "--ipc", "1",
+           "--batch-real", "4", "--width", "8", "--iterations", "1", "--warmup", "1", "--threads", "1",
+           "--variants", "paper,compile=0", "--no-official", "--json", str(out)]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    res = json.loads(out.read_text())
+    rows = {r["name"]: r for r in res["rows"]}
+    assert rows["package:paper,compile=0"]["status"] == "ok"
+    assert rows["package:paper,compile=0"]["info"]["config"]["dataset"] == "random3x3x16"
+    assert rows["limit:convs"]["info"]["convs"][0]["in"] == [3, 16, 16]
+    bad = subprocess.run(cmd[:3] + ["3,3"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode != 0 and "--shape must be K,C,S" in bad.stderr
