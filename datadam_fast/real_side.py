@@ -7,9 +7,10 @@ Two implementations of the same contract:
 * ``triton`` (:mod:`datadam_fast.kernels.real_epilogue`): CUDA, or CPU under ``TRITON_INTERPRET=1``;
   one stats pass and one fused pass over the conv output.
 * ``cpu`` (``csrc/real_epilogue_cpu.cpp``, ``torch.ops.datadam_fast.cpu_real_epilogue``): per
-  sample, statistics and everything else while the sample's map is still in the core's L2.
- The result is what the loss
-needs from the real side: per-class sums of the L2-normalised maps and of the embeddings, the
+  sample, statistics and everything else while the sample's map is still in the core's L2; a
+  first layer with few input channels is convolved inside the kernel (its output never exists).
+
+The result is what the loss needs from the real side: per-class sums of the L2-normalised maps and of the embeddings, the
 same quantities as ``features_and_embedding`` followed by :class:`~datadam_fast.targets.ClassMeanAccumulator`
 (tests/test_real_epilogue.py pins them against that, for every supported norm and activation).
 
