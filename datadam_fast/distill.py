@@ -400,25 +400,21 @@ class Distiller:
                 if mark:
                     mark("augment")
             with nvtx_range("datadam_fast.step.real_forward"):
+                dtype = REAL_DTYPES[self.cfg.real_dtype]
+                first = int(local_labels_cpu[0])
+                classes = int(local_labels_cpu[-1]) - first + 1
+                if weights is None or self.fused_real == "cpu":
+                    net = self._real_side_copy(net, dtype)
                 if self.fused_real and (weights is None or self.fused_real == "cpu"):
                     from .real_side import real_class_sums
-                    first = int(local_labels_cpu[0])
-                    classes = int(local_labels_cpu[-1]) - first + 1
-                    if REAL_DTYPES[self.cfg.real_dtype] != torch.float32:
-                        net, x = self._real_side_copy(net, REAL_DTYPES[self.cfg.real_dtype]), \
-                            x.to(REAL_DTYPES[self.cfg.real_dtype])
-                    att, emb = real_class_sums(net, x, classes, self.cfg.power, attention=self.cfg.method != "dm",
-                                               impl=self.fused_real)
+                    att, emb = real_class_sums(net, x.to(dtype), classes, self.cfg.power,
+                                               attention=self.cfg.method != "dm", impl=self.fused_real)
                     acc.add_class_sums(att, emb, first_class=first, count=x.shape[0] // classes)
                 elif weights is not None:
-                    first = int(local_labels_cpu[0])
-                    classes = int(local_labels_cpu[-1]) - first + 1
                     att, emb = self.passes.real(weights, x, classes)
                     acc.add_class_sums(att, emb, first_class=first, count=x.shape[0] // classes)
                 else:
-                    dtype = REAL_DTYPES[self.cfg.real_dtype]
-                    if dtype != torch.float32:
-                        net, x = self._real_side_copy(net, dtype), x.to(dtype)
+                    x = x.to(dtype)
                     feats_r, emb_r = ([], net.embed(x)) if self.cfg.method == "dm" else net.features_and_embedding(x)
                     acc.update(feats_r, emb_r.float(), labels=local_labels_cpu)
                     del feats_r, emb_r
@@ -536,6 +532,9 @@ class Distiller:
         c, B = self.cfg, self.batch_real
         # Real side: only its per-class means enter the loss, so it is reduced chunk by chunk.
         acc = ClassMeanAccumulator(self.Kl, power=c.power, backend=c.backend)
+        real_net = net
+        if weights is None or self.fused_real == "cpu":
+            real_net = self._real_side_copy(net, REAL_DTYPES[c.real_dtype])  # once per step, not per chunk
         for j, (a, b) in enumerate(self._real_chunks()):
             with nvtx_range("datadam_fast.step.load"):
                 if self.real_all is not None:
@@ -545,7 +544,8 @@ class Distiller:
             mark("load")
             glob = torch.arange(self.k_lo + a, self.k_lo + b, device=self.device).repeat_interleave(B)
             local = torch.arange(a, b).repeat_interleave(B)
-            self._real_pass(net, x, glob, params, acc, local, mark if timings is not None else None, real_weights)
+            self._real_pass(real_net, x, glob, params, acc, local, mark if timings is not None else None,
+                            real_weights)
             del x
         targets = acc.targets()
         del acc
@@ -571,7 +571,12 @@ class Distiller:
         self.iteration += 1
         return {"loss": att_sum + emb_sum, "loss_attention": att_sum, "loss_embedding": emb_sum}
 
-    def _real_side_copy(self, net, dtype):
+    @staticmethod
+    def _real_side_copy(net, dtype):
+        """``net`` in the real side's dtype: itself when it already is (the step casts once, not per chunk)."""
+        p = next(net.parameters(), None)
+        if p is None or p.dtype == dtype:
+            return net
         import copy
         return copy.deepcopy(net).to(dtype)
 

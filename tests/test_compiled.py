@@ -106,3 +106,24 @@ def test_cuda_graphs_equal_eager_on_gpu():
     b = Distiller(DistillConfig(compile=True, compile_mode="reduce-overhead", **kw), None, progress=False)
     b.run()
     assert (a.syn - b.syn).abs().max() < 2e-4
+
+
+@pytest.mark.parametrize("real_epilogue", ["off", "cpu"])
+def test_real_dtype_casts_the_network_once_per_step(monkeypatch, real_epilogue):
+    """Several real chunks share one low-precision copy of the step's network (not one per chunk),
+    and chunking does not change the targets."""
+    import copy
+    kw = dict(ipc=2, batch_real=6, width=16, eval_every=-1, checkpoint_every=0, iterations=1, compile=False,
+              real_dtype="bf16", real_epilogue=real_epilogue)
+    one = Distiller(DistillConfig(**kw), None, progress=False)
+    chunked = Distiller(DistillConfig(real_chunk=3, **kw), None, progress=False)
+    assert len(chunked._real_chunks()) == 4
+    calls = []
+    real_deepcopy = copy.deepcopy
+    monkeypatch.setattr(copy, "deepcopy", lambda obj, *a: calls.append(obj) or real_deepcopy(obj, *a))
+    ta = one.step()
+    assert len(calls) == 1
+    calls.clear()
+    tb = chunked.step()
+    assert len(calls) == 1
+    assert abs(float(ta["loss"]) - float(tb["loss"])) <= 1e-3 * abs(float(ta["loss"]))
