@@ -4,6 +4,7 @@ The official row is only a fair baseline if it computes the official loss: with 
 the same inputs and no DSA its loss (and pixel gradient) must be the package's
 ``attention_matching_loss`` at power 1."""
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -122,3 +123,24 @@ def test_bench_iteration_on_random_shaped_data(tmp_path):
     assert rows["limit:convs"]["info"]["convs"][0]["in"] == [3, 16, 16]
     bad = subprocess.run(cmd[:3] + ["3,3"], capture_output=True, text=True, timeout=60)
     assert bad.returncode != 0 and "--shape must be K,C,S" in bad.stderr
+
+
+def test_gpu_suite_script_parses_and_reports_each_stage(tmp_path):
+    """benchmarks/gpu_suite.sh is run on a lent GPU in one call: it must at least parse, write its
+    environment JSON and say which stages did not run (here: no GPU, an unknown stage)."""
+    import shutil
+    if shutil.which("bash") is None or shutil.which("timeout") is None:
+        pytest.skip("needs bash and coreutils timeout")
+    script = str(Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_suite.sh")
+    subprocess.run(["bash", "-n", script], check=True)
+    env = dict(os.environ, OUT=str(tmp_path), DEADLINE_S="120", PYTHON=sys.executable)
+    env.pop("DATADAM_FAST_DATA", None)
+    p = subprocess.run(["bash", script, "env", "eval", "nonsense"], env=env, capture_output=True, text=True,
+                       timeout=180)
+    assert p.returncode == 0, p.stderr
+    info = json.loads((tmp_path / "env.json").read_text())
+    assert info["torch"] == torch.__version__
+    summary = (tmp_path / "summary.txt").read_text()
+    assert "env: rc=0" in summary
+    assert "eval: not run (no mnist/" in summary
+    assert "unknown stage 'nonsense'" in summary
