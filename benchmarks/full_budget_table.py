@@ -6,7 +6,10 @@ Cells: dataset x IPC x method, where a method is
 * ``datadam-official`` DataDAM, ``--preset official`` (BatchNorm ConvNet, p = 1, official taps)
 * ``dm``               Distribution Matching, ``distill --method dm`` (skipped, with a message, where this
                        version of ``distill`` has no ``--method``)
-* ``random``           the random real subset the runs start from (``--iterations 0``)
+* ``random``           the random real subset the runs start from (``--iterations 0``), evaluated on
+                       the ``paper`` preset's network (InstanceNorm ConvNet)
+* ``random-official``  the same real subset, evaluated on the ``official`` preset's network (BatchNorm
+                       ConvNet): the baseline the ``datadam-official`` column is compared with
 
 Every cell is its own run directory (``<runs-dir>/<dataset>_ipc<k>_<method>``): ``distill`` with
 checkpoints, then ``evaluate`` (``--runs`` networks x ``--eval-epochs`` epochs, the fixed protocol:
@@ -38,9 +41,10 @@ METHODS = {
     "datadam-official": {"preset": "official"},
     "dm": {"method": "dm"},
     "random": {"iterations": 0},
+    "random-official": {"preset": "official", "iterations": 0},
 }
 MIN_ITERATIONS = 2000
-TABLE_ORDER = ["random", "datadam-paper", "datadam-official", "dm"]  # baseline first
+TABLE_ORDER = ["random", "datadam-paper", "random-official", "datadam-official", "dm"]  # each baseline first
 
 
 def cell_name(dataset: str, ipc: int, method: str) -> str:

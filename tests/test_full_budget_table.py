@@ -20,13 +20,18 @@ def _run(tmp_path, *extra):
 
 
 def test_full_budget_driver_tiny(tmp_path):
-    out = _run(tmp_path, "--methods", "datadam-paper", "datadam-official", "random", "dm")
+    out = _run(tmp_path, "--methods", "datadam-paper", "datadam-official", "random", "random-official", "dm")
     res = tmp_path / "results"
-    for m, norm in (("datadam-paper", "instancenorm"), ("datadam-official", "batchnorm"), ("random", "instancenorm")):
+    for m, norm in (("datadam-paper", "instancenorm"), ("datadam-official", "batchnorm"), ("random", "instancenorm"),
+                    ("random-official", "batchnorm")):
         cell = json.loads((res / f"digits_ipc1_{m}.json").read_text())
         assert cell["method"] == m and 0 <= cell["mean"] <= 100 and len(cell["accuracies"]) == 1
         assert cell["network"]["norm"] == norm and cell["network"]["width"] == 8 and cell["eval_epochs"] == 2
-        assert cell["iterations"] == (0 if m == "random" else 2)
+        assert cell["iterations"] == (0 if m.startswith("random") else 2)
+    # both random baselines are the same real images (the subset every run starts from), on two networks
+    sets = [torch.load(tmp_path / "runs" / f"digits_ipc1_{m}" / "synthetic.pt", weights_only=True)["images"]
+            for m in ("random", "random-official")]
+    assert torch.equal(*sets)
     dm = res / "digits_ipc1_dm.json"
     if not dm.exists():  # distill without --method: a clear skip, not a crash
         assert "[digits_ipc1_dm] SKIPPED" in out and "--method" in out
@@ -52,7 +57,7 @@ def test_full_budget_driver_tiny(tmp_path):
     assert torch.equal(torch.load(run / "synthetic.pt", weights_only=True)["images"], images)
     # the table keeps every finished cell, not only this invocation's method, baseline column first
     header = (res / "table.md").read_text().splitlines()[2]
-    assert header.startswith("| dataset | IPC | random | datadam-paper | datadam-official |"), header
+    assert header.startswith("| dataset | IPC | random | datadam-paper | random-official | datadam-official |"), header
 
 
 def test_full_budget_refuses_a_small_budget_without_tiny(tmp_path):
