@@ -1,61 +1,102 @@
-"""Regenerate README's 'Full-budget results (CPU)' section from the committed cell JSONs.
+"""The README's "Full-budget results (CPU)" section, generated from the committed cell JSONs of
+``benchmarks/full_budget_table.py`` (the verdicts are computed, never written by hand).
 
-    python benchmarks/full_budget_readme.py            # print the table and verdicts
-    WRITE=1 python benchmarks/full_budget_readme.py    # also rewrite the README section
+    python benchmarks/full_budget_readme.py            # print the section
+    python benchmarks/full_budget_readme.py --write    # and put it into README.md
 """
-import json, os
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-R = os.path.join(ROOT, "benchmarks", "results", "full_budget")
-NA = "not run yet"
-def cell(name):
-    p = os.path.join(R, name + ".json")
-    return json.load(open(p)) if os.path.exists(p) else None
-fmt = lambda c: f"{c['mean']:.2f} ± {c['std']:.2f}" if c else NA
-pub = {("mnist", 1): "91.7 / 88.7", ("mnist", 10): "97.4 / 97.8", ("fashion_mnist", 1): "70.5 / 70.6",
-       ("fashion_mnist", 10): "82.3 / 84.6"}
-names = {"mnist": "MNIST", "fashion_mnist": "Fashion-MNIST"}
-rows, verdicts = [], []
-for d in ("mnist", "fashion_mnist"):
-    for k in (1, 10):
-        c = {m: cell(f"{d}_ipc{k}_{m}") for m in ("random", "datadam-paper", "random-official", "datadam-official", "dm")}
-        vals = [fmt(c[m]) for m in c]
-        if c["datadam-paper"]:
-            vals[1] = f"**{vals[1]}**"
-        rows.append(f"| {names[d]} | {k} | " + " | ".join(vals) + f" | {pub[(d, k)]} |")
-        for m, base in (("datadam-paper", "random"), ("datadam-official", "random-official"), ("dm", "random")):
-            if c[m] and c[base]:
-                verdicts.append((m, d, k, c[m]["mean"] > c[base]["mean"], c[m]["mean"] - c[base]["mean"]))
-table = "\n".join(["| dataset | IPC | random real (IN net) | **DataDAM `paper`** | random real (BN net) | DataDAM `official` | DM | DC / DSA (published) |",
-                   "|---|---|---|---|---|---|---|---|"] + rows)
-def say(m):
-    v = [x for x in verdicts if x[0] == m]
-    if not v:
-        return f"`{m}`: no finished cell pair yet."
-    below = [f"{names[d]} IPC {k} ({diff:+.2f})" for _, d, k, ok, diff in v if not ok]
-    return (f"`{m}`: above its random baseline in {sum(x[3] for x in v)} of {len(v)} finished cells"
-            + (f"; below in {', '.join(below)}." if below else "."))
-print(table)
-print("\n".join(say(m) for m in ("datadam-paper", "datadam-official", "dm")))
+from __future__ import annotations
 
-def cross(d):
-    p = os.path.join(R, "cross", f"{d}_ipc1_datadam-official_on_instancenorm.json")
-    return json.load(open(p)) if os.path.exists(p) else None
-def accs(c):
-    return ", ".join(f"{a:.1f}" for a in c["accuracies"])
-xs = {d: cross(d) for d in ("mnist", "fashion_mnist")}
-import torch
-stds = [float(torch.load(os.path.join(R, "runs", f"{d}_ipc1_datadam-official", "synthetic.pt"), weights_only=False)["images"].std())
-        for d in ("mnist", "fashion_mnist")]
-std_txt = f"{min(stds):.1f}-{max(stds):.1f}"
-pairs = [(cell(f"{d}_ipc{k}_datadam-paper"), cell(f"{d}_ipc{k}_datadam-official")) for d in ("mnist", "fashion_mnist") for k in (1, 10)]
-pairs = [(a, b) for a, b in pairs if a and b]
-po = f"`paper` is above `official` in {sum(a['mean'] > b['mean'] for a, b in pairs)} of {len(pairs)} cells where both finished."
-off = {d: cell(f"{d}_ipc1_datadam-official") for d in ("mnist", "fashion_mnist")}
-cross_txt = "; ".join(f"{names[d]} {fmt(xs[d])} (`paper`'s set: {fmt(cell(f'{d}_ipc1_datadam-paper'))}; the official set on "
-                      f"its BatchNorm network: {fmt(off[d])}, runs {accs(off[d])})" for d in xs if xs[d] and off[d])
-missing = [f"{names[d]} IPC {k} {m}" for d in ("mnist", "fashion_mnist") for k in (1, 10)
-           for m in ("random-official", "datadam-official", "dm") if not cell(f"{d}_ipc{k}_{m}")]
-sec = f'''### Full-budget results (CPU)
+import argparse
+import json
+import os
+import sys
+from typing import Dict, Optional
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from full_budget_table import cell_name  # noqa: E402
+
+RESULTS = os.path.join(ROOT, "benchmarks", "results", "full_budget")
+DATASETS = {"mnist": "MNIST", "fashion_mnist": "Fashion-MNIST"}
+IPCS = (1, 10)
+COLUMNS = ("random", "datadam-paper", "random-official", "datadam-official", "dm")
+BASELINE = {"datadam-paper": "random", "datadam-official": "random-official", "dm": "random"}
+PUBLISHED = {("mnist", 1): "91.7 / 88.7", ("mnist", 10): "97.4 / 97.8", ("fashion_mnist", 1): "70.5 / 70.6",
+             ("fashion_mnist", 10): "82.3 / 84.6"}  # DC / DSA, DatasetCondensation README
+START, END = "### Full-budget results (CPU)", "### Full-budget runs on a GPU"
+
+
+def _json(path: str) -> Optional[Dict]:
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def cell(d: str, k: int, m: str) -> Optional[Dict]:
+    return _json(os.path.join(RESULTS, cell_name(d, k, m) + ".json"))
+
+
+def fmt(c: Optional[Dict]) -> str:
+    return f"{c['mean']:.2f} ± {c['std']:.2f}" if c else "not run yet"
+
+
+def table() -> str:
+    lines = ["| dataset | IPC | random real (IN net) | **DataDAM `paper`** | random real (BN net) | DataDAM `official` "
+             "| DM | DC / DSA (published) |", "|---|---|---|---|---|---|---|---|"]
+    for d, name in DATASETS.items():
+        for k in IPCS:
+            vals = [fmt(cell(d, k, m)) for m in COLUMNS]
+            if cell(d, k, "datadam-paper"):
+                vals[1] = f"**{vals[1]}**"
+            lines.append(f"| {name} | {k} | " + " | ".join(vals) + f" | {PUBLISHED[(d, k)]} |")
+    return "\n".join(lines)
+
+
+def verdict(method: str) -> str:
+    """How often ``method`` beats its own random baseline, over the cells where both finished."""
+    diffs = [(d, k, cell(d, k, method)["mean"] - cell(d, k, BASELINE[method])["mean"])
+             for d in DATASETS for k in IPCS if cell(d, k, method) and cell(d, k, BASELINE[method])]
+    if not diffs:
+        return f"`{method}`: no finished cell pair yet."
+    below = [f"{DATASETS[d]} IPC {k} ({x:+.2f})" for d, k, x in diffs if x <= 0]
+    return (f"`{method}`: above its random baseline in {sum(x > 0 for _, _, x in diffs)} of {len(diffs)} finished "
+            f"cells" + (f"; below in {', '.join(below)}." if below else "."))
+
+
+def paper_vs_official() -> str:
+    pairs = [(cell(d, k, "datadam-paper"), cell(d, k, "datadam-official")) for d in DATASETS for k in IPCS]
+    pairs = [(a, b) for a, b in pairs if a and b]
+    return (f"`paper` is above `official` in {sum(a['mean'] > b['mean'] for a, b in pairs)} of {len(pairs)} cells "
+            f"where both finished.")
+
+
+def official_ipc1_diagnosis() -> str:
+    """The IPC 1 official sets: their pixel spread and their accuracy on the InstanceNorm ConvNet."""
+    import torch
+    stds, cross = [], []
+    for d, name in DATASETS.items():
+        off = cell(d, 1, "datadam-official")
+        if off is None:
+            continue
+        syn = os.path.join(RESULTS, "runs", cell_name(d, 1, "datadam-official"), "synthetic.pt")
+        stds.append(float(torch.load(syn, weights_only=False)["images"].std()))
+        on_in = _json(os.path.join(RESULTS, "cross", cell_name(d, 1, "datadam-official") + "_on_instancenorm.json"))
+        if on_in:
+            runs = ", ".join(f"{a:.1f}" for a in off["accuracies"])
+            cross.append(f"{name} {fmt(on_in)} (`paper`'s set: {fmt(cell(d, 1, 'datadam-paper'))}; the official set "
+                         f"on its BatchNorm network: {fmt(off)}, runs {runs})")
+    std_txt = f"{min(stds):.1f}-{max(stds):.1f}" if stds else "(no official IPC 1 set yet)"
+    return f'''At IPC 1 the official cells vary widely from run to run. The BatchNorm network is trained
+  on the 10 synthetic images (one batch), so its running statistics come from images whose pixel std
+  is {std_txt} (the normalised real data: about 1). The same official sets evaluated on the InstanceNorm
+  ConvNet: {"; ".join(cross) if cross else "not run yet"}'''
+
+
+def section() -> str:
+    missing = [f"{DATASETS[d]} IPC {k} {m}" for d in DATASETS for k in IPCS
+               for m in ("random-official", "datadam-official", "dm") if not cell(d, k, m)]
+    return f'''{START}
 
 The issue-9 protocol on this CPU machine: width-128 ConvNet, 2000 distillation iterations, 5
 evaluation runs x 1000 epochs with the corrected official schedule, seed 0, 2026-11-26. Every cell is
@@ -63,21 +104,18 @@ evaluated on its preset's own network: InstanceNorm ConvNet for `paper`, DM and 
 column; BatchNorm ConvNet (the official `ConvNet`) for `official` and for its random baseline, which
 is the same real subset as the first random column. Produced by
 `python benchmarks/full_budget_table.py --data-root ../shared/datasets --runs-dir benchmarks/results/full_budget/runs`
-(this section: `WRITE=1 python benchmarks/full_budget_readme.py`; resumable: finished cells are skipped, unfinished ones resume from the committed checkpoints in
+(this section: `python benchmarks/full_budget_readme.py --write`; resumable: finished cells are skipped, unfinished ones resume from the committed checkpoints in
 `benchmarks/results/full_budget/runs/`; one JSON per cell (commands, network, per-run accuracies,
 times) and `table.md` in `benchmarks/results/full_budget/`; report PNGs of the MNIST IPC 1 run are in
 its run folder). The MNIST `paper` cells were distilled with compiled passes, the rest with the C++
 fused real side (issue 8; same results up to float32 rounding). Test accuracy %, mean ± std:
 
-{table}
+{table()}
 
-- {say("datadam-paper")}
-- {say("datadam-official")}
-- {say("dm")}
-- {po} At IPC 1 the official cells vary widely from run to run. The BatchNorm network is trained
-  on the 10 synthetic images (one batch), so its running statistics come from images whose pixel std
-  is {std_txt} (the normalised real data: about 1). The same official sets evaluated on the InstanceNorm
-  ConvNet: {cross_txt}
+- {verdict("datadam-paper")}
+- {verdict("datadam-official")}
+- {verdict("dm")}
+- {paper_vs_official()} {official_ipc1_diagnosis()}
   (`datadam-fast evaluate --synthetic <run>/synthetic.pt --model ConvNet --width 128 --runs 5
   --epochs 1000`; JSON in `benchmarks/results/full_budget/cross/`). The official preset distils
   images about as good as `paper`'s; at IPC 1 its BatchNorm evaluation network is what loses.
@@ -88,10 +126,24 @@ Published DC / DSA figures (DatasetCondensation README) are for context only: ot
 their own budgets.
 
 '''
-if __name__ == "__main__" and os.environ.get("WRITE"):
-    p = os.path.join(ROOT, "README.md")
-    s = open(p).read()
-    a = s.index("### Full-budget results (CPU")
-    b = s.index("### Full-budget runs on a GPU")
-    open(p, "w").write(s[:a] + sec + s[b:])
-    print("README written")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--write", action="store_true", help="replace the section in README.md")
+    args = ap.parse_args(argv)
+    sec = section()
+    print(sec)
+    if args.write:
+        path = os.path.join(ROOT, "README.md")
+        with open(path) as f:
+            s = f.read()
+        a, b = s.index(START), s.index(END)
+        with open(path, "w") as f:
+            f.write(s[:a] + sec + s[b:])
+        print(f"written into {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -64,3 +64,13 @@ def test_full_budget_refuses_a_small_budget_without_tiny(tmp_path):
     p = subprocess.run([sys.executable, str(SCRIPT), "--iterations", "10", "--results-dir", str(tmp_path / "r"),
                         "--runs-dir", str(tmp_path / "x")], capture_output=True, text=True)
     assert p.returncode == 2 and "--tiny" in p.stderr and not (tmp_path / "r").exists()
+
+
+def test_readme_full_budget_section_is_generated_from_the_committed_cells():
+    """The README's full-budget table and verdicts are what the committed cell JSONs say."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import full_budget_readme as fbr
+    readme = (ROOT / "README.md").read_text()
+    sec = fbr.section()
+    assert readme[readme.index(fbr.START):readme.index(fbr.END)] == sec
+    assert "above its random baseline in 4 of 4" in fbr.verdict("datadam-paper")
