@@ -93,6 +93,13 @@ def official_ipc1_diagnosis() -> str:
   ConvNet: {"; ".join(cross) if cross else "not run yet"}'''
 
 
+def not_run_yet(missing) -> str:
+    if not missing:
+        return ""
+    return ("- Not run yet (each IPC 10 cell is 30-60 min of this CPU; the same command resumes and "
+            "fills them):\n  " + ", ".join(missing) + ".\n")
+
+
 def section() -> str:
     missing = [f"{DATASETS[d]} IPC {k} {m}" for d in DATASETS for k in IPCS
                for m in ("random-official", "datadam-official", "dm") if not cell(d, k, m)]
@@ -119,11 +126,10 @@ fused real side (issue 8; same results up to float32 rounding). Test accuracy %,
   (`datadam-fast evaluate --synthetic <run>/synthetic.pt --model ConvNet --width 128 --runs 5
   --epochs 1000`; JSON in `benchmarks/results/full_budget/cross/`). The official preset distils
   images about as good as `paper`'s; at IPC 1 its BatchNorm evaluation network is what loses.
-- Not run yet (each IPC 10 cell is 30-60 min of this CPU; the same command resumes and fills them):
-  {", ".join(missing) if missing else "none"}.
-
+{not_run_yet(missing)}
 Published DC / DSA figures (DatasetCondensation README) are for context only: other methods, and
-their own budgets.
+their own budgets. The DM paper's own MNIST / Fashion-MNIST figures are not in the reference
+material available here, so none are quoted for the DM column.
 
 '''
 
