@@ -53,23 +53,27 @@ def table() -> str:
     return "\n".join(lines)
 
 
+def diffs(a: str, b: str):
+    """(dataset, ipc, mean of ``a`` - mean of ``b``) over the cells where both columns finished."""
+    pairs = [(d, k, cell(d, k, a), cell(d, k, b)) for d in DATASETS for k in IPCS]
+    return [(d, k, ca["mean"] - cb["mean"]) for d, k, ca, cb in pairs if ca and cb]
+
+
 def verdict(method: str) -> str:
     """How often ``method`` beats its own random baseline, over the cells where both finished."""
-    diffs = [(d, k, cell(d, k, method)["mean"] - cell(d, k, BASELINE[method])["mean"])
-             for d in DATASETS for k in IPCS if cell(d, k, method) and cell(d, k, BASELINE[method])]
-    if not diffs:
+    ds = diffs(method, BASELINE[method])
+    if not ds:
         return f"`{method}`: no finished cell pair yet."
-    below = [f"{DATASETS[d]} IPC {k} ({x:+.2f})" for d, k, x in diffs if x <= 0]
-    return (f"`{method}`: above its random baseline in {sum(x > 0 for _, _, x in diffs)} of {len(diffs)} finished "
+    below = [f"{DATASETS[d]} IPC {k} ({x:+.2f})" for d, k, x in ds if x <= 0]
+    return (f"`{method}`: above its random baseline in {sum(x > 0 for _, _, x in ds)} of {len(ds)} finished "
             f"cells" + (f"; below in {', '.join(below)}." if below else "."))
 
 
 def paper_vs(method: str) -> str:
     """``paper`` against another column, cell by cell, over the cells where both finished."""
-    diffs = [(d, k, cell(d, k, "datadam-paper")["mean"] - cell(d, k, method)["mean"])
-             for d in DATASETS for k in IPCS if cell(d, k, "datadam-paper") and cell(d, k, method)]
-    per_cell = ", ".join(f"{DATASETS[d]} IPC {k} {x:+.2f}" for d, k, x in diffs)
-    return (f"`paper` is above `{method}` in {sum(x > 0 for _, _, x in diffs)} of {len(diffs)} cells where both "
+    ds = diffs("datadam-paper", method)
+    per_cell = ", ".join(f"{DATASETS[d]} IPC {k} {x:+.2f}" for d, k, x in ds)
+    return (f"`paper` is above `{method}` in {sum(x > 0 for _, _, x in ds)} of {len(ds)} cells where both "
             f"finished ({per_cell}).")
 
 
