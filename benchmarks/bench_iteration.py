@@ -1,4 +1,4 @@
-"""One distillation iteration, timed three ways in one run on the same data and machine (issue #8).
+"""One distillation iteration, timed three ways in one run on the same data and machine.
 
 Rows:
 
@@ -17,7 +17,7 @@ Rows are interleaved (A B C A B C ...) so that a slow drift of the machine's loa
 alike. Per row: median and p20/p80 ms per iteration over ``--iterations`` after ``--warmup``, the
 first iteration's time (compile cost shows there), per-phase medians for package rows
 (``Distiller.step(timings)``), speed-ups vs ``official`` and vs ``package:paper``, and for package
-rows ``real_forward / real convs alone`` (issue #8's goal: within 1.3x; the package's real_forward
+rows ``real_forward / real convs alone`` (the goal: within 1.3x; the package's real_forward
 phase includes reducing the real features into class means).
 
     python benchmarks/bench_iteration.py --data-root ../shared/datasets --json out.json
@@ -50,7 +50,7 @@ from datadam_fast.distill import DistillConfig, Distiller  # noqa: E402
 from datadam_fast.errors import DatadamError  # noqa: E402
 
 DEFAULT_VARIANTS = ["official", "paper", "paper,compile=1", "paper,compile=1,real_dtype=bf16", "official,compile=1"]
-GOAL_RATIO = 1.3          # issue #8: the real forward within 1.3x of its convolutions alone
+GOAL_RATIO = 1.3          # the real forward within 1.3x of its convolutions alone
 BASE_PRESET = "paper"     # the "vs paper" column compares with this variant, no overrides
 PERCENTILES = (20, 80)
 PHASES = ("sample", "load", "augment", "real_forward", "syn_forward", "loss", "backward", "update")
@@ -420,7 +420,7 @@ def main(argv=None) -> Dict:
                     help="package rows: 'PRESET[,key=value...]' with DistillConfig fields as keys")
     ap.add_argument("--base", default=BASE_PRESET,
                     help="the variant the 'vs package before' column divides by (e.g. "
-                         "'paper,compile=0,real_epilogue=off' for the code before issue #8); it must be one of "
+                         "'paper,compile=0,real_epilogue=off': no compiled passes, no fused real side); it must be one of "
                          "--variants. The real-forward goal is always checked on the plain 'paper' row")
     ap.add_argument("--iterations", type=int, default=10, help="timed iterations per row")
     ap.add_argument("--warmup", type=int, default=2, help="untimed iterations per row first (compile, caches)")

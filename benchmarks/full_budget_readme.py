@@ -1,8 +1,9 @@
-"""The README's "Full-budget results (CPU)" section, generated from the committed cell JSONs of
-``benchmarks/full_budget_table.py`` (the verdicts are computed, never written by hand).
+"""The full-budget results, generated from the committed cell JSONs of
+``benchmarks/full_budget_table.py`` (the verdicts are computed, never written by hand): the
+"Full-budget results (CPU)" section of ``docs/results.md`` and the accuracy table of ``README.md``.
 
     python benchmarks/full_budget_readme.py            # print the section
-    python benchmarks/full_budget_readme.py --write    # and put it into README.md
+    python benchmarks/full_budget_readme.py --write    # and put it into docs/results.md and README.md
 """
 from __future__ import annotations
 
@@ -23,7 +24,11 @@ COLUMNS = ("random", "datadam-paper", "random-official", "datadam-official", "dm
 BASELINE = {"datadam-paper": "random", "datadam-official": "random-official", "dm": "random"}
 PUBLISHED = {("mnist", 1): "91.7 / 88.7", ("mnist", 10): "97.4 / 97.8", ("fashion_mnist", 1): "70.5 / 70.6",
              ("fashion_mnist", 10): "82.3 / 84.6"}  # DC / DSA, DatasetCondensation README
-START, END = "### Full-budget results (CPU)", "### Full-budget runs on a GPU"
+START, END = "## Full-budget results (CPU)", "<!-- end of the generated full-budget section -->"
+# README.md holds the table alone, between these two markers
+TABLE_START, TABLE_END = "<!-- full-budget table: generated -->", "<!-- end of the full-budget table -->"
+RESULTS_DOC = os.path.join(ROOT, "docs", "results.md")
+README = os.path.join(ROOT, "README.md")
 
 
 def _json(path: str) -> Optional[Dict]:
@@ -111,17 +116,17 @@ def section() -> str:
                for m in ("random-official", "datadam-official", "dm") if not cell(d, k, m)]
     return f'''{START}
 
-The issue-9 protocol on this CPU machine: width-128 ConvNet, 2000 distillation iterations, 5
+The full-budget protocol on a 2-core CPU machine: width-128 ConvNet, 2000 distillation iterations, 5
 evaluation runs x 1000 epochs with the corrected official schedule, seed 0, 2026-11-26. Every cell is
 evaluated on its preset's own network: InstanceNorm ConvNet for `paper`, DM and the first random
 column; BatchNorm ConvNet (the official `ConvNet`) for `official` and for its random baseline, which
 is the same real subset as the first random column. Produced by
 `python benchmarks/full_budget_table.py --data-root ../shared/datasets --runs-dir benchmarks/results/full_budget/runs`
-(this section: `python benchmarks/full_budget_readme.py --write`; resumable: finished cells are skipped, unfinished ones resume from the committed checkpoints in
+(this section and the README table: `python benchmarks/full_budget_readme.py --write`; resumable: finished cells are skipped, unfinished ones resume from the committed checkpoints in
 `benchmarks/results/full_budget/runs/`; one JSON per cell (commands, network, per-run accuracies,
 times) and `table.md` in `benchmarks/results/full_budget/`; report PNGs of the MNIST IPC 1 run are in
 its run folder). The MNIST `paper` cells were distilled with compiled passes, the rest with the C++
-fused real side (issue 8; same results up to float32 rounding). Test accuracy %, mean ± std:
+fused real side (same results up to float32 rounding). Test accuracy %, mean ± std:
 
 {table()}
 
@@ -141,20 +146,30 @@ material available here, so none are quoted for the DM column.
 '''
 
 
+def readme_table() -> str:
+    return f"{TABLE_START}\n{table()}\n{TABLE_END}"
+
+
+def _replace(path: str, start: str, end: str, new: str, keep_end: bool) -> None:
+    with open(path) as f:
+        s = f.read()
+    a, b = s.index(start), s.index(end)
+    if not keep_end:
+        b += len(end)
+    with open(path, "w") as f:
+        f.write(s[:a] + new + s[b:])
+    print(f"written into {path}")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--write", action="store_true", help="replace the section in README.md")
+    ap.add_argument("--write", action="store_true", help="replace the section in docs/results.md and the README table")
     args = ap.parse_args(argv)
     sec = section()
     print(sec)
     if args.write:
-        path = os.path.join(ROOT, "README.md")
-        with open(path) as f:
-            s = f.read()
-        a, b = s.index(START), s.index(END)
-        with open(path, "w") as f:
-            f.write(s[:a] + sec + s[b:])
-        print(f"written into {path}")
+        _replace(RESULTS_DOC, START, END, sec, keep_end=True)
+        _replace(README, TABLE_START, TABLE_END, readme_table(), keep_end=False)
     return 0
 
 

@@ -1,4 +1,4 @@
-"""benchmarks/bench_iteration.py and its official-iteration re-implementation (issue #8).
+"""benchmarks/bench_iteration.py and its official-iteration re-implementation.
 
 The official row is only a fair baseline if it computes the official loss: with the same network,
 the same inputs and no DSA its loss (and pixel gradient) must be the package's
@@ -109,7 +109,7 @@ def test_bench_iteration_smoke(tmp_path):
 
 
 def test_bench_iteration_on_random_shaped_data(tmp_path):
-    """--shape K,C,S: CIFAR / ImageNet-64 shapes without the data (the GPU table of issue 8)."""
+    """--shape K,C,S: CIFAR / ImageNet-64 shapes without the data (the GPU iteration tables)."""
     out = tmp_path / "bench.json"
     cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_iteration.py"), "--shape", "3,3,16", "--ipc", "1",
            "--batch-real", "4", "--width", "8", "--iterations", "1", "--warmup", "1", "--threads", "1",
