@@ -1,18 +1,28 @@
 """datadam-fast: fused attention-matching loss and dataset distillation (DataDAM, ICCV 2023)."""
 from .errors import BackendUnavailable, DatadamError, UserError
-from .backends import available_backends, resolved_backend
-from .extractor import FeatureExtractor
-from .loss import AttentionMatchingLoss, attention_matching_loss
-from .ops import spatial_attention
-from .targets import (ClassMeanAccumulator, ClassTargets, check_streaming_safe, class_attention_means,
-                      class_embedding_means)
+from .loss import (AttentionMatchingLoss, ClassMeanAccumulator, ClassTargets, FeatureExtractor,
+                   attention_matching_loss, available_backends, check_streaming_safe, class_attention_means,
+                   class_embedding_means, resolved_backend, spatial_attention)
 from . import profiling
+from . import _compat
+
+_compat.install()
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name):
+    # ``datadam_fast.distill`` (the engine, callable as ``datadam_fast.distill(cfg, out_dir)``) is
+    # imported on first use: the loss alone does not need it
+    if name == "distill":
+        import importlib
+        return importlib.import_module(".distill", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "attention_matching_loss", "AttentionMatchingLoss", "class_attention_means",
     "class_embedding_means", "ClassMeanAccumulator", "ClassTargets", "check_streaming_safe",
     "spatial_attention", "FeatureExtractor", "available_backends", "resolved_backend",
-    "BackendUnavailable", "DatadamError", "UserError", "profiling", "__version__",
+    "BackendUnavailable", "DatadamError", "UserError", "profiling", "distill", "__version__",
 ]

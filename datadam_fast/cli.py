@@ -223,7 +223,7 @@ def _cmd_distill(args) -> int:
         from .data import load_dataset
         for split in ("train", "test"):
             load_dataset(args.dataset, root=args.data_root, split=split, download=True, **opts)
-    from .parallel import init_world
+    from .distill.parallel import init_world
     world = init_world(args.device)
     try:
         d = Distiller(cfg, args.out, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress,
@@ -255,7 +255,7 @@ def _cmd_evaluate(args) -> int:
     if args.epochs < 0:
         raise UserError(f"--epochs must be >= 0, got {args.epochs}")
     if args.model is not None:
-        from .networks import check_model_name
+        from .models.networks import check_model_name
         check_model_name(args.model)
     images, labels, meta = load_synthetic(args.synthetic)
     dataset = args.dataset or meta.get("dataset")
@@ -279,7 +279,7 @@ def _cmd_evaluate(args) -> int:
         cfg = EvalConfig(model=pick["model"], epochs=args.epochs, runs=args.runs, lr=args.lr, batch_size=args.batch,
                          dsa=not args.no_dsa, norm=pick["norm"], width=pick["width"], depth=pick["depth"],
                          batched=args.batched)
-        from .networks import check_model_name
+        from .models.networks import check_model_name
         check_model_name(cfg.model, "recorded model")
         network = describe_eval_network(cfg, images.shape[1], test_set.num_classes, tuple(images.shape[2:]))
         print(f"network: {network_label(network)} ({pick['source']})", flush=True)
@@ -324,7 +324,7 @@ def _cmd_pack(args) -> int:
 
 def _cmd_backends(args) -> int:
     import torch
-    from .backends import BACKEND_NAMES, BackendUnavailable, get_backend
+    from .loss.backends import BACKEND_NAMES, BackendUnavailable, get_backend
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
     for name in BACKEND_NAMES:
         try:
@@ -338,7 +338,7 @@ def _cmd_backends(args) -> int:
 
 def _peer_gone(e: BaseException) -> bool:
     """A collective failed because another rank's process is gone (gloo / NCCL wording)."""
-    from .parallel import env_world_size
+    from .distill.parallel import env_world_size
     text = str(e)
     return env_world_size() > 1 and any(k in text for k in ("Connection closed by peer", "Connection reset by peer",
                                                                 "Broken pipe", "NCCL communicator was aborted"))
@@ -346,7 +346,7 @@ def _peer_gone(e: BaseException) -> bool:
 
 def _rank_tag() -> str:
     """' (rank N)' inside a torchrun job, so that the failing rank is named."""
-    from .parallel import env_world_size
+    from .distill.parallel import env_world_size
     return f" (rank {os.environ.get('RANK', '?')})" if env_world_size() > 1 else ""
 
 
@@ -397,7 +397,7 @@ def entry(argv: Optional[List[str]] = None) -> None:
     interpreter is being torn down aborts the process ("terminate called without an active
     exception"), turning a finished rank into a failed job. A single process exits normally.
     """
-    from .parallel import env_world_size
+    from .distill.parallel import env_world_size
     try:
         rc = main(argv)
     except SystemExit as e:  # argparse --help / usage errors

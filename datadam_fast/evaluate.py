@@ -220,7 +220,7 @@ def _net_kwargs(cfg: EvalConfig) -> Dict:
 
 
 def _build(cfg: EvalConfig, C: int, K: int, size, generator=None):
-    from .networks import get_network
+    from .models.networks import get_network
     try:
         return get_network(cfg.model, C, K, tuple(size), generator=generator, **_net_kwargs(cfg))
     except ValueError as e:
@@ -229,7 +229,7 @@ def _build(cfg: EvalConfig, C: int, K: int, size, generator=None):
 
 def describe_eval_network(cfg: EvalConfig, channels: int, num_classes: int, image_size) -> Dict:
     """``{"model", "family", "norm", "width", "depth", ...}`` of the network ``cfg`` trains."""
-    from .networks import describe_network
+    from .models.networks import describe_network
     with torch.random.fork_rng(devices=[]):
         net = _build(cfg, channels, num_classes, image_size)
     return describe_network(net, cfg.model)
@@ -282,7 +282,7 @@ def train_networks(images: torch.Tensor, labels: torch.Tensor, cfg: EvalConfig, 
     ``epoch_callback(ep, optimizer)`` is called before each epoch with the optimizer that will
     step during it (one optimizer for all runs when batched).
     """
-    from .augment import DSA
+    from .models.augment import DSA
     device = torch.device(device)
     C, H, W = images.shape[1:]
     x_all, y_all = images.to(device), labels.to(device)
@@ -427,7 +427,7 @@ def evaluate_synthetic(images, labels, test_set, cfg: EvalConfig, *, seed: int =
                         f"images are {tuple(test_set.image_size)}")
     if cfg.runs < 1:
         raise UserError(f"runs must be >= 1, got {cfg.runs}")
-    from .networks import check_model_name
+    from .models.networks import check_model_name
     check_model_name(cfg.model)
     _check_inputs(images, test_set, cfg)
     K = test_set.num_classes
@@ -471,7 +471,7 @@ def frozen_model_network(state_dict, *, model: Optional[str] = None, norm: Optio
     Returns ``{"model", "norm", "width", "depth", "reason"}``. BatchNorm buffers in the dict mean a
     BatchNorm ConvNet; the choice is never silent (``reason`` says what decided it).
     """
-    from .networks import infer_network_from_state_dict
+    from .models.networks import infer_network_from_state_dict
     if model is not None:
         rec = {"model": model, "norm": norm, "width": width, "depth": depth, "reason": "--model"}
         return rec
@@ -490,7 +490,7 @@ def frozen_model_accuracy(state_dict, test_set, *, model: str = "ConvNetBN", dev
                           norm: Optional[str] = None, width: Optional[int] = None,
                           depth: Optional[int] = None) -> float:
     """Like the official ``distill_test_model.py``: load the frozen net and test it (no training)."""
-    from .networks import describe_network, load_official_state_dict
+    from .models.networks import describe_network, load_official_state_dict
     H, W = test_set.image_size
     cfg = EvalConfig(model=model, norm=norm, width=width, depth=depth)
     net = _build(cfg, test_set.channels, test_set.num_classes, (H, W))

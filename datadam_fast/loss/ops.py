@@ -31,7 +31,7 @@ from torch import Tensor
 from . import _oplib
 from ._checks import check_feature_list, check_power, check_same_device
 from .backends import check_backend_name, resolve_backend
-from .profiling import nvtx_range
+from ..profiling import nvtx_range
 
 
 def _device_of(feats: Sequence[Tensor]) -> torch.device:

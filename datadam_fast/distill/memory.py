@@ -29,7 +29,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from .errors import UserError
+from ..errors import UserError
 
 MB = 2 ** 20
 GB = 2 ** 30

@@ -25,7 +25,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
-from ._constants import NORM_EPS
+from .._constants import NORM_EPS
 
 
 class _Features(nn.Module):

@@ -12,8 +12,8 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from ._constants import NORM_EPS  # F.normalize's default eps, as used by the official code
-from .errors import UserError
+from .._constants import NORM_EPS  # F.normalize's default eps, as used by the official code
+from ..errors import UserError
 
 
 def acc_dtype(t: torch.Tensor) -> torch.dtype:

@@ -28,7 +28,7 @@ from typing import List, Optional, Tuple
 import torch
 from torch import nn
 
-from ._constants import EPILOGUE_ACTS, EPILOGUE_POOLS, NORM_EPS
+from .._constants import EPILOGUE_ACTS, EPILOGUE_POOLS, NORM_EPS
 
 IMPLS = ("triton", "cpu")
 
@@ -58,7 +58,7 @@ def _pool_kind(m: nn.Module) -> Optional[str]:
 
 def blocks_of(net: nn.Module) -> Tuple[Optional[List[_Block]], Optional[str]]:
     """The ConvNet blocks of ``net`` (conv -> [norm] -> act -> [2x2 pool]), or ``(None, reason)``."""
-    from .networks import ConvNet
+    from ..models.networks import ConvNet
     if not isinstance(net, ConvNet):
         return None, f"the fused real side takes ConvNet models, not {type(net).__name__}"
     taps = set(getattr(net, "_taps", ()))
@@ -108,7 +108,7 @@ def unavailable_reason(net: nn.Module, device, impl: Optional[str] = None) -> Op
         if device.type != "cpu":
             return f"the C++ epilogue runs on CPU tensors, not {device}"
         try:
-            from .backends import get_backend
+            from ..loss.backends import get_backend
             get_backend("cpu")  # builds / loads the extension that registers the ops
         except Exception as e:  # noqa: BLE001 - no compiler, build failure
             return f"the C++ extension is unavailable: {e}"
@@ -116,7 +116,7 @@ def unavailable_reason(net: nn.Module, device, impl: Optional[str] = None) -> Op
     if impl != "triton":
         raise ValueError(f"unknown epilogue implementation {impl!r}; expected one of {IMPLS}")
     try:
-        from .kernels import real_epilogue as k
+        from ..kernels import real_epilogue as k
     except Exception as e:  # triton missing or failing to initialise
         return f"triton could not be loaded: {type(e).__name__}: {e}"
     if device.type == "cuda":
@@ -191,7 +191,7 @@ def _block(b: _Block, h: torch.Tensor, power: float, tap: bool, impl: str):
     per_sample = isinstance(b.norm, nn.GroupNorm)
     bn_eval = isinstance(b.norm, nn.BatchNorm2d) and not b.norm.training and b.norm.running_mean is not None
     if impl == "cpu":
-        from .backends import get_backend
+        from ..loss.backends import get_backend
         get_backend("cpu")  # loads (once) the extension that registers the ops
         ops = torch.ops.datadam_fast
         act, pool = EPILOGUE_ACTS.index(b.act), EPILOGUE_POOLS.index(b.pool)
@@ -212,7 +212,7 @@ def _block(b: _Block, h: torch.Tensor, power: float, tap: bool, impl: str):
             out, a = ops.cpu_real_epilogue(y, scale, shift, None, None, 1, 0.0, act, b.slope, pool, float(power), tap,
                                            **conv)
         return out, (a if tap else None), H, W
-    from .kernels import real_epilogue as k
+    from ..kernels import real_epilogue as k
     y = b.conv(h)
     N, C, H, W = y.shape
     mean = m2 = None

@@ -26,7 +26,7 @@ from typing import Callable, Dict, List, Sequence, Tuple, Union
 
 import torch
 
-from ..errors import BackendUnavailable, UserError
+from ...errors import BackendUnavailable, UserError
 
 BACKEND_NAMES = ("reference", "triton", "cuda", "cpu")
 

@@ -6,7 +6,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from .errors import UserError, UserTypeError
+from ..errors import UserError, UserTypeError
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 

@@ -8,7 +8,7 @@ import torch
 from ._checks import (check_embedding, check_feature_list, check_label_values, check_num_classes,
                       check_pair, check_power, check_rows, check_same_device)
 from .backends import check_backend_name
-from .errors import UserError, UserTypeError
+from ..errors import UserError, UserTypeError
 from .ops import _run, prepare_backend
 from .reference import acc_dtype, class_means
 from .targets import ClassTargets, class_attention_means

@@ -24,8 +24,8 @@ import platform
 
 import torch
 
-from .. import _constants
-from ..errors import BackendUnavailable
+from ... import _constants
+from ...errors import BackendUnavailable
 from . import NativeOpBackend
 
 _EXT_NAME = "_C_cpu"
@@ -49,7 +49,7 @@ def _host_fingerprint() -> str:
 
 
 def _load_extension():
-    from .._build import load_extension
+    from ..._build import load_extension
     native = os.environ.get("DATADAM_FAST_CPU_NATIVE", "1") != "0"
     portable = [*_constants.CPU_CFLAGS, *_constants.native_defines()]
     attempts = []

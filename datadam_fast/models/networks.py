@@ -567,7 +567,7 @@ def init_from_generator(net: nn.Module, generator: torch.Generator) -> nn.Module
 def check_model_name(name: str, what: str = "model") -> None:
     """A one-line ``UserError`` listing the known networks when ``name`` is not one."""
     if name not in NETWORK_NAMES:
-        from .errors import UserError
+        from ..errors import UserError
         raise UserError(f"unknown {what} {name!r}; expected one of {', '.join(NETWORK_NAMES)}")
 
 

@@ -17,7 +17,7 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from .errors import UserError
+from ..errors import UserError
 
 
 @dataclass

@@ -8,7 +8,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
-from .errors import UserError, UserTypeError
+from ..errors import UserError, UserTypeError
 
 Embedding = Union[None, str, Callable[[object], torch.Tensor]]
 

@@ -20,7 +20,7 @@ from typing import List, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from ..errors import BackendUnavailable
+from ...errors import BackendUnavailable
 from . import Backend, ReferenceBackend
 
 _OPS: list = []
@@ -54,7 +54,7 @@ class TritonBackend(Backend):
     def __init__(self):
         try:
             import triton  # noqa: F401
-            from ..kernels import spatial_attention as _k
+            from ...kernels import spatial_attention as _k
         except Exception as e:  # ImportError, or triton failing to initialise its driver
             raise BackendUnavailable(f"backend 'triton' could not be loaded: {type(e).__name__}: {e}") from e
         self._k = _k

@@ -19,7 +19,7 @@ from torch import nn
 from ._checks import (check_embedding, check_feature_list, check_label_values, check_num_classes,
                       check_power, check_rows, check_same_device)
 from .backends import check_backend_name
-from .errors import UserError, UserTypeError
+from ..errors import UserError, UserTypeError
 from .reference import acc_dtype, class_means
 
 

@@ -20,8 +20,8 @@ import hashlib
 
 import torch
 
-from .. import _constants
-from ..errors import BackendUnavailable
+from ... import _constants
+from ...errors import BackendUnavailable
 from . import NativeOpBackend
 
 _EXT_NAME = "_C_cuda"
@@ -32,7 +32,7 @@ _REGISTERED = []
 
 def _header_tag() -> str:
     """``-D`` flag carrying a hash of the headers the .cu includes (part of the JIT cache key)."""
-    from .._build import csrc_dir
+    from ..._build import csrc_dir
     h = hashlib.sha1()
     for name in _HEADERS:
         path = csrc_dir() / name
@@ -43,7 +43,7 @@ def _header_tag() -> str:
 
 
 def _load_extension():
-    from .._build import load_extension
+    from ..._build import load_extension
     defines = _constants.native_defines()
     return load_extension(_EXT_NAME, _SOURCES, cuda=True, extra_cflags=[*_constants.CUDA_CXX_FLAGS, *defines],
                           extra_cuda_cflags=[*_constants.CUDA_NVCC_FLAGS, *defines, _header_tag()])

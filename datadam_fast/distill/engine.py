@@ -21,15 +21,15 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from ._io import atomic_torch_save, atomic_write_text
-from .errors import UserError
-from .loss import attention_matching_loss
-from .networks import check_model_name
+from .._io import atomic_torch_save, atomic_write_text
+from ..errors import UserError
+from ..loss.matching import attention_matching_loss
+from ..models.networks import check_model_name
 from .memory import GB, MB, MemoryPlan, PeakMemory, linear_fit, parse_budget, plan_chunks
 from .parallel import World, class_block, init_world
 from .prefetch import ChunkPrefetcher
-from .profiling import nvtx_range
-from .targets import ClassMeanAccumulator, ClassTargets
+from ..profiling import nvtx_range
+from ..loss.targets import ClassMeanAccumulator, ClassTargets
 
 PRESETS = {
     # what the paper and its hyper-parameter table describe
@@ -118,7 +118,7 @@ class DistillConfig:
             c.task_balance = 0.01 if self.preset == "official" or min(image_size) < 64 else 0.02
         if c.taps is None:
             c.taps = "official" if self.preset == "official" else "blocks"
-        from .networks import TAPS
+        from ..models.networks import TAPS
         if c.taps not in TAPS:
             raise UserError(f"unknown taps {c.taps!r}; expected one of {list(TAPS)}")
         if c.method not in METHODS:
@@ -129,7 +129,7 @@ class DistillConfig:
         if c.lr_img is None:
             c.lr_img = 1.0 if (dm or c.ipc <= 50) else 10.0
         if c.depth is None and plain:
-            from .networks import default_depth
+            from ..models.networks import default_depth
             c.depth = default_depth(tuple(image_size))
         demo = c.dataset == "digits"
         if c.iterations is None:
@@ -173,7 +173,7 @@ class Distiller:
 
     def __init__(self, cfg: DistillConfig, out_dir: Optional[str], *, resume: bool = False, overwrite: bool = False,
                  progress: bool = True, train_set=None, test_set=None, world: Optional[World] = None):
-        from .data import load_dataset
+        from ..data import load_dataset
         self.world = world if world is not None else init_world(cfg.device)
         self.out_dir = out_dir
         self.progress = progress and self.world.is_main
@@ -229,7 +229,7 @@ class Distiller:
                                 f"{self.single_pass}: the loss would differ from one pass; use norm='instancenorm' "
                                 f"(or preset='paper') to chunk, or leave the chunk sizes to the planner")
         self.gen = torch.Generator().manual_seed(c.seed)
-        from .augment import DSA
+        from ..models.augment import DSA
         self.dsa = DSA(c.dsa_strategy) if c.dsa else None
         self.mem = PeakMemory(self.device)
         self.budget = parse_budget(c.memory_budget, self.device, self.mem.current())
@@ -374,7 +374,7 @@ class Distiller:
             self.prefetcher.schedule((iteration, j), rows)
 
     def _build_network(self, gen: torch.Generator):
-        from .networks import get_network
+        from ..models.networks import get_network
         c, ds = self.cfg, self.train_set
         return get_network(c.model, ds.channels, self.K, tuple(ds.image_size), generator=gen, taps=c.taps,
                            **_net_overrides(c.width, c.depth, c.norm))
@@ -767,7 +767,7 @@ class Distiller:
     # ---------------------------------------------------------------- outputs
     def test_set(self):
         if self._test_set is None:
-            from .data import load_dataset
+            from ..data import load_dataset
             self._test_set = load_dataset(self.cfg.dataset, root=self.cfg.data_root, split="test",
                                           **dict(self.cfg.data_opts))
         return self._test_set
@@ -783,7 +783,7 @@ class Distiller:
     def evaluate(self) -> Dict:
         """Evaluation networks trained on the whole synthetic set; the runs are split over ranks
         (run r on rank r mod world size, seeded by r alone, so any world size gives the same)."""
-        from .evaluate import EvalConfig, evaluate_synthetic
+        from ..evaluate import EvalConfig, evaluate_synthetic
         c = self.cfg
         images, labels = self.full_synthetic(to_all=True)
         same = c.eval_model == c.model
@@ -811,7 +811,7 @@ class Distiller:
                 "dataset": ds.name, "config": dataclasses.asdict(self.cfg), "iteration": self.iteration}
 
     def write_outputs(self) -> None:
-        from .visualize import save_grid
+        from ..visualize import save_grid
         if not self.out_dir:
             return
         state = self.synthetic_state()
