@@ -1,7 +1,7 @@
 """Scale plan: measured per-image cost of the two phases of a step, projected to ImageNet-1K.
 
 Measures on the current device, for ConvNet@32 (CIFAR-shaped) and ConvNetD4@64 (ImageNet-64
-shaped), with the distillation step's own code (``Distiller._real_pass`` / ``_syn_pass``: DSA,
+shaped), with the distillation step's own code (``Distiller.real_pass`` / ``syn_pass``: DSA,
 network, fused loss):
   * real side: forward under no_grad into the class means — time and peak memory per image;
   * synthetic side: forward + loss + backward — time and peak memory per image.
@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from datadam_fast.data._base import IMAGENET_MEAN, IMAGENET_STD, ImageDataset  # noqa: E402
 from datadam_fast.distill import DistillConfig, Distiller  # noqa: E402
 from datadam_fast.memory import GB, MB, linear_fit  # noqa: E402
-from datadam_fast.targets import ClassMeanAccumulator, ClassTargets  # noqa: E402
+from datadam_fast.distill.step import ClassSums  # noqa: E402
 
 SHAPES = {"ConvNet@32": 32, "ConvNetD4@64": 64}
 
@@ -67,16 +67,13 @@ def measure(size: int, device: str, batch: int, repeat: int, memory_budget: floa
         return x, torch.zeros(n, dtype=torch.long, device=dev)
 
     def real_fn(x, y):
-        acc = ClassMeanAccumulator(1, power=d.cfg.power, backend=d.cfg.backend)
-        return lambda: d._real_pass(net, x, y, params, acc, y.cpu())
+        return lambda: d.real_pass(net, x, y, params, ClassSums(1), y.cpu())
 
     def syn_fn(x, y):
         with torch.no_grad():
-            f, e = net.features_and_embedding(x[:1])
-        tg = ClassTargets([torch.zeros(1, t.shape[2] * t.shape[3], device=dev) for t in f],
-                          torch.zeros(1, e.shape[1], device=dev), d.cfg.power)
+            tg = [torch.zeros_like(s[:1], dtype=torch.float32) for s in d.method.real_statistics(net, x[:1])]
         xs = x.contiguous()
-        return lambda: d._syn_pass(net, xs, y, params, tg, 1)
+        return lambda: d.syn_pass(net, xs, y, params, tg, 1)
 
     out = {"image_size": size, "depth": d.cfg.depth, "width": 128, "norm": d.cfg.norm, "power": d.cfg.power,
            "batch": batch}

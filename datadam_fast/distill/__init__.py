@@ -1,4 +1,8 @@
-"""The distillation engine.
+"""The distillation engine: :mod:`.config` (settings, validation), :mod:`.methods` (the
+``Method`` plug-in interface; DataDAM, DM), :mod:`.step` (one iteration), :mod:`.real_side` (fused
+ConvNet real side), :mod:`.compiled` (compiled passes), :mod:`.planner` + :mod:`.memory` (memory
+plan), :mod:`.parallel` (class sharding), :mod:`.prefetch`, :mod:`.rundir` (checkpoint, outputs),
+:mod:`.loop` (the run), :mod:`.engine` (:class:`Distiller`, :func:`distill`).
 
 ``datadam_fast.distill`` is both this package and a function: ``datadam_fast.distill(cfg, out_dir)``
 calls :func:`distill`.
@@ -6,11 +10,13 @@ calls :func:`distill`.
 import sys
 import types
 
-from .engine import (CHECKPOINT, CHECKPOINT_FORMAT, DEFAULT_PRESET, METHODS, PRESETS, REAL_DTYPES, DistillConfig,
-                     Distiller, distill)
+from .config import DEFAULT_PRESET, PRESETS, REAL_DTYPES, DistillConfig
+from .engine import Distiller, distill
+from .methods import DM, METHODS, DataDAM, Method, class_sums
+from .rundir import CHECKPOINT, CHECKPOINT_FORMAT
 
-__all__ = ["distill", "DistillConfig", "Distiller", "PRESETS", "DEFAULT_PRESET", "METHODS", "REAL_DTYPES",
-           "CHECKPOINT", "CHECKPOINT_FORMAT"]
+__all__ = ["distill", "DistillConfig", "Distiller", "Method", "DataDAM", "DM", "METHODS", "class_sums", "PRESETS",
+           "DEFAULT_PRESET", "REAL_DTYPES", "CHECKPOINT", "CHECKPOINT_FORMAT"]
 
 
 class _CallableModule(types.ModuleType):

@@ -3,9 +3,10 @@
 A fresh random network every iteration would make ``torch.compile`` of the network itself
 recompile every iteration (dynamo guards on the module). Here one *template* network of the
 architecture is traced once with ``torch.func.functional_call`` and each iteration's weights go
-in as inputs, so a new network is just new input tensors.
+in as inputs, so a new network is just new input tensors. What is traced is the method's
+``compiled_real`` / ``compiled_synthetic`` (:mod:`.methods`) around the network.
 
-Inside the compiled graphs the attention maps are written with plain tensor ops (the same
+For DataDAM, inside the compiled graphs the attention maps are written with plain tensor ops (the same
 formula as the reference backend) rather than the fused op: inductor then fuses them into the
 network's epilogue — norm statistics, normalise + ReLU, the channel-power sum and the pooling feeding
 the next convolution in as few passes over each activation as it can — which is what a
@@ -20,45 +21,45 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
-from .._constants import NORM_EPS
 
+class _Traced(nn.Module):
+    """``forward(*args)`` = ``fn(self.net, *args)``: what functional_call calls with the weights."""
 
-class _Features(nn.Module):
-    """``forward`` = the network's ``features_and_embedding`` (what functional_call calls)."""
-
-    def __init__(self, net: nn.Module, embedding_only: bool):
+    def __init__(self, net: nn.Module, fn):
         super().__init__()
         self.net = net
-        self.embedding_only = embedding_only
+        self.fn = fn
 
-    def forward(self, x):
-        if self.embedding_only:
-            return [], self.net.embed(x)
-        return self.net.features_and_embedding(x)
+    def forward(self, *args):
+        return self.fn(self.net, *args)
 
 
-def _normalised_maps(f: torch.Tensor, power: float) -> torch.Tensor:
-    f = f.float().abs()  # bf16/fp16 activations: the power and the sums in fp32 (fused, no copy)
-    a = (f if power == 1.0 else f.pow(power)).sum(1).flatten(1)
-    return a / a.norm(dim=1, keepdim=True).clamp_min(NORM_EPS)
+def weights_of(net: nn.Module, dtype: Optional[torch.dtype] = None) -> Dict[str, torch.Tensor]:
+    """The inputs a compiled pass takes for ``net``: its parameters and buffers (``dtype``: cast)."""
+    w = {f"net.{k}": v for k, v in net.named_parameters()}
+    w.update({f"net.{k}": v for k, v in net.named_buffers()})
+    if dtype is not None:
+        w = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in w.items()}
+    return w
 
 
-def _class_sums(x: torch.Tensor, classes: int) -> torch.Tensor:
-    return x.reshape(classes, x.shape[0] // classes, *x.shape[1:]).sum(1)
+class MethodPasses:
+    """A method's compiled real and synthetic passes for one architecture (see the module
+    docstring): ``real`` returns the per-class sums of the method's statistics
+    (:meth:`~datadam_fast.distill.methods.Method.compiled_real`), ``syn`` its loss and terms
+    (:meth:`~datadam_fast.distill.methods.Method.compiled_synthetic`)."""
 
+    weights_of = staticmethod(weights_of)
 
-class CompiledPasses:
-    """Compiled real and synthetic passes for one architecture (see the module docstring)."""
-
-    def __init__(self, template: nn.Module, *, power: float, embedding_only: bool, real_dtype: torch.dtype,
-                 dynamic: Optional[bool] = False, backend="inductor", mode: Optional[str] = None):
-        self.module = _Features(template, embedding_only)
-        self.power = float(power)
+    def __init__(self, template: nn.Module, method, *, real_dtype: torch.dtype, dynamic: Optional[bool] = False,
+                 backend="inductor", mode: Optional[str] = None):
+        self._real_mod = _Traced(template, method.compiled_real)
+        self._syn_mod = _Traced(template, method.compiled_synthetic)
         self.real_dtype = real_dtype
         self.compile_seconds = 0.0
         self._seen = set()
@@ -74,21 +75,11 @@ class CompiledPasses:
 
     # ------------------------------------------------------------------ traced bodies
     def _real_impl(self, weights: Dict[str, torch.Tensor], x: torch.Tensor, classes: int):
-        feats, emb = torch.func.functional_call(self.module, weights, (x,))
-        att = [_class_sums(_normalised_maps(f, self.power), classes) for f in feats]
-        return att, _class_sums(emb.float(), classes)
+        return torch.func.functional_call(self._real_mod, weights, (x, classes))
 
     def _syn_impl(self, weights: Dict[str, torch.Tensor], x: torch.Tensor, classes: int,
-                  target_att: List[torch.Tensor], target_emb: torch.Tensor, attention_weight: float,
-                  embedding_weight: float):
-        feats, emb = torch.func.functional_call(self.module, weights, (x,))
-        att = x.new_zeros((), dtype=torch.float32)
-        if attention_weight:
-            for f, t in zip(feats, target_att):
-                m = _class_sums(_normalised_maps(f, self.power), classes) / (f.shape[0] // classes)
-                att = att + attention_weight * ((t - m) ** 2).sum()
-        e = _class_sums(emb.float(), classes) / (emb.shape[0] // classes)
-        return att, embedding_weight * ((target_emb - e) ** 2).sum()
+                  targets: List[torch.Tensor]):
+        return torch.func.functional_call(self._syn_mod, weights, (x, targets, classes))
 
     # ------------------------------------------------------------------ calls
     def step_begin(self) -> None:
@@ -109,21 +100,53 @@ class CompiledPasses:
               file=sys.stderr)
         return out
 
-    @staticmethod
-    def weights_of(net: nn.Module, dtype: Optional[torch.dtype] = None) -> Dict[str, torch.Tensor]:
-        w = {f"net.{k}": v for k, v in net.named_parameters()}
-        w.update({f"net.{k}": v for k, v in net.named_buffers()})
-        if dtype is not None:
-            w = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in w.items()}
-        return w
-
-    def real(self, weights, x: torch.Tensor, classes: int) -> Tuple[List[torch.Tensor], torch.Tensor]:
+    def real(self, weights, x: torch.Tensor, classes: int) -> List[torch.Tensor]:
         with torch.no_grad():
             if x.dtype != self.real_dtype:
                 x = x.to(self.real_dtype)
             return self._timed(("real", x.shape), self._real, weights, x, classes)
 
+    def syn(self, weights, x: torch.Tensor, classes: int, targets: Sequence[torch.Tensor]):
+        return self._timed(("synthetic", x.shape), self._syn, weights, x, classes, list(targets))
+
+
+class CompiledPasses:
+    """The DataDAM (or, ``embedding_only``, DM) passes with the old call signature: ``real``
+    returns ``(attention sums, embedding sums)``, ``syn`` takes the targets and the two loss
+    weights and returns ``(attention term, embedding term)``."""
+
+    weights_of = staticmethod(weights_of)
+
+    def __init__(self, template: nn.Module, *, power: float, embedding_only: bool, real_dtype: torch.dtype,
+                 dynamic: Optional[bool] = False, backend="inductor", mode: Optional[str] = None):
+        self._template, self._power, self._embedding_only = template, float(power), embedding_only
+        self._opts = dict(real_dtype=real_dtype, dynamic=dynamic, backend=backend, mode=mode)
+        self._passes: Dict[Tuple[float, float], MethodPasses] = {}
+        self._real_passes = self._for(0.0 if embedding_only else 1.0, 1.0)
+        self.mode = self._real_passes.mode
+
+    def _for(self, attention_weight: float, embedding_weight: float) -> MethodPasses:
+        key = (float(attention_weight), float(embedding_weight))
+        if key not in self._passes:
+            from .methods import DM, DataDAM
+            method = DM(power=self._power) if self._embedding_only else DataDAM(power=self._power)
+            method.attention_weight, method.embedding_weight = key
+            self._passes[key] = MethodPasses(self._template, method, **self._opts)
+        return self._passes[key]
+
+    @property
+    def compile_seconds(self) -> float:
+        return sum(p.compile_seconds for p in self._passes.values())
+
+    def step_begin(self) -> None:
+        self._real_passes.step_begin()
+
+    def real(self, weights, x: torch.Tensor, classes: int) -> Tuple[List[torch.Tensor], torch.Tensor]:
+        sums = self._real_passes.real(weights, x, classes)
+        return sums[:-1], sums[-1]
+
     def syn(self, weights, x: torch.Tensor, classes: int, target_att, target_emb, attention_weight: float,
             embedding_weight: float):
-        return self._timed(("synthetic", x.shape), self._syn, weights, x, classes, list(target_att), target_emb,
-                           float(attention_weight), float(embedding_weight))
+        _, terms = self._for(attention_weight, embedding_weight).syn(weights, x, classes,
+                                                                     [*target_att, target_emb])
+        return terms["attention"], terms["embedding"]

@@ -1,0 +1,202 @@
+"""Distillation settings (:class:`DistillConfig`), their presets and defaults, and the one place
+where a run's inputs are validated before any work (:func:`validate`)."""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Dict, Optional
+
+import torch
+
+from ..errors import UserError
+
+PRESETS = {
+    # what the paper and its hyper-parameter table describe
+    "paper": {"norm": "instancenorm", "power": 4.0},
+    # what the official code actually runs (get_network('ConvNet') -> batchnorm, get_attention exp=1)
+    "official": {"norm": "batchnorm", "power": 1.0},
+}
+DEFAULT_PRESET = "paper"
+REAL_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# Settings that do not change the result (within float rounding): a checkpoint made with other
+# values resumes. ``iterations`` is among them, so a finished run can be continued for longer.
+_NOT_IDENTITY = ("device", "eval_every", "eval_runs", "eval_epochs", "eval_model", "eval_batch", "log_every",
+                 "checkpoint_every", "data_root", "backend", "iterations", "real_chunk", "syn_chunk",
+                 "memory_budget", "prefetch", "compile", "compile_mode", "real_epilogue")
+REAL_EPILOGUES = ("auto", "cpu", "triton", "off")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+@dataclass
+class DistillConfig:
+    dataset: str = "digits"
+    data_root: Optional[str] = None
+    ipc: int = 10
+    iterations: Optional[int] = None     # 8000 (paper), 100 for the bundled digits demo
+    batch_real: Optional[int] = None     # 64 (official DataDAM), 256 for --method dm (main_DM.py)
+    method: str = "datadam"              # a name in methods.METHODS (datadam | dm); a user's Method is passed
+                                         # to distill()/Distiller as an instance and its name lands here
+    preset: str = DEFAULT_PRESET
+    model: str = "ConvNet"
+    norm: Optional[str] = None           # preset default
+    depth: Optional[int] = None          # from image size
+    width: Optional[int] = None          # 128 for ConvNets
+    power: Optional[float] = None        # preset default
+    task_balance: Optional[float] = None  # 0.01; paper preset 0.02 at >= 64 px
+    taps: Optional[str] = None           # feature taps: "official" (official preset) or "blocks"
+    attention_factor: float = 100.0
+    lr_img: Optional[float] = None       # 1 for IPC <= 50, else 10
+    momentum: float = 0.5
+    init: str = "real"
+    dsa: bool = True
+    dsa_strategy: str = "color_crop_cutout_flip_scale_rotate"
+    real_chunk: int = 0                  # classes per real chunk; 0 = chosen by the memory planner
+    syn_chunk: int = 0                   # classes per synthetic chunk; 0 = chosen by the memory planner
+    memory_budget: Optional[float] = None  # GB for the whole process; None = a safe share of what is free
+    prefetch: bool = True                # load the next real chunk in a background thread
+    compile: Optional[bool] = None       # torch.compile the network passes (weights as inputs); None: on,
+                                         # except the digits demo and when DATADAM_FAST_COMPILE=0
+    real_dtype: str = "fp32"             # fp32 | bf16 | fp16: precision of the real side's network pass
+    compile_mode: str = "default"        # torch.compile mode of the passes; reduce-overhead = CUDA graphs
+    real_epilogue: str = "auto"          # auto | cpu | triton | off: the fused real side of ConvNets
+                                         # (real_side.py); auto = C++ on CPU (fp32), Triton on CUDA (uncompiled)
+    channels_last: bool = True           # NHWC network + real images: ~20% faster steps on CPU (oneDNN)
+    backend: str = "auto"
+    seed: int = 0
+    device: str = "cpu"
+    eval_every: int = 0                  # 0 = only after the last iteration, -1 = never
+    eval_runs: int = 3
+    eval_epochs: Optional[int] = None    # 1000 (DM protocol; official DataDAM 1800), 300 for digits
+    eval_model: Optional[str] = None
+    eval_batch: int = 256
+    log_every: int = 10
+    checkpoint_every: int = 100
+    data_opts: Dict = field(default_factory=dict)
+
+    def resolved(self, image_size, method=None) -> "DistillConfig":
+        """Fill preset- and method-dependent defaults (never overriding what the user set).
+        ``method``: a :class:`~datadam_fast.distill.methods.Method` (instance or class) whose
+        defaults apply; default: the one ``self.method`` names."""
+        from .methods import method_class
+        if self.preset not in PRESETS:
+            raise UserError(f"unknown preset {self.preset!r}; expected one of {sorted(PRESETS)}")
+        if method is None:
+            method = method_class(self.method)
+        c = dataclasses.replace(self, method=method.name)
+        p = PRESETS[self.preset]
+        plain = c.model == "ConvNet"  # named variants (ConvNetBN, ConvNetD4, ...) keep their own norm/depth
+        if c.norm is None and plain:
+            c.norm = p["norm"]
+        if c.power is None:
+            c.power = p["power"]
+        if c.task_balance is None:
+            # the official code runs 0.01 at every resolution; 0.02 at >= 64 px is the paper's HP table
+            c.task_balance = 0.01 if self.preset == "official" or min(image_size) < 64 else 0.02
+        if c.taps is None:
+            c.taps = "official" if self.preset == "official" else "blocks"
+        from ..models.networks import TAPS
+        if c.taps not in TAPS:
+            raise UserError(f"unknown taps {c.taps!r}; expected one of {list(TAPS)}")
+        if c.depth is None and plain:
+            from ..models.networks import default_depth
+            c.depth = default_depth(tuple(image_size))
+        demo = c.dataset == "digits"
+        for name, value in method.defaults(c).items():
+            if name == "iterations" and demo:
+                value = 100
+            if getattr(c, name) is None:
+                setattr(c, name, value)
+        if c.eval_epochs is None:
+            c.eval_epochs = 300 if demo else 1000
+        if c.eval_model is None:
+            c.eval_model = c.model
+        if c.compile is None:
+            c.compile = not demo and os.environ.get("DATADAM_FAST_COMPILE", "1") != "0"
+        if c.real_dtype not in REAL_DTYPES:
+            raise UserError(f"unknown real dtype {c.real_dtype!r}; expected one of {', '.join(REAL_DTYPES)}")
+        if c.compile_mode not in COMPILE_MODES:
+            raise UserError(f"unknown compile mode {c.compile_mode!r}; expected one of {', '.join(COMPILE_MODES)}")
+        if c.real_epilogue not in REAL_EPILOGUES:
+            raise UserError(f"unknown real epilogue {c.real_epilogue!r}; expected one of {', '.join(REAL_EPILOGUES)}")
+        return c
+
+    # the fields that define the result; a checkpoint must agree on them to be resumed
+    def identity(self) -> Dict:
+        d = dataclasses.asdict(self)
+        for k in _NOT_IDENTITY:
+            d.pop(k)
+        return d
+
+
+def net_overrides(width, depth, norm) -> Dict:
+    return {k: v for k, v in (("width", width), ("depth", depth), ("norm", norm)) if v is not None}
+
+
+
+def coupling_reason(cfg: DistillConfig, dataset) -> Optional[str]:
+    """Why samples of different classes interact in the network (so chunking changes the loss),
+    or None. Train-mode BatchNorm normalises with statistics of the whole batch."""
+    from ..models.networks import get_network
+    net = get_network(cfg.model, dataset.channels, dataset.num_classes, tuple(dataset.image_size),
+                      generator=torch.Generator().manual_seed(0), taps=cfg.taps,
+                      **net_overrides(cfg.width, cfg.depth, cfg.norm))
+    bn = [n for n, m in net.named_modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    if bn:
+        return (f"{cfg.model} with {cfg.norm or 'its'} norm has train-mode BatchNorm layers ({bn[0]}, ...) "
+                f"whose batch statistics mix all classes of an iteration")
+    return None
+
+
+@dataclass
+class Checked:
+    """A validated run: the resolved config and what validation derived from it."""
+    cfg: DistillConfig
+    batch_real: int
+    device: torch.device
+    single_pass: Optional[str]  # why the classes must go in one pass (None: chunks and shards are exact)
+
+
+def validate(cfg: DistillConfig, dataset, world, method) -> Checked:
+    """Every check of a run's inputs, before any work: a bad setting fails here with what was expected."""
+    from ..models.networks import check_model_name
+    check_model_name(cfg.model)
+    check_model_name(cfg.eval_model or cfg.model, "eval_model")
+    if cfg.width is not None or cfg.depth is not None:
+        if not cfg.model.startswith("ConvNet"):
+            raise UserError(f"width/depth apply to ConvNet models only, not {cfg.model}")
+    c = cfg.resolved(dataset.image_size, method)
+    if c.ipc < 1:
+        raise UserError(f"ipc must be >= 1, got {c.ipc}")
+    if c.iterations < 0:
+        raise UserError(f"iterations must be >= 0, got {c.iterations}")
+    if c.init not in ("real", "noise"):
+        raise UserError(f"init must be 'real' or 'noise', got {c.init!r}")
+    for name in ("real_chunk", "syn_chunk"):
+        if getattr(c, name) < 0:
+            raise UserError(f"{name} must be >= 0 (0 = chosen by the memory planner)")
+    counts = [len(ix) for ix in dataset.class_indices()]
+    smallest = min(counts)
+    if c.ipc > smallest:
+        raise UserError(f"ipc {c.ipc} is larger than the smallest class of {dataset.name} "
+                        f"(class {counts.index(smallest)} has {smallest} images)")
+    device = torch.device(c.device)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"device {c.device!r} requested but CUDA is not available here")
+        if world.distributed and device.index is None:
+            device = torch.device("cuda", world.local_rank)
+    K = dataset.num_classes
+    if world.size > K:
+        raise UserError(f"{world.size} processes for {K} classes: every process must own at least one class")
+    single_pass = coupling_reason(c, dataset)
+    if single_pass:
+        if world.distributed:
+            raise UserError(f"class sharding over {world.size} processes needs a network that treats samples "
+                            f"independently, but {single_pass}; use norm='instancenorm' (the paper "
+                            f"preset) or run one process")
+        if c.real_chunk or c.syn_chunk:
+            raise UserError(f"real_chunk/syn_chunk would process the classes in chunks, but "
+                            f"{single_pass}: the loss would differ from one pass; use norm='instancenorm' "
+                            f"(or preset='paper') to chunk, or leave the chunk sizes to the planner")
+    return Checked(c, min(c.batch_real, smallest), device, single_pass)

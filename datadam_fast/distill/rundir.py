@@ -1,0 +1,175 @@
+"""The run directory: out-dir checks, the checkpoint (save, load, resume), metrics.jsonl, the
+outputs (synthetic.pt, grid.png, summary.json). Every write is atomic; under torchrun only rank 0
+writes, and gathering the synthetic rows is collective (every rank calls)."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Dict, List, Optional
+
+import torch
+
+from .._io import atomic_torch_save, atomic_write_text
+from ..errors import UserError
+from .config import _NOT_IDENTITY
+from .parallel import class_block
+
+CHECKPOINT = "checkpoint.pt"
+CHECKPOINT_FORMAT = "datadam_fast.checkpoint/2"
+GRID_MAX_CLASSES = 100
+
+
+def check_out_dir(out_dir: str, resume: bool, overwrite: bool) -> None:
+    """Fail fast, touch nothing yet."""
+    if resume:
+        if not os.path.isfile(os.path.join(out_dir, CHECKPOINT)):
+            raise UserError(f"resume: no checkpoint at {os.path.join(out_dir, CHECKPOINT)}")
+        return
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise UserError(f"output directory {out_dir} exists and is not a directory")
+    if os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite:
+        raise UserError(f"output directory {out_dir} is not empty; pass overwrite=True to replace its results "
+                        f"or resume=True to continue its checkpoint")
+
+
+def claim_out_dir(out_dir: str) -> None:
+    """Called once every input is validated: only then are stale results of --overwrite removed."""
+    os.makedirs(out_dir, exist_ok=True)
+    for name in ("metrics.jsonl", CHECKPOINT, "summary.json"):
+        p = os.path.join(out_dir, name)
+        if os.path.exists(p):
+            os.remove(p)
+
+
+def identity(d) -> Dict:
+    """The settings a checkpoint must agree on: the config's, and a user method's own."""
+    ident = d.cfg.identity()
+    if not d.builtin_method:
+        ident["method_params"] = d.method.identity()
+    return ident
+
+
+def syn_counts(d) -> List[int]:
+    return [(b - a) * d.cfg.ipc for a, b in (class_block(d.K, r, d.world.size) for r in range(d.world.size))]
+
+
+def checkpoint_state(d) -> Optional[Dict]:
+    """The full run state on rank 0 (collective: every rank must call it); None elsewhere."""
+    counts = syn_counts(d)
+    images = d.world.gather_rows(d.syn.detach(), counts, to_all=False)
+    st = d.opt.state.get(d.syn)
+    mom = None if not st else st.get("momentum_buffer")
+    momentum = None
+    if d.world.max_int(0 if mom is None else 1):
+        momentum = d.world.gather_rows(mom if mom is not None else torch.zeros_like(d.syn), counts, to_all=False)
+    if not d.world.is_main:
+        return None
+    return {"format": CHECKPOINT_FORMAT, "iteration": d.iteration, "images": images, "momentum": momentum,
+            "generator": d.gen.get_state(), "next_real_idx": d._next_real_idx.clone(),
+            "config": dataclasses.asdict(d.cfg), "identity": identity(d), "world_size": d.world.size}
+
+
+def save_checkpoint(d) -> None:
+    if not d.out_dir:
+        return
+    state = checkpoint_state(d)
+    if state is not None:
+        atomic_torch_save(state, os.path.join(d.out_dir, CHECKPOINT))
+
+
+def load_checkpoint(d) -> None:
+    path = os.path.join(d.out_dir, CHECKPOINT)
+    try:  # mmap: each rank touches only its own classes' rows of a large checkpoint
+        ck = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:
+        raise UserError(f"checkpoint {path} is unreadable ({type(e).__name__}); delete it and start again "
+                        f"with overwrite=True") from None
+    if not isinstance(ck, dict) or ck.get("format") not in (CHECKPOINT_FORMAT, "datadam_fast.checkpoint/1"):
+        raise UserError(f"{path} is not a datadam-fast checkpoint")
+    mine = identity(d)
+    theirs = {k: v for k, v in ck.get("identity", {}).items() if k not in _NOT_IDENTITY}
+    diff = {k: (theirs.get(k), v) for k, v in mine.items() if theirs.get(k) != v}
+    if diff:
+        desc = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in list(diff.items())[:6])
+        raise UserError(f"checkpoint {path} was made with different settings ({desc}); rerun with the same "
+                        f"flags or start a new --out")
+    full = (d.K * d.cfg.ipc,) + tuple(d.syn.shape[1:])
+    if tuple(ck["images"].shape) != full:
+        raise UserError(f"checkpoint images {tuple(ck['images'].shape)} do not match {full}")
+    rows = slice(d.k_lo * d.cfg.ipc, d.k_hi * d.cfg.ipc)
+    with torch.no_grad():
+        d.syn.copy_(ck["images"][rows].to(d.device))
+    mom = ck.get("momentum")
+    if mom is None and "optimizer" in ck:  # format 1: one parameter, SGD's own state dict
+        mom = (ck["optimizer"].get("state", {}).get(0) or {}).get("momentum_buffer")
+    d.opt.state.clear()
+    if mom is not None:
+        d.opt.state[d.syn]["momentum_buffer"] = mom[rows].to(d.device).clone()
+    d.gen.set_state(ck["generator"])
+    d.iteration = int(ck["iteration"])
+    nxt = ck.get("next_real_idx")
+    # format 1 stored the generator before the iteration's draws: draw the batch now
+    d._next_real_idx = nxt.clone() if nxt is not None else d.draw_real_indices()
+    del ck
+
+
+def full_synthetic(d, to_all: bool = True):
+    """(images, labels) of every class, on the host (collective under sharding)."""
+    images = d.world.gather_rows(d.syn.detach(), syn_counts(d), to_all=to_all)
+    if images is None:
+        return None
+    return images, torch.arange(d.K).repeat_interleave(d.cfg.ipc)
+
+
+def synthetic_state(d) -> Optional[Dict]:
+    full = full_synthetic(d, to_all=False)
+    if full is None:
+        return None
+    ds = d.train_set
+    return {"images": full[0].clone(), "labels": full[1], "mean": list(ds.mean), "std": list(ds.std),
+            "dataset": ds.name, "config": dataclasses.asdict(d.cfg), "iteration": d.iteration}
+
+
+def write_outputs(d) -> None:
+    from ..visualize import save_grid
+    if not d.out_dir:
+        return
+    state = synthetic_state(d)
+    if state is None:
+        return
+    atomic_torch_save(state, os.path.join(d.out_dir, "synthetic.pt"))
+    # one row per class; a grid of more than GRID_MAX_CLASSES classes would be unreadable
+    shown = state["images"][:GRID_MAX_CLASSES * d.cfg.ipc]
+    save_grid(d.train_set.denormalize(shown), os.path.join(d.out_dir, "grid.png"),
+              nrow=d.cfg.ipc if d.cfg.ipc <= 20 else 20)
+
+
+def log(d, record: Dict) -> None:
+    if d.out_dir and d.world.is_main:
+        with open(os.path.join(d.out_dir, "metrics.jsonl"), "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def truncate_metrics(d) -> None:
+    """On resume, drop log lines written after the checkpoint (they will be written again)."""
+    if not d.out_dir or not d.world.is_main:
+        return
+    p = os.path.join(d.out_dir, "metrics.jsonl")
+    if not os.path.exists(p):
+        return
+    keep = []
+    with open(p) as f:
+        for line in f:
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut by the kill
+            if rec.get("iteration", 0) <= d.iteration:  # evals at the checkpoint's iteration ran before it
+                keep.append(line if line.endswith("\n") else line + "\n")
+    atomic_write_text(p, "".join(keep))
+
+
+def write_summary(d, summary: Dict) -> None:
+    if d.out_dir and d.world.is_main:
+        atomic_write_text(os.path.join(d.out_dir, "summary.json"), json.dumps(summary, indent=2))

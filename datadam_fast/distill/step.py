@@ -1,0 +1,226 @@
+"""One distillation iteration, and nothing else (no file I/O, no printing, no process groups).
+
+    sample   a fresh network (``new_network``), one DSA draw per class, the real batch
+    real     real chunks (no_grad) -> per-class sums of the method's statistics -> class targets
+    syn      synthetic chunks: forward + method loss + backward -> one pixel-gradient buffer
+    update   one optimiser step on the synthetic pixels
+
+``d`` is the :class:`~datadam_fast.distill.engine.Distiller` holding the run's state (config,
+method, plan, generator, synthetic images, optimiser, prefetcher, compiled passes). Each side has
+three paths, chosen per run: the fused ConvNet real side (``real_side.py``), the compiled passes
+(``compiled.py``) and the eager network forward.
+"""
+from __future__ import annotations
+
+import copy
+import time
+from typing import Dict, List, Optional, Sequence
+
+import torch
+
+from ..errors import UserError
+from ..profiling import nvtx_range
+from .config import REAL_DTYPES
+
+
+class ClassSums:
+    """Per-class float64 sums of per-sample statistics (and counts) over streamed chunks: chunks
+    and shards add up exactly, and the means are the real side's targets."""
+
+    def __init__(self, num_classes: int):
+        self.K = num_classes
+        self.sums: Optional[List[torch.Tensor]] = None
+        self.counts = torch.zeros(num_classes, dtype=torch.float64)  # on the host: no device sync
+
+    def _start(self, widths: Sequence[int], device) -> None:
+        if self.sums is None:
+            self.sums = [torch.zeros(self.K, w, dtype=torch.float64, device=device) for w in widths]
+        elif [s.shape[1] for s in self.sums] != list(widths):
+            raise UserError(f"statistics of widths {list(widths)} differ from the first chunk's "
+                            f"{[s.shape[1] for s in self.sums]}")
+
+    def add(self, stats: Sequence[torch.Tensor], labels_cpu: torch.Tensor) -> None:
+        """Per-sample statistics (``[N, d_i]`` each) of rows with local class ``labels_cpu``."""
+        if not stats:
+            raise UserError("the method returned no real statistics")
+        self._start([s.shape[1] for s in stats], stats[0].device)
+        labels = labels_cpu.to(stats[0].device)
+        for acc, s in zip(self.sums, stats):
+            acc.index_add_(0, labels, s.to(torch.float64))
+        self.counts += torch.bincount(labels_cpu, minlength=self.K).to(torch.float64)
+
+    def add_class_sums(self, sums: Sequence[torch.Tensor], first: int, count: int) -> None:
+        """Per-class sums (``[n, d_i]`` each) of classes ``first .. first+n-1``, ``count`` samples each."""
+        self._start([s.shape[1] for s in sums], sums[0].device)
+        rows = slice(first, first + sums[0].shape[0])
+        for acc, s in zip(self.sums, sums):
+            acc[rows] += s.to(torch.float64)
+        self.counts[rows] += float(count)
+
+    def means(self) -> List[torch.Tensor]:
+        c = self.counts.to(self.sums[0].device).unsqueeze(1)
+        return [(s / c).to(torch.float32) for s in self.sums]
+
+
+def real_side_copy(net, dtype):
+    """``net`` in the real side's dtype: itself when it already is (the step casts once, not per chunk)."""
+    p = next(net.parameters(), None)
+    if p is None or p.dtype == dtype:
+        return net
+    return copy.deepcopy(net).to(dtype)
+
+
+def real_pass(d, net, x, labels, params, sums: ClassSums, local_cpu, mark=None, weights=None) -> None:
+    """One real chunk (no_grad; class-major rows, equal counts) into the per-class sums.
+    ``weights``: run the compiled pass with these weights."""
+    with torch.no_grad():
+        if params is not None:
+            with nvtx_range("datadam_fast.step.augment_real"):
+                x = d.dsa.apply(x, params, labels)
+            if mark:
+                mark("augment")
+        with nvtx_range("datadam_fast.step.real_forward"):
+            dtype = REAL_DTYPES[d.cfg.real_dtype]
+            first = int(local_cpu[0])
+            classes = int(local_cpu[-1]) - first + 1
+            if weights is None or d.fused_real == "cpu":
+                net = real_side_copy(net, dtype)
+            if d.fused_real and (weights is None or d.fused_real == "cpu"):
+                stats = d.method.fused_real_sums(net, x.to(dtype), classes, d.fused_real)
+                sums.add_class_sums(stats, first, x.shape[0] // classes)
+            elif weights is not None:
+                sums.add_class_sums(d.passes.real(weights, x, classes), first, x.shape[0] // classes)
+            else:
+                sums.add(d.method.real_statistics(net, x.to(dtype)), local_cpu)
+        if mark:
+            mark("real_forward")
+
+
+def syn_pass(d, net, rows, labels, params, targets: Sequence[torch.Tensor], classes: int, mark=None, weights=None):
+    """Forward, loss and backward of one synthetic chunk: (grad of rows, {term: detached value})."""
+    leaf = rows.detach().requires_grad_(True)
+    x = leaf
+    if params is not None:
+        with nvtx_range("datadam_fast.step.augment_syn"):
+            x = d.dsa.apply(x, params, labels)
+        if mark:
+            mark("augment")
+    with nvtx_range("datadam_fast.step.syn_forward"):
+        if weights is not None:
+            loss, terms = d.passes.syn(weights, d.layout(x), classes, targets)
+        else:
+            loss, terms = d.method.synthetic_loss(net, x, targets, classes)
+    if mark:
+        mark("syn_forward")
+        if weights is None:
+            mark("loss")
+    with nvtx_range("datadam_fast.step.backward"):
+        loss.backward()
+    if mark:
+        mark("backward")
+    return leaf.grad, {k: v.detach().float() for k, v in terms.items()}
+
+
+def step(d, timings: Optional[Dict[str, float]] = None) -> Dict[str, torch.Tensor]:
+    """One iteration; ``timings`` (optional) receives seconds per phase. Returns this rank's loss
+    terms as 0-d tensors (converting them is a host sync: the caller does it only when it logs)."""
+    sync = torch.cuda.synchronize if d.device.type == "cuda" else (lambda: None)
+    clock = [time.perf_counter()]
+
+    def mark(name):
+        if timings is not None:
+            sync()
+            now = time.perf_counter()
+            timings[name] = timings.get(name, 0.0) + now - clock[0]
+            clock[0] = now
+
+    with nvtx_range("datadam_fast.step.sample"):
+        net = d.new_network()
+        params = d.dsa.sample(d.K, d.gen, d.device, tuple(d.train_set.image_size)) if d.dsa else None
+        real_idx = d._next_real_idx
+        # the next iteration's real batch is drawn now, so that it loads while this one computes
+        d._next_real_idx = d.draw_real_indices()
+        d.schedule_real(d.iteration + 1, d._next_real_idx)
+    mark("sample")
+    mark = mark if timings is not None else None
+    if d.passes is not None:
+        return _step_compiled(d, net, params, real_idx, mark)
+    return _finish(d, net, params, real_idx, mark, None, None)
+
+
+def _step_compiled(d, net, params, real_idx, mark):
+    from .compiled import CompiledPasses
+    d.passes.step_begin()
+    weights = CompiledPasses.weights_of(net)
+    dtype = REAL_DTYPES[d.cfg.real_dtype]
+    real_weights = weights if dtype == torch.float32 else CompiledPasses.weights_of(net, dtype)
+    if d.compile_seconds is not None:
+        return _finish(d, net, params, real_idx, mark, weights, real_weights)
+    # first compiled step: it compiles (timed); a toolchain without a working compiler falls
+    # back to eager for the rest of the run, with one warning
+    state = (d.syn.detach().clone(), {k: v.clone() for k, v in d.opt.state.get(d.syn, {}).items()})
+    t0 = time.perf_counter()
+    try:
+        out = _finish(d, net, params, real_idx, mark, weights, real_weights)
+    except (UserError, KeyboardInterrupt):
+        raise
+    except Exception as e:  # noqa: BLE001 - any compiler failure: the eager path is exact
+        import warnings
+        warnings.warn(f"torch.compile of the network passes failed ({type(e).__name__}: {str(e)[:200]}); "
+                      f"running eagerly (pass --no-compile to skip trying)")
+        d.passes = None
+        with torch.no_grad():
+            d.syn.copy_(state[0])
+        d.opt.state[d.syn] = state[1]
+        d.prefetcher.clear()  # the failed attempt consumed this iteration's chunks: load them again
+        d.schedule_real(d.iteration, real_idx)
+        d.schedule_real(d.iteration + 1, d._next_real_idx)
+        return _finish(d, net, params, real_idx, mark, None, None)
+    d.compile_seconds = time.perf_counter() - t0
+    return out
+
+
+def real_targets(d, net, params, real_idx, mark, weights) -> List[torch.Tensor]:
+    """The real side: only per-class means enter the loss, so it is reduced chunk by chunk."""
+    B = d.batch_real
+    sums = ClassSums(d.Kl)
+    if weights is None or d.fused_real == "cpu":
+        net = real_side_copy(net, REAL_DTYPES[d.cfg.real_dtype])  # once per step, not per chunk
+    for j, (a, b) in enumerate(d.real_chunks()):
+        with nvtx_range("datadam_fast.step.load"):
+            if d.real_all is not None:
+                x = d.real_all[real_idx[(d.k_lo + a) * B:(d.k_lo + b) * B].to(d.real_all.device)]
+            else:
+                x = d.finish_rows(d.prefetcher.get((d.iteration, j)))
+        if mark:
+            mark("load")
+        glob = torch.arange(d.k_lo + a, d.k_lo + b, device=d.device).repeat_interleave(B)
+        local = torch.arange(a, b).repeat_interleave(B)
+        real_pass(d, net, x, glob, params, sums, local, mark, weights)
+        del x
+    return sums.means()
+
+
+def _finish(d, net, params, real_idx, mark, weights, real_weights):
+    targets = real_targets(d, net, params, real_idx, mark, real_weights)
+    # Synthetic side: forward + loss + backward per class chunk; gradients land in one buffer.
+    if d.syn.grad is None:
+        d.syn.grad = torch.zeros_like(d.syn)
+    grad = d.syn.grad
+    totals: Dict[str, torch.Tensor] = {}
+    ipc = d.cfg.ipc
+    for a, b in d.syn_chunks():
+        rows = slice(a * ipc, b * ipc)
+        g, terms = syn_pass(d, net, d.syn[rows], d.labels_syn[rows], params, [t[a:b] for t in targets], b - a,
+                            mark, weights)
+        grad[rows].copy_(g)
+        for k, v in terms.items():
+            totals[k] = totals[k] + v if k in totals else torch.zeros((), device=d.device) + v
+        del g
+    with nvtx_range("datadam_fast.step.update"):
+        d.opt.step()
+    if mark:
+        mark("update")
+    d.iteration += 1
+    loss = sum(totals.values()) if totals else torch.zeros((), device=d.device)
+    return {"loss": loss, **{f"loss_{k}": v for k, v in totals.items()}}
