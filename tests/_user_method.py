@@ -1,0 +1,33 @@
+"""The user method of docs/methods.md, extracted from the page (so the page and the tests cannot
+drift), and a torchrun entry point that distills with it."""
+import re
+import sys
+from pathlib import Path
+
+DOC = Path(__file__).resolve().parents[1] / "docs" / "methods.md"
+
+
+def load_user_method():
+    """Executes the page's ``channel_attention`` code block as a module; returns its namespace."""
+    text = DOC.read_text()
+    m = re.search(r"<!-- begin: channel_attention -->\s*```python\n(.*?)```\s*<!-- end: channel_attention -->",
+                  text, re.S)
+    assert m, "docs/methods.md lost its channel_attention code block"
+    import types
+    module = types.ModuleType("docs_methods_channel_attention")
+    module.__file__ = str(DOC)
+    sys.modules[module.__name__] = module  # torch.compile looks the defining module up
+    exec(compile(m.group(1), str(DOC), "exec"), module.__dict__)
+    return module.__dict__
+
+
+SMALL = dict(ipc=2, batch_real=6, width=16, eval_every=-1, log_every=1)
+
+if __name__ == "__main__":  # under torchrun: python -m torch.distributed.run ... _user_method.py OUT ITERATIONS
+    from datadam_fast.distill import DistillConfig, distill
+    from datadam_fast.distill.parallel import init_world
+    out, iterations = sys.argv[1], int(sys.argv[2])
+    world = init_world("cpu")
+    distill(DistillConfig(iterations=iterations, checkpoint_every=2, **SMALL), out, progress=False,
+            method=load_user_method()["ChannelAttention"](), world=world)
+    world.close()
