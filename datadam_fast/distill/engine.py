@@ -250,7 +250,7 @@ def distill(cfg: DistillConfig, out_dir: Optional[str] = None, *, resume: bool =
             progress: bool = True, method: Union[Method, str, None] = None, world: Optional[World] = None) -> Dict:
     """Run a distillation to the end; returns the summary. ``method``: a
     :class:`~datadam_fast.distill.methods.Method` instance (a user's own), or a registered name
-    (``"datadam"``, ``"dm"``) that replaces ``cfg.method``."""
+    (a key of :data:`~datadam_fast.distill.methods.METHODS`) that replaces ``cfg.method``."""
     if isinstance(method, str):
         import dataclasses
         cfg, method = dataclasses.replace(cfg, method=method), None
