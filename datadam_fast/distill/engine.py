@@ -131,6 +131,7 @@ class Distiller:
     def layout(self, x: torch.Tensor) -> torch.Tensor:
         return x.contiguous(memory_format=torch.channels_last) if self.cfg.channels_last else x
 
+    # the names these helpers had before the step moved to step.py
     _layout = layout
 
     def _load_rows(self, idx: torch.Tensor) -> torch.Tensor:
@@ -189,6 +190,9 @@ class Distiller:
         for j, (a, b) in enumerate(self.real_chunks()):
             rows = idx[(self.k_lo + a) * B:(self.k_lo + b) * B]
             self.prefetcher.schedule((iteration, j), rows)
+
+    _real_chunks, _syn_chunks, _schedule_real = real_chunks, syn_chunks, schedule_real
+    _draw_real_indices, _finish_rows = draw_real_indices, finish_rows
 
     def new_network(self, gen: Optional[torch.Generator] = None):
         from ..models.networks import get_network
