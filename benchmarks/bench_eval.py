@@ -62,11 +62,14 @@ def main(argv=None) -> int:
     ap.add_argument("--width", type=int, default=128)
     ap.add_argument("--model", default="ConvNet")
     ap.add_argument("--test-limit", type=int, default=500, help="test images (0 = all); small to keep the run short")
-    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--device", default="auto")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default=None, help="output path (default benchmarks/results/bench_eval_<device>_<date>.json)")
     args = ap.parse_args(argv)
+    from datadam_fast.devices import device_line
+    args.device, _line = device_line(args.device)  # auto: cuda when available, else cpu
+    print(_line, file=sys.stderr, flush=True)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)

@@ -415,7 +415,7 @@ def main(argv=None) -> Dict:
     ap.add_argument("--batch-real", type=int, default=64)
     ap.add_argument("--width", type=int, default=128)
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
-    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--device", default="auto")
     ap.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS,
                     help="package rows: 'PRESET[,key=value...]' with DistillConfig fields as keys")
     ap.add_argument("--base", default=BASE_PRESET,
@@ -430,6 +430,9 @@ def main(argv=None) -> Dict:
     ap.add_argument("--note", default=None, help="free text stored in the JSON (e.g. what else ran on the machine)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
+    from datadam_fast.devices import device_line
+    args.device, _line = device_line(args.device)  # auto: cuda when available, else cpu
+    print(_line, file=sys.stderr, flush=True)
     if args.iterations < 1 or args.warmup < 0:
         ap.error("--iterations must be >= 1 and --warmup >= 0")
     if args.threads:

@@ -222,7 +222,7 @@ def main(argv=None) -> int:
     ap.add_argument("--eval-model", default=None,
                     help="evaluate every cell with this network (default: the one recorded in each set)")
     ap.add_argument("--data-root", default=None)
-    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--device", default="auto")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--checkpoint-every", type=int, default=100)
     ap.add_argument("--log-every", type=int, default=10)
@@ -230,6 +230,9 @@ def main(argv=None) -> int:
     ap.add_argument("--results-dir", default=os.path.join(ROOT, "benchmarks", "results", "full_budget"))
     ap.add_argument("--tiny", action="store_true", help="allow a budget below the table's (smoke tests)")
     args = ap.parse_args(argv)
+    from datadam_fast.devices import device_line
+    args.device, _line = device_line(args.device)  # auto: cuda when available, else cpu
+    print(_line, file=sys.stderr, flush=True)
     if not args.tiny and (args.iterations < MIN_ITERATIONS or args.eval_epochs < 1000 or args.runs < 5):
         ap.error(f"the full-budget table needs --iterations >= {MIN_ITERATIONS}, --eval-epochs >= 1000 and "
                  f"--runs >= 5 (got {args.iterations}, {args.eval_epochs}, {args.runs}); pass --tiny for a smoke test")

@@ -97,10 +97,13 @@ def main() -> None:
                     help="IPCs to also run unchunked (--real-chunk/--syn-chunk 1000) and compare images with")
     ap.add_argument("--unchunked-budget", type=float, default=22.0, help="GB for the unchunked runs")
     ap.add_argument("--work", default=None, help="working folder (default: a temporary one)")
-    ap.add_argument("--device", default="cpu", help="distill --device (on cuda the budget and the reported peak "
+    ap.add_argument("--device", default="auto", help="distill --device (on cuda the budget and the reported peak "
                                                      "are device memory; the polled RSS is the host's)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
+    from datadam_fast.devices import device_line
+    args.device, _line = device_line(args.device)  # auto: cuda when available, else cpu
+    print(_line, file=sys.stderr, flush=True)
     import torch
     work = Path(args.work or tempfile.mkdtemp(prefix="in64check-"))
     if not (work / "imagenet64" / "val_data.npz").exists():

@@ -10,6 +10,7 @@ the pixels), update (SGD step).
 """
 from __future__ import annotations
 
+import sys
 import argparse
 import datetime
 import json
@@ -30,11 +31,14 @@ def main(argv=None):
     ap.add_argument("--batch-real", type=int, default=64)
     ap.add_argument("--preset", default="paper")
     ap.add_argument("--backend", default="auto")
-    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--device", default="auto")
     ap.add_argument("--iterations", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
+    from datadam_fast.devices import device_line
+    args.device, _line = device_line(args.device)  # auto: cuda when available, else cpu
+    print(_line, file=sys.stderr, flush=True)
     cfg = DistillConfig(dataset=args.dataset, data_root=args.data_root, ipc=args.ipc, batch_real=args.batch_real,
                         preset=args.preset, backend=args.backend, device=args.device,
                         iterations=args.iterations + args.warmup, eval_every=-1)

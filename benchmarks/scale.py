@@ -126,7 +126,7 @@ def project(m: dict, *, ipc: int, devices: int, classes: int, batch_real: int, i
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--device", default="auto")
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--batch32", type=int, default=64, help="images per timed call at 32 px")
     ap.add_argument("--batch64", type=int, default=32, help="images per timed call at 64 px")
@@ -139,6 +139,9 @@ def main() -> None:
     ap.add_argument("--devices", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
+    from datadam_fast.devices import device_line
+    args.device, _line = device_line(args.device)  # auto: cuda when available, else cpu
+    print(_line, file=sys.stderr, flush=True)
     dev = torch.device(args.device)
     if args.device_memory_gb is None:
         if dev.type == "cuda":

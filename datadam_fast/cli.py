@@ -83,7 +83,8 @@ def _add_distill(sub) -> None:
     p.add_argument("--backend", default="auto", choices=["auto", "reference", "cpu", "cuda", "triton"],
                    help="loss backend")
     p.add_argument("--seed", type=int, default=0, help="seed of every random draw (same seed, same result)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--device", default="auto",
+                   help="auto (cuda when available, the local rank's GPU under torchrun; else cpu), cpu, cuda or cuda:N")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--out", default="runs/distill", help="output directory (synthetic.pt, grid.png, metrics.jsonl, checkpoint.pt)")
     p.add_argument("--checkpoint-every", type=int, default=100, help="write checkpoint.pt atomically every N iterations")
@@ -98,7 +99,21 @@ def _add_distill(sub) -> None:
     p.add_argument("--log-every", type=int, default=10, help="write a metrics.jsonl line every N iterations")
     p.add_argument("--nvtx", action="store_true", help="emit NVTX ranges for Nsight (also DATADAM_FAST_NVTX=1)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    # hooks: devices.py, zca.py, profiler.py, config_file.py, plan.py (see docs/workflow.md)
+    p.add_argument("--zca", action="store_true",
+                   help="ZCA-whiten the images as the official --zca (eps 0.1, fitted on the training set); "
+                        "recorded in synthetic.pt and applied by evaluate")
+    p.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="record N iterations (after a warm-up) with torch.profiler: RUN/profile_trace.json "
+                        "(Chrome/Perfetto) and a per-phase table; 0 = off")
+    p.add_argument("--config", default=None, metavar="FILE.toml",
+                   help="read flags from a TOML file (long flag names: ipc = 10, batch-real = 64, no-dsa = true); "
+                        "flags on the command line override it. Every run writes its resolved RUN/config.toml")
+    p.add_argument("--plan-only", action="store_true",
+                   help="set the run up, run the memory probe, time the passes and print the plan (classes per "
+                        "process, chunks, predicted peak memory, s/iteration, hours); writes nothing")
     _defaults_from_config(p)
+    return p
 
 
 # flags that switch a DistillConfig field off: flag dest -> field
@@ -162,7 +177,7 @@ def _add_evaluate(sub) -> None:
                         "distill_test_model.py); the network (BatchNorm or not, width, depth) is read from the state "
                         "dict unless --model is given")
     p.add_argument("--seed", type=int, default=0, help="seed")
-    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--device", default="auto", help="auto (cuda when available, else cpu), cpu, cuda or cuda:N")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
     p.add_argument("--json", default=None,
                    help="write {'accuracies': [...], 'mean', 'std', 'network': {model, norm, width, depth}, ...} here")
@@ -181,6 +196,30 @@ def _add_report(sub) -> None:
     p.add_argument("--json", default=None, help="also write the summary as JSON here")
 
 
+def _add_export(sub) -> None:
+    p = sub.add_parser(
+        "export", help="write a synthetic set in a format other tools read",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="official: res_<method>_<dataset>_<model>_<ipc>ipc.pt, {'data': [[images, labels]], "
+                    "'accs_all_exps': {...}} as the official DC/DM/DataDAM code saves it (DC-BENCH reads "
+                    "['data'][-1]); folder: PATH/<class>/<i>.png (de-normalised, 8-bit: values outside [0, 1] are "
+                    "clipped) plus meta.json, what torchvision's ImageFolder reads; tensors: PATH/images.pt (float, "
+                    "normalised as recorded) and PATH/labels.pt plus meta.json (e.g. DD-Ranking's image_tensor). "
+                    "evaluate --synthetic reads all three back.")
+    p.add_argument("source", metavar="RUN_DIR_OR_SYNTHETIC", help="a distill --out directory or a synthetic set file")
+    p.add_argument("--format", required=True, choices=["official", "folder", "tensors"], help="what to write")
+    p.add_argument("--out", required=True, metavar="PATH",
+                   help="official: a .pt file or a directory (the official file name is used); folder/tensors: "
+                        "a directory (created; must be empty)")
+
+
+def _cmd_export(args) -> int:
+    from .export import export
+    for line in export(args.source, args.format, args.out):
+        print(line)
+    return 0
+
+
 def _add_pack(sub) -> None:
     p = sub.add_parser("pack", help="decode an ImageFolder once into a memory-mapped uint8 array",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -193,10 +232,11 @@ def _add_pack(sub) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="datadam-fast", description="Dataset distillation by attention matching.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
-    sub = parser.add_subparsers(dest="command", metavar="{distill,evaluate,report,pack,backends}")
-    _add_distill(sub)
+    sub = parser.add_subparsers(dest="command", metavar="{distill,evaluate,report,export,pack,backends}")
+    parser.distill_parser = _add_distill(sub)  # config_file.py reads its flags
     _add_evaluate(sub)
     _add_report(sub)
+    _add_export(sub)
     _add_pack(sub)
     sub.add_parser("backends", help="list the loss backends that run on this machine")
     return parser
@@ -214,6 +254,10 @@ def _data_opts(args) -> dict:
 def _cmd_distill(args) -> int:
     from . import profiling
     from .distill import Distiller
+    from .devices import device_line
+    device, line = device_line(args.device)  # hook (devices.py): the first log line names the device
+    if os.environ.get("RANK", "0") == "0":
+        print(line, file=sys.stderr, flush=True)
     if args.nvtx:
         profiling.enable()
     opts = _data_opts(args)
@@ -224,10 +268,18 @@ def _cmd_distill(args) -> int:
         for split in ("train", "test"):
             load_dataset(args.dataset, root=args.data_root, split=split, download=True, **opts)
     from .distill.parallel import init_world
-    world = init_world(args.device)
+    world = init_world(device)
+    if args.plan_only:  # print the plan, write nothing
+        from .distill.plan_only import plan_only
+        plan_only(cfg, world)
+        world.close()
+        return 0
     try:
         d = Distiller(cfg, args.out, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress,
                       world=world)
+        # hook (config_file.py): CLI-only values that config.toml records besides the config
+        d.run_flags = {"device": args.device, "threads": args.threads, "nvtx": args.nvtx,
+                       "no_progress": args.no_progress}
         try:
             summary = d.run()
         finally:
@@ -257,12 +309,19 @@ def _cmd_evaluate(args) -> int:
     if args.model is not None:
         from .models.networks import check_model_name
         check_model_name(args.model)
+    from .devices import device_line
+    args.device, line = device_line(args.device)  # hook (devices.py): --device auto
+    print(line, flush=True)  # stdout, with evaluate's other log lines (stderr holds errors only)
     images, labels, meta = load_synthetic(args.synthetic)
     dataset = args.dataset or meta.get("dataset")
     if not dataset:
         raise UserError(f"{args.synthetic} does not record its dataset; pass --dataset")
     opts = _data_opts(args)
     test_set = load_dataset(dataset, root=args.data_root, split="test", **opts)
+    if meta.get("zca") is not None:  # hook (zca.py): the recorded whitening applies to the test images
+        from .zca import whiten_like
+        test_set = whiten_like(test_set, meta["zca"])
+        print("ZCA: test images whitened with the transform recorded in the file")
     if args.frozen_model:
         sd = load_frozen_model(args.frozen_model)
         pick = frozen_model_network(sd, model=args.model, norm=args.norm, width=args.width, depth=args.depth)
@@ -364,8 +423,15 @@ def main(argv: Optional[List[str]] = None) -> int:
         torch.set_num_threads(args.threads)
     from .errors import DatadamError
     handlers = {"distill": _cmd_distill, "evaluate": _cmd_evaluate, "report": _cmd_report, "pack": _cmd_pack,
-                "backends": _cmd_backends}
+                "backends": _cmd_backends, "export": _cmd_export}
     try:
+        if args.command == "distill" and args.config:  # hook (config_file.py): file values, then the flags
+            from .config_file import apply_config_file
+            apply_config_file(parser.distill_parser, args.config)
+            args = parser.parse_args(argv)
+            if args.threads:
+                import torch
+                torch.set_num_threads(args.threads)
         return handlers[args.command](args)
     except DatadamError as e:  # every deliberate error: bad input, data, unavailable backend
         if args.debug:

@@ -138,6 +138,10 @@ def load_synthetic(path: str) -> Tuple[torch.Tensor, torch.Tensor, Dict]:
     (``{"data": [images, labels]}``) or the official ``res_*.pt`` (``{"data": [[images, labels], ...]}``,
     last entry). Returns float32 images [N,C,H,W] (normalised space), int64 labels and metadata
     (for official files ``{"format": "official"}``, plus ``"eval_points"`` for ``res_*.pt``)."""
+    import os
+    if os.path.isdir(path):  # hook (export.py): a folder or tensors export
+        from .export import load_export_dir
+        return load_export_dir(path)
     obj = _load_file(path, "synthetic set")
     meta: Dict = {}
     if isinstance(obj, dict) and "images" in obj and "labels" in obj:
@@ -146,6 +150,8 @@ def load_synthetic(path: str) -> Tuple[torch.Tensor, torch.Tensor, Dict]:
     elif isinstance(obj, dict) and "data" in obj:
         data = obj["data"]
         meta = {"format": "official"}
+        from .export import OFFICIAL_EXTRAS  # hook (export.py): what our official export adds
+        meta.update({k: obj[k] for k in OFFICIAL_EXTRAS if obj.get(k) is not None})
         if isinstance(data, (list, tuple)) and data and isinstance(data[0], (list, tuple)):
             meta["eval_points"] = len(data)
             data = data[-1]  # res_DataDAM_*.pt keeps one [images, labels] per eval point

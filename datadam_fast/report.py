@@ -9,7 +9,8 @@ Reads ``RUN_DIR/metrics.jsonl`` as ``distill`` writes it:
 and tolerates anything else: unknown keys (``peak_memory_mb``, ``sec_per_it``, ``images_per_s`` are
 plotted when present), other events (``"event": "plan"``, ...), and a last line cut by a kill.
 Writes ``report_loss.png``, ``report_accuracy.png`` (when the run evaluated) and
-``report_speed.png`` next to ``grid.png``.
+``report_speed.png`` next to ``grid.png``, and ``report_profile.png`` (milliseconds per iteration
+of each step phase) when the run was profiled (``profile_trace.json``, see ``distill --profile``).
 """
 from __future__ import annotations
 
@@ -276,6 +277,41 @@ def plot_speed(m: RunMetrics, path: str) -> Optional[str]:
     return path
 
 
+def plot_profile(run_dir: str, m: RunMetrics, path: str) -> Optional[str]:
+    """Per-phase bar chart (ms per iteration; CPU and, on GPU runs, device time) from the trace."""
+    from .profiler import TRACE, phases_from_trace
+    trace = os.path.join(run_dir, TRACE)
+    if not os.path.isfile(trace):
+        return None
+    ph = phases_from_trace(trace)
+    if not ph["phases"]:
+        return None
+    plt = _pyplot()
+    names = [p.rsplit(".", 1)[-1] for p in ph["phases"]]
+    series = [("CPU", ph["cpu"])] + ([("GPU", ph["gpu"])] if ph["gpu"] else [])
+    fig, ax = plt.subplots(figsize=(8, 0.45 * len(names) + 1.6), dpi=100)
+    h = 0.8 / len(series)
+    for j, (label, vals) in enumerate(series):
+        ys = [i + (j - (len(series) - 1) / 2) * h for i in range(len(names))]
+        xs = [vals.get(p, 0.0) for p in ph["phases"]]
+        bars = ax.barh(ys, xs, height=h, label=f"{label} time")
+        for b, v in zip(bars, xs):
+            ax.annotate(f"{v:.3g}", (b.get_width(), b.get_y() + b.get_height() / 2), xytext=(3, 0),
+                        textcoords="offset points", va="center", fontsize=8)
+    ax.set_yticks(range(len(names)))
+    ax.set_yticklabels(names)
+    ax.invert_yaxis()  # step order, top to bottom
+    ax.set_xlabel("ms per iteration")
+    ax.set_title(_title(m, f"step phases ({ph['iterations']} profiled iterations)"), fontsize=10)
+    ax.grid(True, axis="x", alpha=0.3)
+    if len(series) > 1:
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
 def report(run_dir: str, out_dir: Optional[str] = None) -> Tuple[Dict, List[str]]:
     """Read the run, write the plots (into ``out_dir``, default ``run_dir``), return (summary, paths)."""
     m = read_metrics(run_dir)
@@ -283,7 +319,8 @@ def report(run_dir: str, out_dir: Optional[str] = None) -> Tuple[Dict, List[str]
     os.makedirs(out, exist_ok=True)
     paths = [p for p in (plot_losses(m, os.path.join(out, "report_loss.png")),
                          plot_accuracy(m, os.path.join(out, "report_accuracy.png")),
-                         plot_speed(m, os.path.join(out, "report_speed.png"))) if p]
+                         plot_speed(m, os.path.join(out, "report_speed.png")),
+                         plot_profile(run_dir, m, os.path.join(out, "report_profile.png"))) if p]
     s = summarize(m)
     s["plots"] = paths
     return s, paths

@@ -180,7 +180,8 @@ def test_mnist_from_shared_datasets(tmp_path, datasets_root, capsys):
 def test_bad_input_exit_2_one_line(tmp_path, capsys, args, match):
     code, cap = run_cli(args + ["--out", str(tmp_path / "o"), "--no-progress", "--iterations", "1"], capsys)
     assert code == 2
-    err = cap.err.strip()
+    # the first log line names the device (devices.py); the error itself is one line
+    err = "\n".join(l for l in cap.err.strip().splitlines() if not l.startswith("device: "))
     assert len(err.splitlines()) == 1 and match in err and err.startswith("datadam-fast")
 
 

@@ -23,7 +23,8 @@ REAL_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.floa
 # values resumes. ``iterations`` is among them, so a finished run can be continued for longer.
 _NOT_IDENTITY = ("device", "eval_every", "eval_runs", "eval_epochs", "eval_model", "eval_batch", "log_every",
                  "checkpoint_every", "data_root", "backend", "iterations", "real_chunk", "syn_chunk",
-                 "memory_budget", "prefetch", "compile", "compile_mode", "real_epilogue")
+                 "memory_budget", "prefetch", "compile", "compile_mode", "real_epilogue",
+                 "profile")  # profiling (profiler.py) does not change the result
 REAL_EPILOGUES = ("auto", "cpu", "triton", "off")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
@@ -64,7 +65,9 @@ class DistillConfig:
     channels_last: bool = True           # NHWC network + real images: ~20% faster steps on CPU (oneDNN)
     backend: str = "auto"
     seed: int = 0
-    device: str = "cpu"
+    device: str = "auto"                 # auto = cuda when available, else cpu (devices.py)
+    zca: bool = False                    # ZCA-whiten real, synthetic and test images (zca.py), as official --zca
+    profile: int = 0                     # torch.profiler trace of this many iterations (profiler.py); 0 = off
     eval_every: int = 0                  # 0 = only after the last iteration, -1 = never
     eval_runs: int = 3
     eval_epochs: Optional[int] = None    # 1000 (DM protocol; official DataDAM 1800), 300 for digits
@@ -170,6 +173,11 @@ def validate(cfg: DistillConfig, dataset, world, method) -> Checked:
         raise UserError(f"ipc must be >= 1, got {c.ipc}")
     if c.iterations < 0:
         raise UserError(f"iterations must be >= 0, got {c.iterations}")
+    if c.profile < 0:
+        raise UserError(f"profile must be >= 0 (iterations to trace; 0 = off), got {c.profile}")
+    if c.profile > c.iterations:
+        raise UserError(f"profile {c.profile}: the run has only {c.iterations} iteration(s); profile fewer "
+                        f"or raise --iterations")
     if c.init not in ("real", "noise"):
         raise UserError(f"init must be 'real' or 'noise', got {c.init!r}")
     for name in ("real_chunk", "syn_chunk"):

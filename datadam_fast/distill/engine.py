@@ -14,6 +14,8 @@ the state they share.
 """
 from __future__ import annotations
 
+import dataclasses
+
 from typing import Dict, List, Optional, Tuple, Union
 
 import torch
@@ -43,6 +45,9 @@ class Distiller:
                  progress: bool = True, train_set=None, test_set=None, world: Optional[World] = None,
                  method: Optional[Method] = None):
         from ..data import load_dataset
+        if cfg.device == "auto":  # cuda when available (the local rank's GPU under torchrun), else cpu
+            from ..devices import resolve_device
+            cfg = dataclasses.replace(cfg, device=resolve_device(cfg.device)[0])
         self.world = W = world if world is not None else init_world(cfg.device)
         self.out_dir = out_dir
         self.progress = progress and W.is_main
@@ -57,6 +62,9 @@ class Distiller:
         self.cfg = c = checked.cfg
         self.batch_real, self.device, self.single_pass = checked.batch_real, checked.device, checked.single_pass
         self.method = (method_type.from_config(c) if method is None else method).bind(c)
+        if c.zca:  # every real image the run reads comes out whitened (fit on the training set)
+            from ..zca import whiten_train_set
+            self.train_set = ds = whiten_train_set(ds, device=self.device)
         self.K = ds.num_classes
         self.k_lo, self.k_hi = class_block(self.K, W.rank, W.size)
         self.Kl = self.k_hi - self.k_lo
@@ -229,6 +237,9 @@ class Distiller:
             from ..data import load_dataset
             self._test_set = load_dataset(self.cfg.dataset, root=self.cfg.data_root, split="test",
                                           **dict(self.cfg.data_opts))
+            if self.cfg.zca:  # test images through the training set's transform
+                from ..zca import whiten_like
+                self._test_set = whiten_like(self._test_set, self.train_set.zca)
         return self._test_set
 
     def checkpoint_state(self) -> Optional[Dict]:

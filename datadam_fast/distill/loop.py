@@ -88,6 +88,14 @@ def run(d, *, stop_after: Optional[int] = None) -> Dict:
     """Run to ``cfg.iterations``; ``stop_after`` (testing) returns early after that many iterations."""
     c = d.cfg
     rundir.truncate_metrics(d)
+    if d.out_dir and d.world.is_main:  # the fully resolved config.toml: `distill --config RUN/config.toml` repeats the run
+        from ..config_file import write_run_config
+        write_run_config(d.out_dir, c, getattr(d, "run_flags", None))
+    prof = None
+    if c.profile:  # a torch.profiler window over c.profile iterations after warm-up
+        from ..profiler import ProfileSession
+        prof = ProfileSession(c.profile, c.iterations - d.iteration, d.device,
+                              d.out_dir if d.world.is_main else None, lambda msg: say(d, msg))
     plan = {**d.plan.as_dict(), "world_size": d.world.size, "device": str(d.device),
             "classes_total": d.K, "real_cached_on_device": d.real_all is not None}
     say(d, f"{d.plan.summary()}" + (f"; {d.world.size} processes, {d.Kl} classes on rank 0"
@@ -108,7 +116,7 @@ def run(d, *, stop_after: Optional[int] = None) -> Dict:
     done = 0
     try:
         while d.iteration < c.iterations:
-            terms = d.step()
+            terms = d.step() if prof is None else prof.step(d.step)
             done += 1
             it = d.iteration
             if bar is not None:
@@ -137,6 +145,8 @@ def run(d, *, stop_after: Optional[int] = None) -> Dict:
     finally:
         if bar is not None:
             bar.close()
+        if prof is not None:
+            prof.finish()
     rundir.save_checkpoint(d)
     rundir.write_outputs(d)
     summary = {"iteration": d.iteration, "dataset": c.dataset, "ipc": c.ipc, "preset": c.preset,

@@ -69,8 +69,26 @@ class Method:
                        classes: int) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
         """Loss of synthetic images ``x`` (``classes`` classes, class-major, equal counts) against
         those classes' mean real statistics ``targets`` (``[classes, d_i]`` each): ``(loss, terms)``
-        where ``terms`` are named parts of the loss for the log (detached by the engine)."""
-        raise NotImplementedError
+        where ``terms`` are named parts of the loss for the log (detached by the engine).
+
+        Implement this, or the pair :meth:`synthetic_features` + :meth:`features_loss` (then the
+        engine times and profiles the network forward and the loss as separate phases)."""
+        return self.features_loss(self.synthetic_features(net, x), targets, classes)
+
+    def synthetic_features(self, net, x: torch.Tensor):
+        """The network forward of the synthetic side (anything :meth:`features_loss` takes)."""
+        raise NotImplementedError(f"{type(self).__name__}: implement synthetic_loss, or synthetic_features "
+                                  f"and features_loss")
+
+    def features_loss(self, features, targets: Sequence[torch.Tensor],
+                      classes: int) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        """The loss of :meth:`synthetic_features`' output against ``targets``: ``(loss, terms)``."""
+        raise NotImplementedError(f"{type(self).__name__}: implement synthetic_loss, or synthetic_features "
+                                  f"and features_loss")
+
+    def splits_synthetic_loss(self) -> bool:
+        """True when the loss comes from the :meth:`synthetic_features` / :meth:`features_loss` pair."""
+        return type(self).synthetic_loss is Method.synthetic_loss
 
     # ------------------------------------------------------------------ optional capabilities
     def fused_real_sums(self, net, x: torch.Tensor, classes: int, impl: str) -> List[torch.Tensor]:
@@ -128,10 +146,13 @@ class DataDAM(Method):
             maps = list(_run(feats, self.power, self.backend))  # the registered spatial-attention op
         return maps + [emb.float()]
 
-    def synthetic_loss(self, net, x, targets, classes):
+    def synthetic_features(self, net, x):
+        return self._features(net, x)
+
+    def features_loss(self, features, targets, classes):
         from ..loss.matching import attention_matching_loss
         from ..loss.targets import ClassTargets
-        feats, emb = self._features(net, x)
+        feats, emb = features
         loss, terms = attention_matching_loss(
             ClassTargets(list(targets[:-1]), targets[-1], self.power), feats, None, emb, num_classes=classes,
             power=self.power, attention_weight=self.attention_weight, embedding_weight=self.embedding_weight,

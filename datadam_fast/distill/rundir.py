@@ -89,6 +89,7 @@ def load_checkpoint(d) -> None:
         raise UserError(f"{path} is not a datadam-fast checkpoint")
     mine = identity(d)
     theirs = {k: v for k, v in ck.get("identity", {}).items() if k not in _NOT_IDENTITY}
+    theirs.setdefault("zca", False)  # checkpoints from before the option were made without ZCA
     diff = {k: (theirs.get(k), v) for k, v in mine.items() if theirs.get(k) != v}
     if diff:
         desc = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in list(diff.items())[:6])
@@ -127,8 +128,11 @@ def synthetic_state(d) -> Optional[Dict]:
     if full is None:
         return None
     ds = d.train_set
-    return {"images": full[0].clone(), "labels": full[1], "mean": list(ds.mean), "std": list(ds.std),
-            "dataset": ds.name, "config": dataclasses.asdict(d.cfg), "iteration": d.iteration}
+    state = {"images": full[0].clone(), "labels": full[1], "mean": list(ds.mean), "std": list(ds.std),
+             "dataset": ds.name, "config": dataclasses.asdict(d.cfg), "iteration": d.iteration}
+    if d.cfg.zca:  # evaluate and export apply the recorded transform
+        state["zca"] = ds.zca.state()
+    return state
 
 
 def write_outputs(d) -> None:

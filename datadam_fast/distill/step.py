@@ -105,14 +105,20 @@ def syn_pass(d, net, rows, labels, params, targets: Sequence[torch.Tensor], clas
             x = d.dsa.apply(x, params, labels)
         if mark:
             mark("augment")
+    split = weights is None and d.method.splits_synthetic_loss()
     with nvtx_range("datadam_fast.step.syn_forward"):
-        if weights is not None:
+        if weights is not None:  # compiled: forward and loss are one graph
             loss, terms = d.passes.syn(weights, d.layout(x), classes, targets)
+        elif split:
+            features = d.method.synthetic_features(net, x)
         else:
             loss, terms = d.method.synthetic_loss(net, x, targets, classes)
     if mark:
         mark("syn_forward")
-        if weights is None:
+    if split:
+        with nvtx_range("datadam_fast.step.loss"):
+            loss, terms = d.method.features_loss(features, targets, classes)
+        if mark:
             mark("loss")
     with nvtx_range("datadam_fast.step.backward"):
         loss.backward()
