@@ -37,7 +37,13 @@ META = "meta.json"
 ZCA_FILE = "zca.pt"
 _OFFICIAL_DATASET = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST", "cifar10": "CIFAR10", "cifar100": "CIFAR100",
                      "tinyimagenet": "TinyImageNet", "imagenet64": "ImageNet64", "digits": "digits"}
-_OFFICIAL_METHOD = {"datadam": "DataDAM", "dm": "DM"}
+
+
+def _official_method(name: str) -> str:
+    """The method's name in the official ``res_<METHOD>_...`` file names (``Method.official_name``)."""
+    from .distill.methods import METHODS
+    m = METHODS.get(name)
+    return getattr(m, "official_name", None) or name
 # keys of an official-format file that evaluate passes on as metadata
 OFFICIAL_EXTRAS = ("dataset", "config", "mean", "std", "zca")
 
@@ -83,7 +89,7 @@ def official_name(meta: Dict, images: torch.Tensor, labels: torch.Tensor) -> str
     ds = meta.get("dataset") or cfg.get("dataset") or "unknown"
     K = int(labels.max()) + 1 if labels.numel() else 0
     ipc = cfg.get("ipc") or (images.shape[0] // max(K, 1))
-    return (f"res_{_OFFICIAL_METHOD.get(cfg.get('method', 'datadam'), 'DataDAM')}_{_OFFICIAL_DATASET.get(ds, ds)}_"
+    return (f"res_{_official_method(cfg.get('method', 'datadam'))}_{_OFFICIAL_DATASET.get(ds, ds)}_"
             f"{cfg.get('model', 'ConvNet')}_{ipc}ipc.pt")
 
 

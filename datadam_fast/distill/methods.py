@@ -119,6 +119,7 @@ class DataDAM(Method):
     the maps plus ``attention_factor * task_balance * ||t - e||^2`` for the embedding."""
 
     name = "datadam"
+    official_name = "DataDAM"  # res_DataDAM_<dataset>_<model>_<ipc>ipc.pt (export --format official)
     fused_real = True
     attention = True  # the fused real side evaluates the tapped maps
 
@@ -188,6 +189,7 @@ class DM(DataDAM):
     the ``[N, D]`` embedding; the attention terms are absent (no taps are evaluated)."""
 
     name = "dm"
+    official_name = "DM"
     attention = False
 
     def __init__(self, *, backend: str = "auto", power: float = 4.0):
