@@ -36,6 +36,14 @@ def test_product_text_never_cites_issue_numbers():
     assert not hits, "\n".join(hits)
 
 
+def test_readme_links_resolve():
+    readme = (ROOT / "README.md").read_text()
+    links = re.findall(r"\]\(([^)#]+)\)", readme)
+    assert links
+    missing = [l for l in links if not l.startswith("http") and not (ROOT / l).exists()]
+    assert not missing, f"README links to missing files: {missing}"
+
+
 def test_readme_drop_in_snippet_runs(tmp_path):
     readme = (ROOT / "README.md").read_text()
     blocks = re.findall(r"```python\n(.*?)```", readme, re.S)
