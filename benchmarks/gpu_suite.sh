@@ -3,8 +3,12 @@
 # (correctness first, then speed). Each stage runs under its own timeout, capped by a deadline for
 # the whole script, and a failing stage does not stop the next: the summary says what ran.
 #
-#   bash benchmarks/gpu_suite.sh [STAGE ...]        stages: env install tests loss iteration eval
+#   bash benchmarks/gpu_suite.sh [STAGE ...]        stages: verify env install tests loss iteration eval
 #                                                    (default: all, in that order)
+#
+# verify (first): `datadam-fast backends --verify --device cuda`, every fused kernel against the
+# reference on this GPU (table in verify.log, rows in verify_cuda.json); it also builds the CUDA
+# extension and compiles the Triton kernels the later stages use.
 #
 # Environment:
 #   OUT                where logs and JSON go (default benchmarks/results/gpu_<date>; the device
@@ -22,7 +26,7 @@ OUT=${OUT:-benchmarks/results/gpu_$(date -u +%F)}
 mkdir -p "$OUT"
 DEADLINE=$(( $(date +%s) + ${DEADLINE_S:-540} ))
 STAGES=("$@")
-[ ${#STAGES[@]} -eq 0 ] && STAGES=(env install tests loss iteration eval)
+[ ${#STAGES[@]} -eq 0 ] && STAGES=(verify env install tests loss iteration eval)
 PY=${PYTHON:-python}
 SUMMARY="$OUT/summary.txt"
 : > "$SUMMARY"
@@ -49,6 +53,8 @@ ITER=(benchmarks/bench_iteration.py --device cuda --iterations 5 --warmup 2
 
 for s in "${STAGES[@]}"; do
     case $s in
+    verify)
+        step verify 180 "$PY" -m datadam_fast backends --verify --device cuda --json "$OUT/verify_cuda.json" ;;
     env)
         step env 60 "$PY" -c "
 import datetime, json, torch
@@ -87,7 +93,7 @@ print(json.dumps({'date': datetime.datetime.now(datetime.timezone.utc).isoformat
         else
             echo "eval: not run (no mnist/ under DATADAM_FAST_DATA)" | tee -a "$SUMMARY"
         fi ;;
-    *) echo "unknown stage '$s' (expected: env install tests loss iteration eval)" | tee -a "$SUMMARY" ;;
+    *) echo "unknown stage '$s' (expected: verify env install tests loss iteration eval)" | tee -a "$SUMMARY" ;;
     esac
 done
 echo "logs and JSON in $OUT"

@@ -41,10 +41,18 @@ namespace {
 enum Act { kRelu = 0, kLeaky = 1, kSigmoid = 2, kSwish = 3 };
 enum Pool { kNone = 0, kAvg = 1, kMax = 2 };
 
+// NaN in, NaN out, as eager PyTorch: torch.relu(NaN) and max_pool2d over a NaN are NaN. Written
+// so that a NaN operand fails the comparison and is the value returned (`x > 0 ? x : 0` and
+// std::max(a, NaN) would drop it); both forms still vectorise (compare + blend).
+template <typename T>
+inline T max_nan(T a, T b) {
+  return (a > b || a != a) ? a : b;
+}
+
 template <int ACT, typename T>
 inline T activate(T x, T slope) {
   if constexpr (ACT == kRelu) {
-    return x > T(0) ? x : T(0);
+    return x < T(0) ? T(0) : x;
   } else if constexpr (ACT == kLeaky) {
     return x > T(0) ? x : x * slope;
   } else if constexpr (ACT == kSigmoid) {
@@ -256,7 +264,7 @@ void run(const at::Tensor& y, const at::Tensor& scale, const at::Tensor& shift, 
             } else {
 #pragma omp simd
               for (int64_t c = 0; c < C; ++c)
-                orow[c] = static_cast<scalar_t>(std::max(std::max(v0[c], v1[c]), std::max(v2[c], v3[c])));
+                orow[c] = static_cast<scalar_t>(max_nan(max_nan(v0[c], v1[c]), max_nan(v2[c], v3[c])));
             }
           }
         }

@@ -234,12 +234,16 @@ __device__ __forceinline__ double fwd_reduce_nchw(const LayerDesc& d, const Feat
     const T* base = static_cast<const T*>(d.feat) + (fb.n * d.C + fb.c0 + ty) * HW + hw0;
     const int64_t step = static_cast<int64_t>(TY) * HW;
     int64_t c = fb.c0 + ty;
-    for (; c + (kUnroll - 1) * TY < fb.c1; c += kUnroll * TY, base += kUnroll * step) {
-      T x[kUnroll][V];
+    // A general power costs two transcendentals per element (log2, exp2), so fewer rows in flight
+    // hide the latency as well; with kUnroll rows the 16-bit instantiations spill on sm_90 (ptxas
+    // stops at 64 registers), which tests/test_cuda_compile.py refuses.
+    constexpr int U = P == 0 ? 2 : kUnroll;
+    for (; c + (U - 1) * TY < fb.c1; c += U * TY, base += U * step) {
+      T x[U][V];
 #pragma unroll
-      for (int u = 0; u < kUnroll; ++u) VecIO<T, V>::load(base + u * step, x[u]);
+      for (int u = 0; u < U; ++u) VecIO<T, V>::load(base + u * step, x[u]);
 #pragma unroll
-      for (int u = 0; u < kUnroll; ++u)
+      for (int u = 0; u < U; ++u)
 #pragma unroll
         for (int v = 0; v < V; ++v) acc[v] += Pow<P, A>::val(to_acc(x[u][v]), pw);
     }
@@ -374,7 +378,9 @@ __global__ void __launch_bounds__(kThreads) fwd_normalize_kernel(const __grid_co
   s = block_sum(s, sh);
   const A nrm = static_cast<A>(sqrt(s));
   if (t2 == 0 && threadIdx.x == 0) static_cast<A*>(d.norms)[n] = nrm;
-  const A den = nrm > A(kNormEps) ? nrm : A(kNormEps);
+  // NaN-propagating clamp, as F.normalize's clamp_min (and the other backends): a NaN norm fails
+  // the comparison and stays NaN (`nrm > eps ? nrm : eps` would turn it into eps)
+  const A den = nrm < A(kNormEps) ? A(kNormEps) : nrm;
   // each thread revisits only the elements it wrote above (c_chunks > 1), so no barrier is needed
   for (int64_t hw = lo + threadIdx.x; hw < hi; hw += kThreads) maps[hw] = maps[hw] / den;
 }

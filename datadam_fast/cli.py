@@ -238,7 +238,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_report(sub)
     _add_export(sub)
     _add_pack(sub)
-    sub.add_parser("backends", help="list the loss backends that run on this machine")
+    p = sub.add_parser("backends", help="list the loss backends that run on this machine; --verify checks them",
+                       description="List the loss backends that run on this machine. With --verify, run every "
+                                   "available backend and the real-side epilogue against the reference on small and "
+                                   "DataDAM-sized problems (forward and backward, fp32 and bf16, NCHW and "
+                                   "channels_last), print a table and exit 1 on any mismatch.")
+    p.add_argument("--verify", action="store_true", help="self-check every fused implementation against the reference")
+    p.add_argument("--device", default="cpu", help="with --verify: the device to check (cpu, cuda, cuda:1 ...)")
+    p.add_argument("--json", default=None, metavar="PATH", help="with --verify: write the table as JSON")
     return parser
 
 
@@ -383,6 +390,12 @@ def _cmd_pack(args) -> int:
 
 def _cmd_backends(args) -> int:
     import torch
+    if getattr(args, "verify", False):
+        from .verify import run
+        return run(args.device, args.json)
+    if getattr(args, "json", None) or getattr(args, "device", "cpu") != "cpu":
+        from .errors import UserError
+        raise UserError("--device and --json go with --verify")
     from .loss.backends import BACKEND_NAMES, BackendUnavailable, get_backend
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
     for name in BACKEND_NAMES:

@@ -332,6 +332,32 @@ def test_zero_maps(target, power):
     assert grads[0][1].abs().sum().item() == 0 and torch.isfinite(grads[0]).all()
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("sms", [1, 132])
+def test_nan_norm_propagates_like_the_reference(target, channels_last, sms):
+    """A NaN feature makes its sample's norm NaN; F.normalize's clamp keeps it NaN, so the whole
+    map row is NaN (a clamp that turned it into eps would leave the other pixels finite and huge).
+    Other samples stay finite. With 132 SMs the channels are split and the norm is summed from
+    partials (the other normalise path). The backward takes the reference's `n > eps` test:
+    a NaN norm gives g / eps, NaN only at the NaN feature."""
+    _set_sms(target, sms)
+    dev = target[2]
+    f = _randn((3, 48, 7, 6), torch.float32, dev, channels_last=channels_last)
+    f[1, 5, 2, 3] = float("nan")
+    maps, norms = target[0].forward([f], 4.0)
+    rmaps, rnorms = B.ReferenceBackend().forward([f], 4.0)
+    assert torch.isnan(norms[0][1]) and torch.isnan(maps[0][1]).all()
+    assert torch.equal(torch.isnan(maps[0]), torch.isnan(rmaps[0]))
+    for n in (0, 2):
+        _close(maps[0][n], rmaps[0][n], 1e-5, f"maps of finite sample {n}")
+    gm = [torch.randn(maps[0].shape, dtype=torch.float32).to(dev)]
+    grads = target[0].backward([f], maps, norms, gm, 4.0)
+    rgrads = B.ReferenceBackend().backward([f], rmaps, rnorms, gm, 4.0)
+    assert torch.equal(torch.isnan(grads[0]), torch.isnan(rgrads[0])) and int(torch.isnan(grads[0]).sum()) == 1
+    ok = ~torch.isnan(rgrads[0])
+    _close(grads[0][ok], rgrads[0][ok], 1e-4, "grads")
+
+
 def test_channel_split_and_tiles(target):
     """Few samples and many channels: the planner splits channels across blocks."""
     dev = target[2]

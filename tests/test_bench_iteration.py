@@ -144,3 +144,5 @@ def test_gpu_suite_script_parses_and_reports_each_stage(tmp_path):
     assert "env: rc=0" in summary
     assert "eval: not run (no mnist/" in summary
     assert "unknown stage 'nonsense'" in summary
+    # the GPU self-check is the first default stage
+    assert "STAGES=(verify env install" in Path(script).read_text()

@@ -14,8 +14,12 @@ Two translation units are compiled concurrently (``nvcc -c``):
    CMake-generated ``c10/cuda/impl/cuda_cmake_macros.h``; then ``-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE``
    (a switch c10 provides for exactly this) stands in for it.
 
-The test fails if nvcc is present and either unit does not compile; it skips only when nvcc is
-absent (or, for unit 2 alone, when PyTorch's or Python's headers are missing).
+The test fails if nvcc is present and either unit does not compile, or if ptxas reports any
+spill store or load for any kernel of unit 1 on any arch (a spill turns a streaming kernel's
+register traffic into local-memory traffic). Registers, stack and spills per kernel are printed;
+``benchmarks/cuda_ptxas.py`` writes them to ``benchmarks/results/cuda_ptxas.json``. It skips only
+when nvcc is absent (or, for unit 2 alone, when PyTorch's or Python's headers are missing). Each
+unit is compiled once per session (about 40 s for unit 1 on two cores).
 """
 import inspect
 import os
@@ -194,6 +198,61 @@ def test_kernels_compile_for_every_dtype_and_power(jobs):
     regs = [int(r) for r in re.findall(r"Used (\d+) registers", out)]
     print(f"[cuda compile] kernels: {expect} kernels x sm_{', sm_'.join(map(str, job.archs))} in {secs:.1f} s; "
           f"registers {min(regs, default=0)}-{max(regs, default=0)}, spill stores {spills} bytes in total")
+
+
+def parse_ptxas(out: str) -> list:
+    """Per kernel and arch from ``-Xptxas -v``: registers, stack frame, spill stores / loads (bytes),
+    static shared memory. ptxas prints, per entry function: "Compiling entry function 'NAME' for
+    'sm_XX'", then "N bytes stack frame, N bytes spill stores, N bytes spill loads" and "Used N
+    registers, ... N bytes smem"."""
+    rows, cur = [], None
+    for line in out.splitlines():
+        m = re.search(r"Compiling entry function '(\w+)' for 'sm_(\d+)'", line)
+        if m:
+            cur = {"kernel": m.group(1), "arch": f"sm_{m.group(2)}", "registers": None, "stack_bytes": None,
+                   "spill_store_bytes": None, "spill_load_bytes": None, "smem_bytes": 0}
+            rows.append(cur)
+            continue
+        if cur is None:
+            continue
+        m = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", line)
+        if m and cur["stack_bytes"] is None:
+            cur["stack_bytes"], cur["spill_store_bytes"], cur["spill_load_bytes"] = map(int, m.groups())
+        m = re.search(r"Used (\d+) registers", line)
+        if m and cur["registers"] is None:
+            cur["registers"] = int(m.group(1))
+            sm = re.search(r"(\d+) bytes smem", line)
+            cur["smem_bytes"] = int(sm.group(1)) if sm else 0
+    return rows
+
+
+def demangle(names):
+    """Readable kernel names through c++filt when it exists (else the mangled names)."""
+    tool = shutil.which("c++filt")
+    if not tool or not names:
+        return list(names)
+    try:
+        out = subprocess.run([tool], input="\n".join(names), capture_output=True, text=True, timeout=60).stdout
+        lines = out.splitlines()
+        return lines if len(lines) == len(names) else list(names)
+    except Exception:
+        return list(names)
+
+
+def test_no_kernel_spills_registers_recorded(jobs):
+    job = jobs["kernels"]
+    rc, out, secs = job.wait()
+    assert rc == 0, _report(job, rc, out, secs)
+    rows = parse_ptxas(out)
+    assert rows and all(r["registers"] is not None and r["spill_store_bytes"] is not None for r in rows), \
+        "ptxas' -v report did not parse:\n" + out[-3000:]
+    names = demangle([r["kernel"] for r in rows])
+    lines = [f"{r['arch']} {r['registers']:3d} regs  stack {r['stack_bytes']:3d} B  spill st/ld "
+             f"{r['spill_store_bytes']}/{r['spill_load_bytes']} B  smem {r['smem_bytes']:5d} B  {n}"
+             for r, n in zip(rows, names)]
+    print("[cuda compile] ptxas per kernel:\n" + "\n".join(sorted(lines)))
+    spilled = [line for r, line in zip(rows, lines) if r["spill_store_bytes"] or r["spill_load_bytes"]]
+    assert not spilled, "kernels spill registers to local memory:\n" + "\n".join(spilled)
 
 
 def test_extension_compiles_against_torch_headers(jobs):

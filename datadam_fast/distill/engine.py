@@ -108,7 +108,7 @@ class Distiller:
         ``cpu`` / ``triton``: that implementation, or an error now if it cannot run here. Only for
         methods that take the fused real side (``Method.fused_real``)."""
         from ..errors import UserError
-        from .real_side import unavailable_reason
+        from .real_side import blocks_of, unavailable_reason, warn_fallback
         mode, dev = self.cfg.real_epilogue, self.device
         if mode == "off":
             return None
@@ -125,9 +125,12 @@ class Distiller:
             impl = mode
         if impl is None:
             return None
-        why = unavailable_reason(self.new_network(torch.Generator().manual_seed(0)), dev, impl)
+        net = self.new_network(torch.Generator().manual_seed(0))
+        why = unavailable_reason(net, dev, impl)
         if why and mode != "auto":
             raise UserError(f"--real-epilogue {mode}: {why}")
+        if why and blocks_of(net)[1] is None:  # the model fits but the kernels cannot run here: say why
+            warn_fallback(impl, dev, why)
         return None if why else impl
 
     def _compiled_passes(self):

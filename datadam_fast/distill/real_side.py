@@ -22,15 +22,24 @@ Chosen by ``--real-epilogue`` in the distillation loop (see ``Distiller._resolve
 """
 from __future__ import annotations
 
+import functools
+import warnings
 from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .._constants import EPILOGUE_ACTS, EPILOGUE_POOLS, NORM_EPS
+from ..errors import describe_failure
 
 IMPLS = ("triton", "cpu")
+
+#: (implementation, device type) -> why its kernels failed at run time; such an implementation is
+#: reported unavailable (``unavailable_reason``) for the rest of the process
+_RUNTIME_FAILED: Dict[Tuple[str, str], str] = {}
+_WARNED: set = set()
 
 _ACT_NAMES = {nn.ReLU: "relu", nn.LeakyReLU: "leakyrelu", nn.Sigmoid: "sigmoid", nn.SiLU: "swish"}
 
@@ -104,6 +113,8 @@ def unavailable_reason(net: nn.Module, device, impl: Optional[str] = None) -> Op
         return why
     device = torch.device(device)
     impl = impl or default_impl(device)
+    if (impl, device.type) in _RUNTIME_FAILED:
+        return _RUNTIME_FAILED[(impl, device.type)]
     if impl == "cpu":
         if device.type != "cpu":
             return f"the C++ epilogue runs on CPU tensors, not {device}"
@@ -127,6 +138,26 @@ def unavailable_reason(net: nn.Module, device, impl: Optional[str] = None) -> Op
     return f"no Triton kernels for device {device}"
 
 
+def warn_fallback(impl: str, device, why: str) -> None:
+    """The one warning (per process, implementation and device type) that ``--real-epilogue auto``
+    gave up the fused ``impl`` and runs the real side through the network's own forward."""
+    key = (impl, torch.device(device).type)
+    if key in _WARNED:
+        return
+    _WARNED.add(key)
+    warnings.warn(f"datadam_fast: {why}; the real side continues without the fused epilogue (the network's "
+                  "own forward, same results) for the rest of this process", RuntimeWarning, stacklevel=3)
+
+
+def implementation_failed(impl: str, device, error: BaseException) -> None:
+    """A fused epilogue kernel of ``impl`` failed to compile or launch on ``device``: remember it
+    (``unavailable_reason`` reports it from now on) and warn once."""
+    device = torch.device(device)
+    why = f"the {impl} real-side epilogue failed on {device}: {describe_failure(error)}"
+    _RUNTIME_FAILED[(impl, device.type)] = why
+    warn_fallback(impl, device, why)
+
+
 def _combine(mean: torch.Tensor, m2: torch.Tensor, count: int, dim: int):
     """Chan's exact combination of equal-count groups along ``dim``: (mean, M2, total count)."""
     k = mean.shape[dim]
@@ -135,10 +166,50 @@ def _combine(mean: torch.Tensor, m2: torch.Tensor, count: int, dim: int):
     return mu, M2, count * k
 
 
+def _batch_stats(norm: Optional[nn.Module]) -> bool:
+    """Whether ``norm`` normalises with the statistics of the batch (``nn.BatchNorm2d``'s rule)."""
+    return isinstance(norm, nn.BatchNorm2d) and (norm.training or norm.running_mean is None)
+
+
+def _conv_out_hw(conv: nn.Conv2d, H: int, W: int) -> Tuple[int, int]:
+    if isinstance(conv.padding, str):  # "same" (stride 1 by PyTorch's rule) or "valid"
+        if conv.padding == "same":
+            return H, W
+        pad = (0, 0)
+    else:
+        pad = conv.padding
+    return tuple((n + 2 * p - d * (k - 1) - 1) // s + 1
+                 for n, p, d, k, s in zip((H, W), pad, conv.dilation, conv.kernel_size, conv.stride))
+
+
+def check_batch_statistics(blocks: List[_Block], shape: Tuple[int, ...]) -> None:
+    """Raise what eager ``nn.BatchNorm2d`` raises when a batch-statistics BatchNorm would see one
+    value per channel (N*H*W == 1): its variance is undefined, and the fused kernels would divide
+    by 1 instead. Checked once here, for every block and before any implementation runs, from the
+    input ``shape`` alone."""
+    N, _, H, W = shape
+    for b in blocks:
+        H, W = _conv_out_hw(b.conv, H, W)
+        if _batch_stats(b.norm):
+            size = torch.Size([N, b.conv.out_channels, H, W])
+            verify = getattr(F, "_verify_batch_size", None)
+            if verify is not None:
+                verify(size)  # torch's own check: the same error, word for word
+            elif N * H * W == 1:  # pragma: no cover - a PyTorch without the private helper
+                raise ValueError(f"Expected more than 1 value per channel when training, got input size {size}")
+        if b.pool != "none":
+            H, W = H // 2, W // 2
+
+
 @torch.no_grad()
 def norm_scale_shift(norm: Optional[nn.Module], mean: Optional[torch.Tensor], m2: Optional[torch.Tensor],
-                     hw: int, N: int, C: int, device) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Per-(n, c) ``scale``, ``shift`` (float32 [N, C]) with ``norm(y) = y * scale + shift``."""
+                     hw: int, N: int, C: int, device, pending: Optional[list] = None
+                     ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per-(n, c) ``scale``, ``shift`` (float32 [N, C]) with ``norm(y) = y * scale + shift``.
+
+    ``pending``: when given, a train-mode BatchNorm's running-statistics update is appended to it
+    as a callable instead of being applied (the caller applies them once the whole pass has
+    succeeded, so a pass that fails and is redone by another implementation counts once)."""
     if norm is None:
         one = torch.ones((N, C), dtype=torch.float32, device=device)
         return one, torch.zeros_like(one)
@@ -154,7 +225,12 @@ def norm_scale_shift(norm: Optional[nn.Module], mean: Optional[torch.Tensor], m2
             mc, M2c, cnt = _combine(mean, m2, hw, 0)
             mu, var = mc.expand(N, C), (M2c / cnt).expand(N, C)
             if norm.training and norm.track_running_stats and norm.running_mean is not None:
-                _update_running_stats(norm, mc.view(C), (M2c / max(cnt - 1, 1)).view(C))
+                # cnt >= 2 here: check_batch_statistics refused one value per channel
+                update = functools.partial(_update_running_stats, norm, mc.view(C), (M2c / (cnt - 1)).view(C))
+                if pending is None:
+                    update()
+                else:
+                    pending.append(update)
         else:
             mu = norm.running_mean.double().view(1, C).expand(N, C)
             var = norm.running_var.double().view(1, C).expand(N, C)
@@ -186,7 +262,7 @@ def _fusable_conv(conv: nn.Conv2d, h: torch.Tensor) -> bool:
             and conv.weight.dtype == torch.float32)
 
 
-def _block(b: _Block, h: torch.Tensor, power: float, tap: bool, impl: str):
+def _block(b: _Block, h: torch.Tensor, power: float, tap: bool, impl: str, pending: list):
     """(pooled output, attention sums or None, conv output H, W) of one block from its input ``h``."""
     per_sample = isinstance(b.norm, nn.GroupNorm)
     bn_eval = isinstance(b.norm, nn.BatchNorm2d) and not b.norm.training and b.norm.running_mean is not None
@@ -208,7 +284,7 @@ def _block(b: _Block, h: torch.Tensor, power: float, tap: bool, impl: str):
                                            float(b.norm.eps), act, b.slope, pool, float(power), tap, **conv)
         else:
             mean, m2 = ops.cpu_plane_moments(y, **conv) if b.norm is not None and not bn_eval else (None, None)
-            scale, shift = norm_scale_shift(b.norm, mean, m2, H * W, N, C, y.device)
+            scale, shift = norm_scale_shift(b.norm, mean, m2, H * W, N, C, y.device, pending)
             out, a = ops.cpu_real_epilogue(y, scale, shift, None, None, 1, 0.0, act, b.slope, pool, float(power), tap,
                                            **conv)
         return out, (a if tap else None), H, W
@@ -218,7 +294,7 @@ def _block(b: _Block, h: torch.Tensor, power: float, tap: bool, impl: str):
     mean = m2 = None
     if b.norm is not None and not bn_eval:
         mean, m2 = k.plane_moments(y)
-    scale, shift = norm_scale_shift(b.norm, mean, m2, H * W, N, C, y.device)
+    scale, shift = norm_scale_shift(b.norm, mean, m2, H * W, N, C, y.device, pending)
     out, a = k.apply_epilogue(y, scale, shift, act=b.act, slope=b.slope, pool=b.pool, power=power, attention=tap)
     return out, a, H, W
 
@@ -240,13 +316,19 @@ def real_class_sums(net: nn.Module, x: torch.Tensor, classes: int, power: float,
     if classes <= 0 or N % classes:
         raise ValueError(f"{N} rows do not split into {classes} classes of equal size")
     per = N // classes
+    if x.dim() != 4:
+        raise ValueError(f"expected images [N, C, H, W], got shape {tuple(x.shape)}")
+    check_batch_statistics(blocks, tuple(x.shape))
     att_sums: List[torch.Tensor] = []
+    pending: list = []
     h = x
     for b in blocks:
         tap = attention and b.tapped
-        h, a, H, W = _block(b, h, power, tap, impl)
+        h, a, H, W = _block(b, h, power, tap, impl, pending)
         if tap:
             a = a / a.norm(dim=1, keepdim=True).clamp_min(NORM_EPS)
             att_sums.append(a.view(classes, per, H * W).sum(1))
+    for update in pending:  # BatchNorm running statistics: only once the whole pass succeeded
+        update()
     emb = h.flatten(1).float()
     return att_sums, emb.view(classes, per, -1).sum(1)

@@ -85,15 +85,39 @@ def real_pass(d, net, x, labels, params, sums: ClassSums, local_cpu, mark=None, 
             classes = int(local_cpu[-1]) - first + 1
             if weights is None or d.fused_real == "cpu":
                 net = real_side_copy(net, dtype)
-            if d.fused_real and (weights is None or d.fused_real == "cpu"):
-                stats = d.method.fused_real_sums(net, x.to(dtype), classes, d.fused_real)
-                sums.add_class_sums(stats, first, x.shape[0] // classes)
+            fused = d.fused_real and (weights is None or d.fused_real == "cpu")
+            # (a fused pass whose kernels fail under auto returns False: this chunk and the rest of
+            # the run take the pass below)
+            if fused and _fused_real_pass(d, net, x.to(dtype), classes, first, sums):
+                pass
             elif weights is not None:
                 sums.add_class_sums(d.passes.real(weights, x, classes), first, x.shape[0] // classes)
             else:
                 sums.add(d.method.real_statistics(net, x.to(dtype)), local_cpu)
         if mark:
             mark("real_forward")
+
+
+def _fused_real_pass(d, net, x, classes: int, first: int, sums: ClassSums) -> bool:
+    """One real chunk through the fused epilogue into ``sums``. False when the epilogue's kernels
+    failed to compile or launch here under ``--real-epilogue auto``: then ``d.fused_real`` is off
+    from now on (one warning) and the caller runs the other pass; nothing was added to ``sums``
+    (and no BatchNorm statistics were updated)."""
+    from ..errors import BackendUnavailable, describe_failure, is_kernel_failure
+    from .real_side import implementation_failed
+    try:
+        stats = d.method.fused_real_sums(net, x, classes, d.fused_real)
+    except Exception as e:
+        if not is_kernel_failure(e):
+            raise
+        if d.cfg.real_epilogue != "auto":
+            raise BackendUnavailable(f"--real-epilogue {d.cfg.real_epilogue}: its kernels failed on "
+                                     f"{d.device}: {describe_failure(e, limit=20000)}") from e
+        implementation_failed(d.fused_real, d.device, e)
+        d.fused_real = None
+        return False
+    sums.add_class_sums(stats, first, x.shape[0] // classes)
+    return True
 
 
 def syn_pass(d, net, rows, labels, params, targets: Sequence[torch.Tensor], classes: int, mark=None, weights=None):

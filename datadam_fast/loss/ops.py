@@ -9,7 +9,9 @@ and a GPU backend can launch one grouped kernel per direction)::
 
 These two are what user code (and ``torch.compile`` / ``torch.export`` graphs) call. Their kernels
 pick the backend for the tensors' device at run time (``backend="auto"``: the fused one, or the
-reference with one warning naming why) and call its native op, registered with the dispatcher
+reference with one warning naming why; a fused kernel that fails to compile or launch there is
+replaced by the next backend, again with one warning, see ``backends.run_with_fallback``) and
+call its native op, registered with the dispatcher
 by the backend itself: ``datadam_fast::cpu_fwd/_bwd`` (C++, ``TORCH_LIBRARY_IMPL`` CPU),
 ``datadam_fast::cuda_fwd/_bwd`` (CUDA, ``TORCH_LIBRARY_IMPL`` CUDA), ``datadam_fast::triton_fwd/_bwd``
 (``torch.library.custom_op``). Because the choice happens inside the op, a traced graph holds no
@@ -30,7 +32,7 @@ from torch import Tensor
 
 from . import _oplib
 from ._checks import check_feature_list, check_power, check_same_device
-from .backends import check_backend_name, resolve_backend
+from .backends import check_backend_name, resolve_backend, run_with_fallback
 from ..profiling import nvtx_range
 
 
@@ -43,9 +45,11 @@ def spatial_attention_fwd(feats: List[Tensor], power: float, backend: str = "aut
                           ) -> Tuple[List[Tensor], List[Tensor]]:
     if not feats:
         return [], []
-    be = resolve_backend(backend, _device_of(feats))
-    with nvtx_range(f"datadam_fast.{be.name}.forward"):
-        return be.forward(list(feats), power)
+
+    def call(be):
+        with nvtx_range(f"datadam_fast.{be.name}.forward"):
+            return be.forward(list(feats), power)
+    return run_with_fallback(backend, _device_of(feats), "forward", call)
 
 
 @torch.library.custom_op("datadam_fast::spatial_attention_bwd", mutates_args=())
@@ -53,9 +57,11 @@ def spatial_attention_bwd(feats: List[Tensor], maps: List[Tensor], norms: List[T
                           grad_maps: List[Tensor], power: float, backend: str = "auto") -> List[Tensor]:
     if not feats:
         return []
-    be = resolve_backend(backend, _device_of(feats))
-    with nvtx_range(f"datadam_fast.{be.name}.backward"):
-        grads = be.backward(list(feats), list(maps), list(norms), list(grad_maps), power)
+
+    def call(be):
+        with nvtx_range(f"datadam_fast.{be.name}.backward"):
+            return be.backward(list(feats), list(maps), list(norms), list(grad_maps), power)
+    grads = run_with_fallback(backend, _device_of(feats), "backward", call)
     # one memory-format contract whatever the backend (the fake kernel promises it): a permuted
     # dense input may come back with its own strides from some backends
     out = []

@@ -26,7 +26,7 @@ from typing import Callable, Dict, List, Sequence, Tuple, Union
 
 import torch
 
-from ...errors import BackendUnavailable, UserError
+from ...errors import BackendUnavailable, UserError, describe_failure
 
 BACKEND_NAMES = ("reference", "triton", "cuda", "cpu")
 
@@ -116,6 +116,9 @@ _FACTORIES: Dict[str, Callable[[], Backend]] = {
 }
 _CACHE: Dict[str, Backend] = {}
 _FAILED: Dict[str, str] = {}
+#: (backend, device type) -> why its kernels failed at run time (compile / launch); ``auto`` skips
+#: such a backend on that device type for the rest of the process
+_RUNTIME_FAILED: Dict[Tuple[str, str], str] = {}
 _WARNED: set = set()
 
 
@@ -174,22 +177,70 @@ def resolve_backend(name: str, device: torch.device) -> Backend:
                 + ("(set TRITON_INTERPRET=1 before importing triton to run Triton kernels on CPU)"
                    if name == "triton" else ""))
         return backend
+    backend, reasons = _auto_pick(device)
+    key = (device.type, tuple(reasons))
+    if backend.name == "reference" and reasons and key not in _WARNED:
+        _WARNED.add(key)
+        warnings.warn("datadam_fast: falling back to the reference backend on "
+                      f"{device.type}: " + "; ".join(reasons), RuntimeWarning, stacklevel=3)
+    return backend
+
+
+def _auto_pick(device: torch.device) -> Tuple[Backend, List[str]]:
+    """The first backend of ``auto``'s order that loads, supports ``device`` and has not failed
+    on it, else the reference; and why each one before it was passed over."""
     reasons = []
     for cand in _auto_order(device):
+        failed = _RUNTIME_FAILED.get((cand, device.type))
+        if failed:
+            reasons.append(failed)
+            continue
         try:
             backend = get_backend(cand)
         except BackendUnavailable as e:
             reasons.append(str(e))
             continue
         if backend.supports(device):
-            return backend
+            return backend, reasons
         reasons.append(f"backend {cand!r} does not support device {device}")
-    key = (device.type, tuple(reasons))
-    if reasons and key not in _WARNED:
+    return get_backend("reference"), reasons
+
+
+def kernel_failed(name: str, device: torch.device, error: BaseException) -> Backend:
+    """A kernel of backend ``name`` failed to compile or launch on ``device`` under ``auto``:
+    remember it (``auto`` skips that backend on this device type from now on), warn once per
+    process naming the error, and return the backend to continue with."""
+    msg = f"backend {name!r} failed on {device}: {describe_failure(error)}"
+    _RUNTIME_FAILED[(name, device.type)] = msg
+    backend, reasons = _auto_pick(device)
+    # one warning: the fallback's own "falling back to the reference" notice is folded in here
+    _WARNED.add((device.type, tuple(reasons)))
+    key = ("kernel failure", name, device.type)
+    if key not in _WARNED:
         _WARNED.add(key)
-        warnings.warn("datadam_fast: falling back to the reference backend on "
-                      f"{device.type}: " + "; ".join(reasons), RuntimeWarning, stacklevel=3)
-    return get_backend("reference")
+        others = [r for r in reasons if r != msg]
+        warnings.warn(f"datadam_fast: {msg}; continuing with backend {backend.name!r} for the rest of this "
+                      "process" + (f" ({'; '.join(others)})" if others else ""), RuntimeWarning, stacklevel=4)
+    return backend
+
+
+def run_with_fallback(backend: str, device: torch.device, direction: str, call: Callable[[Backend], object]):
+    """``call(resolved backend)``, where a kernel failure (see ``errors.is_kernel_failure``) under
+    ``backend="auto"`` moves on to the next backend (one warning per process) and the same call is
+    repeated there; with an explicit backend it raises :class:`BackendUnavailable` carrying the
+    compiler's / driver's message. The reference backend's errors always propagate."""
+    from ...errors import is_kernel_failure
+    be = resolve_backend(backend, device)
+    while True:
+        try:
+            return call(be)
+        except Exception as e:
+            if be.name == "reference" or not is_kernel_failure(e):
+                raise
+            if backend != "auto":
+                raise BackendUnavailable(f"backend {be.name!r} failed in its {direction} kernels on {device}: "
+                                         f"{describe_failure(e, limit=20000)}") from e
+            be = kernel_failed(be.name, device, e)
 
 
 def resolved_backend(device: Union[str, torch.device] = "cpu", backend: str = "auto") -> str:
