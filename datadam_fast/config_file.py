@@ -29,7 +29,7 @@ def _key(action) -> str:
 def distill_actions(parser=None) -> Dict[str, object]:
     """``{long flag name: argparse action}`` of every ``distill`` flag."""
     if parser is None:
-        from .cli import build_parser
+        from .cli_args import build_parser
         parser = build_parser().distill_parser
     return {_key(a): a for a in parser._actions
             if a.option_strings and any(o.startswith("--") for o in a.option_strings) and a.dest != "help"}
@@ -113,7 +113,7 @@ def toml_value(v) -> str:
 def resolved_flags(cfg, run_flags: Optional[Dict] = None) -> Dict[str, object]:
     """``{long flag name: value}`` of the resolved ``DistillConfig`` (``None`` = not set)."""
     import dataclasses
-    from .cli import _NEGATED
+    from .cli_args import _NEGATED
     fields = {f.name for f in dataclasses.fields(cfg)}
     run_flags = run_flags or {}
     out: Dict[str, object] = {}
