@@ -43,7 +43,7 @@ float64 is not handled here (``TypeError``); the backend sends float64 layers to
 from __future__ import annotations
 
 import collections
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import triton
@@ -522,7 +522,7 @@ def _vec_for(esize: int, values: Sequence[int]) -> int:
 
 
 def _tile_blocks(layout: int, Ms: Sequence[int], Cs: Sequence[int], esize: int,
-                 device: torch.device, block_m: Optional[int], block_c: Optional[int]
+                 sm_count: Optional[int], block_m: Optional[int], block_c: Optional[int]
                  ) -> Tuple[int, int, int]:
     """(BLOCK_M, BLOCK_C, num_warps) for the N*C*H*W kernels.
 
@@ -530,22 +530,23 @@ def _tile_blocks(layout: int, Ms: Sequence[int], Cs: Sequence[int], esize: int,
     (4096 fp32 or 8192 16-bit elements) keeps enough bytes in flight per SM for a purely
     bandwidth-bound kernel without spilling registers. The flat (n, hw) axis is shrunk until the
     grouped grid has a few programs per SM (no split-C, so parallelism comes from N*H*W only).
-    On the interpreter, big blocks simply mean fewer (slow, Python-level) programs.
+    On the interpreter (``sm_count`` None), big blocks simply mean fewer (slow, Python-level)
+    programs.
     """
     maxC = max(Cs)
     maxM = max(Ms)
     tile_elems = 16384 // max(esize, 2)
-    if interpreter_active() or device.type != "cuda":
+    if sm_count is None:
         bm = _clamp(_next_pow2(maxM), 16, 1024)
         bc = _clamp(_next_pow2(maxC), 1, 64)
     elif layout == LAYOUT_CHANNELS_LAST:
         # the contiguous axis is C: give it up to 64 lanes-worth (coalesced rows of channels)
         bc = _clamp(_next_pow2(maxC), 8, 64)
-        want_programs = 4 * _sm_count(device)
+        want_programs = 4 * sm_count
         bm = _next_pow2(max(1, sum(Ms) // want_programs))
         bm = _clamp(bm, 16, max(16, tile_elems // bc))
     else:
-        want_programs = 4 * _sm_count(device)
+        want_programs = 4 * sm_count
         bm = _next_pow2(max(1, sum(Ms) // want_programs))
         bm = _clamp(bm, 64, 1024)
         bc = _clamp(tile_elems // bm, 1, _next_pow2(maxC))
@@ -579,8 +580,8 @@ def _meta_tensor(rows: List[List[int]], device: torch.device) -> torch.Tensor:
         _META_CACHE.move_to_end(key)
         return t
     t = torch.tensor(rows, dtype=torch.int64).view(len(rows), META_WIDTH)
-    if device.type == "cpu":  # interpreter path: nothing to copy, nothing to cache
-        return t
+    if device.type in ("cpu", "meta"):  # interpreter / planning only: nothing to copy or cache
+        return t.to(device)
     # pinned + non_blocking: a pageable copy would block the host until the GPU queue drains
     t = t.pin_memory().to(device, non_blocking=True)
     _META_CACHE[key] = t
@@ -589,18 +590,44 @@ def _meta_tensor(rows: List[List[int]], device: torch.device) -> torch.Tensor:
     return t
 
 
-def _launch(kernel, name: str, grid, *args, **kwargs) -> None:
-    LAUNCH_COUNTS[name] += 1
-    # explicit FMA contraction (Triton 3.9 warns when it is left to the default, which changes
-    # in 3.10); fusing a*b+c only removes roundings here
-    kernel[grid](*args, enable_fp_fusion=True, **kwargs)
+class Launch(NamedTuple):
+    """One kernel launch exactly as a launcher makes it: ``kernel[grid](*args, **constexprs,
+    num_warps=num_warps)``. The launchers build these with their ``*_plan`` functions and run
+    them with :func:`run_launches`; ``datadam_fast.kernels.codegen`` compiles the same records
+    ahead of time for a GPU target (so the block tables exist once)."""
+    kernel: Any
+    name: str
+    grid: Tuple[int, ...]
+    args: Tuple[Any, ...]
+    constexprs: Dict[str, Any]
+    num_warps: int
 
 
 def _device_ctx(device: torch.device):
+    # Triton launches on the *current* CUDA device: make it the tensors' device
     if device.type == "cuda":
         return torch.cuda.device(device)
     import contextlib
     return contextlib.nullcontext()
+
+
+def run_launches(launches: Sequence[Launch], device: torch.device) -> None:
+    """Launch ``launches`` in order on ``device`` (under its device guard)."""
+    if not launches:
+        return
+    with _device_ctx(device):
+        for ln in launches:
+            LAUNCH_COUNTS[ln.name] += 1
+            # explicit FMA contraction (Triton 3.9 warns when it is left to the default, which
+            # changes in 3.10); fusing a*b+c only removes roundings here
+            ln.kernel[ln.grid](*ln.args, **ln.constexprs, num_warps=ln.num_warps, enable_fp_fusion=True)
+
+
+def gpu_sm_count(device: torch.device) -> Optional[int]:
+    """SM count the block heuristics size grids for; None selects the interpreter's blocks."""
+    if interpreter_active() or device.type != "cuda":
+        return None
+    return _sm_count(device)
 
 
 def _check_feats(feats: Sequence[torch.Tensor]) -> torch.device:
@@ -640,6 +667,72 @@ def _pick_layouts(ok_sets: Sequence[set]) -> List[int]:
     return out
 
 
+def forward_plan(feats: Sequence[torch.Tensor], power: float, *, sm_count: Optional[int],
+                 block_m: Optional[int] = None, block_c: Optional[int] = None,
+                 block_r: Optional[int] = None
+                 ) -> Tuple[List[torch.Tensor], List[torch.Tensor], List[Launch]]:
+    """Outputs (allocated on the feats' device, which may be ``meta``) and the launches of
+    :func:`spatial_attention_forward`. ``sm_count``: the CUDA device's SM count (None: the
+    interpreter's blocks)."""
+    feats = list(feats)
+    if not feats:
+        return [], [], []
+    device = _check_feats(feats)
+    power = float(power)
+    maps: List[Optional[torch.Tensor]] = [None] * len(feats)
+    norms: List[Optional[torch.Tensor]] = [None] * len(feats)
+    live = []
+    for i, f in enumerate(feats):
+        N, C, H, W = f.shape
+        maps[i] = torch.empty((N, H * W), dtype=torch.float32, device=device)
+        norms[i] = torch.empty((N,), dtype=torch.float32, device=device)
+        if N * H * W == 0:
+            continue
+        live.append(i)
+    launches: List[Launch] = []
+    if not live:
+        return maps, norms, launches
+
+    layouts = _pick_layouts([_layouts_ok(feats[i]) for i in live])
+    keys = [(feats[i].dtype, lay) for i, lay in zip(live, layouts)]
+    pmode = _power_mode(power)
+    for (dtype, layout), members in _groups(keys):
+        idxs = [live[j] for j in members]
+        fs = [feats[i] for i in idxs]
+        ms = [maps[i] for i in idxs]
+        ns = [norms[i] for i in idxs]
+        Ms = [f.shape[0] * f.shape[2] * f.shape[3] for f in fs]
+        Cs = [f.shape[1] for f in fs]
+        HWs = [f.shape[2] * f.shape[3] for f in fs]
+        esize = fs[0].element_size()
+        bm, bc, warps = _tile_blocks(layout, Ms, Cs, esize, sm_count, block_m, block_c)
+        br, one_pass, rwarps = _row_blocks(HWs, block_r)
+        rows, tile0, row0 = [], 0, 0
+        vec_vals, row_vals = [], []
+        for f, m, nr, M, HW in zip(fs, ms, ns, Ms, HWs):
+            N, C, H, W = f.shape
+            sN, sC, sH, sW = _strides_for(f, layout)
+            rows.append(_meta_row(f_ptr=_addr(f), map_ptr=_addr(m), norm_ptr=_addr(nr), C=C, HW=HW, W=W,
+                                  M=M, tile0=tile0, row0=row0, f_sN=sN, f_sC=sC, f_sH=sH, f_sW=sW))
+            tile0 += triton.cdiv(M, bm)
+            row0 += N
+            row_vals += [HW, _elem_addr(m)]
+            if layout == LAYOUT_HW_CONTIG:
+                vec_vals += [_elem_addr(f), HW, sN, sC, _elem_addr(m)]
+            elif layout == LAYOUT_CHANNELS_LAST:
+                vec_vals += [_elem_addr(f), C, sN, sW]
+        vec = min(_vec_for(esize, vec_vals), bm) if layout != LAYOUT_GENERIC else 1
+        meta = _meta_tensor(rows, device)
+        L = len(fs)
+        launches.append(Launch(_fwd_accum_kernel, "fwd_accum", (tile0,), (fs[0], meta, power),
+                               dict(NUM_LAYERS=L, LAYOUT=layout, POWER_MODE=pmode, BLOCK_C=bc, BLOCK_M=bm,
+                                    VEC=vec, ALIGN=vec * esize if vec > 1 else 1), warps))
+        rv = min(_vec_for(4, row_vals), br)
+        launches.append(Launch(_fwd_normalize_kernel, "fwd_normalize", (row0,), (meta, NORM_EPS),
+                               dict(NUM_LAYERS=L, BLOCK_R=br, ONE_PASS=one_pass, RV=rv), rwarps))
+    return maps, norms, launches
+
+
 def spatial_attention_forward(feats: Sequence[torch.Tensor], power: float, *,
                               block_m: Optional[int] = None, block_c: Optional[int] = None,
                               block_r: Optional[int] = None
@@ -653,70 +746,22 @@ def spatial_attention_forward(feats: Sequence[torch.Tensor], power: float, *,
     if not feats:
         return [], []
     device = _check_feats(feats)
-    power = float(power)
-    maps: List[Optional[torch.Tensor]] = [None] * len(feats)
-    norms: List[Optional[torch.Tensor]] = [None] * len(feats)
-    live = []
-    for i, f in enumerate(feats):
-        N, C, H, W = f.shape
-        maps[i] = torch.empty((N, H * W), dtype=torch.float32, device=device)
-        norms[i] = torch.empty((N,), dtype=torch.float32, device=device)
-        if N * H * W == 0:
-            continue
-        live.append(i)
-    if not live:
-        return maps, norms
-
-    layouts = _pick_layouts([_layouts_ok(feats[i]) for i in live])
-    keys = [(feats[i].dtype, lay) for i, lay in zip(live, layouts)]
-    pmode = _power_mode(power)
-    with _device_ctx(device):
-        for (dtype, layout), members in _groups(keys):
-            idxs = [live[j] for j in members]
-            fs = [feats[i] for i in idxs]
-            ms = [maps[i] for i in idxs]
-            ns = [norms[i] for i in idxs]
-            Ms = [f.shape[0] * f.shape[2] * f.shape[3] for f in fs]
-            Cs = [f.shape[1] for f in fs]
-            HWs = [f.shape[2] * f.shape[3] for f in fs]
-            esize = fs[0].element_size()
-            bm, bc, warps = _tile_blocks(layout, Ms, Cs, esize, device, block_m, block_c)
-            br, one_pass, rwarps = _row_blocks(HWs, block_r)
-            rows, tile0, row0 = [], 0, 0
-            vec_vals, row_vals = [], []
-            for f, m, nr, M, HW in zip(fs, ms, ns, Ms, HWs):
-                N, C, H, W = f.shape
-                sN, sC, sH, sW = _strides_for(f, layout)
-                rows.append(_meta_row(f_ptr=_addr(f), map_ptr=_addr(m), norm_ptr=_addr(nr), C=C, HW=HW, W=W,
-                                      M=M, tile0=tile0, row0=row0, f_sN=sN, f_sC=sC, f_sH=sH, f_sW=sW))
-                tile0 += triton.cdiv(M, bm)
-                row0 += N
-                row_vals += [HW, _elem_addr(m)]
-                if layout == LAYOUT_HW_CONTIG:
-                    vec_vals += [_elem_addr(f), HW, sN, sC, _elem_addr(m)]
-                elif layout == LAYOUT_CHANNELS_LAST:
-                    vec_vals += [_elem_addr(f), C, sN, sW]
-            vec = min(_vec_for(esize, vec_vals), bm) if layout != LAYOUT_GENERIC else 1
-            meta = _meta_tensor(rows, device)
-            L = len(fs)
-            _launch(_fwd_accum_kernel, "fwd_accum", (tile0,), fs[0], meta, power,
-                    NUM_LAYERS=L, LAYOUT=layout, POWER_MODE=pmode, BLOCK_C=bc, BLOCK_M=bm, VEC=vec,
-                    ALIGN=vec * esize if vec > 1 else 1, num_warps=warps)
-            rv = min(_vec_for(4, row_vals), br)
-            _launch(_fwd_normalize_kernel, "fwd_normalize", (row0,), meta, NORM_EPS,
-                    NUM_LAYERS=L, BLOCK_R=br, ONE_PASS=one_pass, RV=rv, num_warps=rwarps)
+    maps, norms, launches = forward_plan(feats, power, sm_count=gpu_sm_count(device),
+                                         block_m=block_m, block_c=block_c, block_r=block_r)
+    run_launches(launches, device)
     return maps, norms
 
 
-def spatial_attention_backward(feats: Sequence[torch.Tensor], maps: Sequence[torch.Tensor],
-                               norms: Sequence[torch.Tensor], grad_maps: Sequence[torch.Tensor],
-                               power: float, *, block_m: Optional[int] = None,
-                               block_c: Optional[int] = None, block_r: Optional[int] = None
-                               ) -> List[torch.Tensor]:
-    """``dL/dfeats`` with each input's shape, dtype and memory format (contiguous/channels_last)."""
+def backward_plan(feats: Sequence[torch.Tensor], maps: Sequence[torch.Tensor],
+                  norms: Sequence[torch.Tensor], grad_maps: Sequence[torch.Tensor],
+                  power: float, *, sm_count: Optional[int], block_m: Optional[int] = None,
+                  block_c: Optional[int] = None, block_r: Optional[int] = None
+                  ) -> Tuple[List[torch.Tensor], List[Launch]]:
+    """Gradients (allocated, still to be written) and the launches of
+    :func:`spatial_attention_backward`; ``sm_count`` as in :func:`forward_plan`."""
     feats = list(feats)
     if not feats:
-        return []
+        return [], []
     device = _check_feats(feats)
     power = float(power)
     if not (len(maps) == len(norms) == len(grad_maps) == len(feats)):
@@ -741,8 +786,9 @@ def spatial_attention_backward(feats: Sequence[torch.Tensor], maps: Sequence[tor
         if C == 0:
             continue
         live.append(i)
+    launches: List[Launch] = []
     if not live:
-        return grads
+        return grads, launches
 
     ok_sets = [_layouts_ok(feats[i]) & _layouts_ok(grads[i]) for i in live]
     layouts = _pick_layouts(ok_sets)
@@ -750,54 +796,69 @@ def spatial_attention_backward(feats: Sequence[torch.Tensor], maps: Sequence[tor
     pmode = _power_mode(power)
     total_m = sum(feats[i].shape[0] * feats[i].shape[2] * feats[i].shape[3] for i in live)
     ws = torch.empty((total_m,), dtype=torch.float32, device=device)
-    with _device_ctx(device):
-        ws_cursor = 0
-        for (dtype, layout), members in _groups(keys):
-            idxs = [live[j] for j in members]
-            fs = [feats[i] for i in idxs]
-            os_ = [grads[i] for i in idxs]
-            mg = [ms[i] for i in idxs]
-            ng = [ns[i] for i in idxs]
-            ug = [gs[i] for i in idxs]
-            Ms = [f.shape[0] * f.shape[2] * f.shape[3] for f in fs]
-            Cs = [f.shape[1] for f in fs]
-            HWs = [f.shape[2] * f.shape[3] for f in fs]
-            esize = fs[0].element_size()
-            bm, bc, warps = _tile_blocks(layout, Ms, Cs, esize, device, block_m, block_c)
-            br, one_pass, rwarps = _row_blocks(HWs, block_r)
-            rows, tile0, row0 = [], 0, 0
-            vec_vals, row_vals = [], []
-            g_contig = all(u.stride(1) == 1 or u.shape[1] == 1 for u in ug)
-            same = True
-            for f, o, m, nr, u, M, HW in zip(fs, os_, mg, ng, ug, Ms, HWs):
-                N, C, H, W = f.shape
-                fsN, fsC, fsH, fsW = _strides_for(f, layout)
-                gsN, gsC, gsH, gsW = _strides_for(o, layout)
-                same = same and (fsN, fsC, fsH, fsW) == (gsN, gsC, gsH, gsW)
-                usN, usHW = u.stride()
-                w = ws[ws_cursor:ws_cursor + M]
-                rows.append(_meta_row(f_ptr=_addr(f), grad_ptr=_addr(o), map_ptr=_addr(m), norm_ptr=_addr(nr),
-                                      gmap_ptr=_addr(u), ws_ptr=_addr(w), C=C, HW=HW, W=W, M=M,
-                                      tile0=tile0, row0=row0, f_sN=fsN, f_sC=fsC, f_sH=fsH, f_sW=fsW,
-                                      g_sN=gsN, g_sC=gsC, g_sH=gsH, g_sW=gsW, gm_sN=usN, gm_sHW=usHW))
-                row_vals += [HW, _elem_addr(m), _elem_addr(w)] + (
-                    [_elem_addr(u), usN if N > 1 else 0] if g_contig else [])
-                ws_cursor += M
-                tile0 += triton.cdiv(M, bm)
-                row0 += N
-                if layout == LAYOUT_HW_CONTIG:
-                    vec_vals += [_elem_addr(f), _elem_addr(o), HW, fsN, gsN, fsC, gsC, _elem_addr(w)]
-                elif layout == LAYOUT_CHANNELS_LAST:
-                    vec_vals += [_elem_addr(f), _elem_addr(o), C, fsN, gsN, fsW, gsW]
-            vec = min(_vec_for(esize, vec_vals), bm) if layout != LAYOUT_GENERIC else 1
-            meta = _meta_tensor(rows, device)
-            L = len(fs)
-            rv = min(_vec_for(4, row_vals), br)
-            _launch(_bwd_ga_kernel, "bwd_ga", (row0,), meta, NORM_EPS,
-                    NUM_LAYERS=L, BLOCK_R=br, ONE_PASS=one_pass, RV=rv, G_CONTIG=g_contig,
-                    num_warps=rwarps)
-            _launch(_bwd_grad_kernel, "bwd_grad", (tile0,), fs[0], os_[0], meta, power,
-                    NUM_LAYERS=L, LAYOUT=layout, POWER_MODE=pmode, SAME_STRIDES=same,
-                    BLOCK_C=bc, BLOCK_M=bm, VEC=vec, ALIGN=vec * esize if vec > 1 else 1,
-                    num_warps=warps)
+    ws_cursor = 0
+    for (dtype, layout), members in _groups(keys):
+        idxs = [live[j] for j in members]
+        fs = [feats[i] for i in idxs]
+        os_ = [grads[i] for i in idxs]
+        mg = [ms[i] for i in idxs]
+        ng = [ns[i] for i in idxs]
+        ug = [gs[i] for i in idxs]
+        Ms = [f.shape[0] * f.shape[2] * f.shape[3] for f in fs]
+        Cs = [f.shape[1] for f in fs]
+        HWs = [f.shape[2] * f.shape[3] for f in fs]
+        esize = fs[0].element_size()
+        bm, bc, warps = _tile_blocks(layout, Ms, Cs, esize, sm_count, block_m, block_c)
+        br, one_pass, rwarps = _row_blocks(HWs, block_r)
+        rows, tile0, row0 = [], 0, 0
+        vec_vals, row_vals = [], []
+        g_contig = all(u.stride(1) == 1 or u.shape[1] == 1 for u in ug)
+        same = True
+        for f, o, m, nr, u, M, HW in zip(fs, os_, mg, ng, ug, Ms, HWs):
+            N, C, H, W = f.shape
+            fsN, fsC, fsH, fsW = _strides_for(f, layout)
+            gsN, gsC, gsH, gsW = _strides_for(o, layout)
+            same = same and (fsN, fsC, fsH, fsW) == (gsN, gsC, gsH, gsW)
+            usN, usHW = u.stride()
+            w = ws[ws_cursor:ws_cursor + M]
+            rows.append(_meta_row(f_ptr=_addr(f), grad_ptr=_addr(o), map_ptr=_addr(m), norm_ptr=_addr(nr),
+                                  gmap_ptr=_addr(u), ws_ptr=_addr(w), C=C, HW=HW, W=W, M=M,
+                                  tile0=tile0, row0=row0, f_sN=fsN, f_sC=fsC, f_sH=fsH, f_sW=fsW,
+                                  g_sN=gsN, g_sC=gsC, g_sH=gsH, g_sW=gsW, gm_sN=usN, gm_sHW=usHW))
+            row_vals += [HW, _elem_addr(m), _elem_addr(w)] + (
+                [_elem_addr(u), usN if N > 1 else 0] if g_contig else [])
+            ws_cursor += M
+            tile0 += triton.cdiv(M, bm)
+            row0 += N
+            if layout == LAYOUT_HW_CONTIG:
+                vec_vals += [_elem_addr(f), _elem_addr(o), HW, fsN, gsN, fsC, gsC, _elem_addr(w)]
+            elif layout == LAYOUT_CHANNELS_LAST:
+                vec_vals += [_elem_addr(f), _elem_addr(o), C, fsN, gsN, fsW, gsW]
+        vec = min(_vec_for(esize, vec_vals), bm) if layout != LAYOUT_GENERIC else 1
+        meta = _meta_tensor(rows, device)
+        L = len(fs)
+        rv = min(_vec_for(4, row_vals), br)
+        launches.append(Launch(_bwd_ga_kernel, "bwd_ga", (row0,), (meta, NORM_EPS),
+                               dict(NUM_LAYERS=L, BLOCK_R=br, ONE_PASS=one_pass, RV=rv, G_CONTIG=g_contig),
+                               rwarps))
+        launches.append(Launch(_bwd_grad_kernel, "bwd_grad", (tile0,), (fs[0], os_[0], meta, power),
+                               dict(NUM_LAYERS=L, LAYOUT=layout, POWER_MODE=pmode, SAME_STRIDES=same,
+                                    BLOCK_C=bc, BLOCK_M=bm, VEC=vec, ALIGN=vec * esize if vec > 1 else 1),
+                               warps))
+    return grads, launches
+
+
+def spatial_attention_backward(feats: Sequence[torch.Tensor], maps: Sequence[torch.Tensor],
+                               norms: Sequence[torch.Tensor], grad_maps: Sequence[torch.Tensor],
+                               power: float, *, block_m: Optional[int] = None,
+                               block_c: Optional[int] = None, block_r: Optional[int] = None
+                               ) -> List[torch.Tensor]:
+    """``dL/dfeats`` with each input's shape, dtype and memory format (contiguous/channels_last)."""
+    feats = list(feats)
+    if not feats:
+        return []
+    device = _check_feats(feats)
+    grads, launches = backward_plan(feats, maps, norms, grad_maps, power, sm_count=gpu_sm_count(device),
+                                    block_m=block_m, block_c=block_c, block_r=block_r)
+    run_launches(launches, device)
     return grads
