@@ -46,8 +46,10 @@ setup(
     package_dir=package_dir,
     package_data={"datadam_fast._csrc": ["*.cpp", "*.cu", "*.cuh", "*.h"]},
     python_requires=">=3.9",
-    install_requires=["torch", "numpy", "tqdm", "pillow", "scikit-learn", "matplotlib"],
-    extras_require={"triton": ["triton"], "profiling": ["nvtx"],
+    # triton 3.6 is the oldest triton the GPU code generation is tested with (CI); it is the one
+    # torch 2.11 ships with
+    install_requires=["torch>=2.11", "numpy", "tqdm", "pillow", "scikit-learn", "matplotlib"],
+    extras_require={"triton": ["triton>=3.6"], "profiling": ["nvtx"],
                     "test": ["pytest", "pytest-benchmark", "scikit-learn"]},
     entry_points={"console_scripts": ["datadam-fast=datadam_fast.cli:entry"]},
     ext_modules=ext_modules,

@@ -30,8 +30,10 @@ The NCHW apply program owns two input rows (one row of 2x2 quads) and a ``BW``-c
 it loads ``[BLOCK_C, BW]`` row tiles with unit stride and splits even/odd columns in registers
 (``tl.reshape`` + ``tl.split``). The channels_last apply program loads, for each of the four
 pixels of its quads, a row of contiguous channels. With ``VEC > 1`` the host has proven that
-the unit-stride axis starts on, and steps by, multiples of 16 bytes (``tl.multiple_of`` below
-states it on the kernel arguments, so the loads vectorise).
+the unit-stride axis starts on, and steps by, multiples of 16 bytes; the kernels state it on
+their integer arguments as ``x // VEC * VEC``: an identity for the proven values that Triton's
+divisibility analysis sees through (``tl.multiple_of`` on a kernel argument, a value with no
+defining operation, is not reliably kept).
 
 Quads cover ceil(H/2) x ceil(W/2), so odd sizes keep their last row/column in the attention map;
 the floor-mode pooled output drops it, as ``nn.AvgPool2d(2, 2)`` does.
@@ -85,12 +87,12 @@ def _stats_kernel(y_ptr, s1_ptr, s2_ptr, C, HW, W, sN, sC, sH, sW, TILES,
     c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
     if VEC > 1:  # host-proven: the unit-stride axis is 16-byte aligned at every step
         if LAYOUT == 0:
-            HW = tl.multiple_of(HW, VEC)
-            sC = tl.multiple_of(sC, VEC)
+            HW = HW // VEC * VEC
+            sC = sC // VEC * VEC
         else:
-            C = tl.multiple_of(C, VEC)
-            sW = tl.multiple_of(sW, VEC)
-        sN = tl.multiple_of(sN, VEC)
+            C = C // VEC * VEC
+            sW = sW // VEC * VEC
+        sN = sN // VEC * VEC
     cm = c < C
     if LAYOUT == 1:  # channels_last: sC == 1, rows of contiguous channels
         c_off = c.to(tl.int64)
@@ -180,15 +182,15 @@ def _apply_rows_kernel(y_ptr, scale_ptr, shift_ptr, out_ptr, att_ptr, power, slo
     n = pid // QH
     qi = pid - n * QH
     if VEC > 1:  # host-proven (unit stride along w): rows and channel planes start 16-byte aligned
-        sN = tl.multiple_of(sN, VEC)
-        sC = tl.multiple_of(sC, VEC)
-        sH = tl.multiple_of(sH, VEC)
-        W = tl.multiple_of(W, VEC)
+        sN = sN // VEC * VEC
+        sC = sC // VEC * VEC
+        sH = sH // VEC * VEC
+        W = W // VEC * VEC
     if OVEC > 1:  # same for the pooled output (its own alignment: PW = W / 2)
-        oN = tl.multiple_of(oN, OVEC)
-        oC = tl.multiple_of(oC, OVEC)
-        oH = tl.multiple_of(oH, OVEC)
-        PW = tl.multiple_of(PW, OVEC)
+        oN = oN // OVEC * OVEC
+        oC = oC // OVEC * OVEC
+        oH = oH // OVEC * OVEC
+        PW = PW // OVEC * OVEC
     n64 = n.to(tl.int64)
     h0 = 2 * qi
     w = tl.program_id(1) * BW + tl.arange(0, BW)
@@ -253,13 +255,13 @@ def _apply_quads_kernel(y_ptr, scale_ptr, shift_ptr, out_ptr, att_ptr, power, sl
                         BLOCK_C: tl.constexpr, BLOCK_Q: tl.constexpr, VEC: tl.constexpr):
     """BLOCK_Q 2x2 quads of sample n (channels_last: each pixel a row of contiguous channels)."""
     if VEC > 1:  # host-proven: every pixel's channel row starts 16-byte aligned (in and out)
-        C = tl.multiple_of(C, VEC)
-        sN = tl.multiple_of(sN, VEC)
-        sH = tl.multiple_of(sH, VEC)
-        sW = tl.multiple_of(sW, VEC)
-        oN = tl.multiple_of(oN, VEC)
-        oH = tl.multiple_of(oH, VEC)
-        oW = tl.multiple_of(oW, VEC)
+        C = C // VEC * VEC
+        sN = sN // VEC * VEC
+        sH = sH // VEC * VEC
+        sW = sW // VEC * VEC
+        oN = oN // VEC * VEC
+        oH = oH // VEC * VEC
+        oW = oW // VEC * VEC
     n = tl.program_id(0).to(tl.int64)
     q = tl.program_id(1) * BLOCK_Q + tl.arange(0, BLOCK_Q)
     qm = q < NQ
@@ -454,7 +456,8 @@ def apply_plan(y: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, *, act
     if sC == 1 and sW != 1:  # channels contiguous: each pixel of a quad is a row of channels
         vec = _vec_for(es, [_elem_addr(y), _elem_addr(out), C, sN, sH, sW, oN, oH, oW])
         bc = min(_next_pow2(C), 64 if interp else 32)
-        bq = min(_next_pow2(QH * QW), 1024 if interp else max(1024 // bc, 16))
+        # four pixel tiles of bc x bq live at once: 2048 elements (16 per thread) in all
+        bq = min(_next_pow2(QH * QW), 1024 if interp else max(512 // bc, 8))
         vec = min(vec, bc)
         launch = Launch(_apply_quads_kernel, "real_epilogue_apply", (N, triton.cdiv(QH * QW, bq)),
                         (y, scale, shift, out, att_arg, float(power), float(slope),

@@ -108,6 +108,12 @@ def _meta_row(**fields: int) -> List[int]:
 
 LAYOUT_HW_CONTIG, LAYOUT_CHANNELS_LAST, LAYOUT_GENERIC = 0, 1, 2
 
+#: register budgets per thread for every launcher configuration on sm_80 / sm_90, asserted by
+#: tests/test_gpu_codegen.py (compiled ahead of time, no GPU needed). The streaming kernels move
+#: N*C*H*W elements and must keep 16 warps per SM resident (65536 / (16 * 32) = 128); the row
+#: kernels touch 1/C of the data.
+REG_BUDGET = {"fwd_accum": 128, "bwd_grad": 128, "fwd_normalize": 128, "bwd_ga": 128}
+
 #: number of launches per kernel name since import (tests assert the grouping with it)
 LAUNCH_COUNTS: "collections.Counter[str]" = collections.Counter()
 
@@ -190,13 +196,22 @@ def _dabs_pow(x, power, POWER_MODE: tl.constexpr):
 
 
 @triton.jit
-def _m_offsets(n, hw, W, sN, sH, sW, LAYOUT: tl.constexpr):
-    # element offset of (n, c=0, hw) for a block of flattened (n, hw) indices, int64
+def _m_offsets(n, hw, W, sN, sH, sW, LAYOUT: tl.constexpr, VEC: tl.constexpr):
+    # element offset of (n, c=0, hw) for a block of flattened (n, hw) indices, int64.
+    # The alignment hints are applied here, on the values this function computes: a hint on
+    # the *result* of a @triton.jit call is attached to the call and lost when it is inlined
+    # (Triton 3.6), which silently costs the vector loads and doubles the registers.
     n64 = n.to(tl.int64)
     if LAYOUT == 0:
         off = n64 * sN + hw.to(tl.int64)
+        if VEC > 1:
+            # runs of VEC consecutive (n, hw) never cross a sample (HW % VEC == 0) and start
+            # on a VEC-aligned element: 16-byte accesses along hw
+            off = tl.max_contiguous(tl.multiple_of(off, VEC), VEC)
     elif LAYOUT == 1:
         off = n64 * sN + hw.to(tl.int64) * sW
+        if VEC > 1:  # channels-contiguous: every (n, hw) row starts aligned
+            off = tl.multiple_of(off, VEC)
     else:
         h = hw // W
         w = hw - h * W
@@ -205,8 +220,10 @@ def _m_offsets(n, hw, W, sN, sH, sW, LAYOUT: tl.constexpr):
 
 
 @triton.jit
-def _layer_geometry(row, pid):
-    # one layer's row of the metadata table: sizes, feature strides, and this program's tile index
+def _layer_geometry(row, pid, LAYOUT: tl.constexpr, VEC: tl.constexpr):
+    # one layer's row of the metadata table: sizes, feature strides, and this program's tile
+    # index, with the host-proven divisibility (VEC > 1) stated on the loaded values here (see
+    # _m_offsets for why not on the returned ones)
     C = tl.load(row + _M_C).to(tl.int32)
     HW = tl.load(row + _M_HW).to(tl.int32)
     W = tl.load(row + _M_W).to(tl.int32)
@@ -215,6 +232,12 @@ def _layer_geometry(row, pid):
     sC = tl.load(row + _M_FSC)
     sH = tl.load(row + _M_FSH)
     sW = tl.load(row + _M_FSW)
+    if VEC > 1:
+        if LAYOUT == 0:
+            sC = tl.multiple_of(sC, VEC)
+            M = tl.multiple_of(M, VEC)
+        else:
+            C = tl.multiple_of(C, VEC)
     tile = pid - tl.load(row + _M_TILE0).to(tl.int32)
     return C, HW, W, M, sN, sC, sH, sW, tile
 
@@ -236,23 +259,12 @@ def _fwd_accum_kernel(f_ptr, meta_ptr, power,
         a_base = _layer_ptr_f32(row, _M_MAP_PTR, 4 * VEC)
     else:
         a_base = _layer_ptr_f32(row, _M_MAP_PTR, 4)
-    C, HW, W, M, sN, sC, sH, sW, tile = _layer_geometry(row, pid)
+    C, HW, W, M, sN, sC, sH, sW, tile = _layer_geometry(row, pid, LAYOUT, VEC)
 
     idx = tile * BLOCK_M + tl.arange(0, BLOCK_M)
     n = idx // HW
     hw = idx - n * HW
-    off = _m_offsets(n, hw, W, sN, sH, sW, LAYOUT)
-    if VEC > 1:
-        if LAYOUT == 0:
-            # runs of VEC consecutive (n, hw) never cross a sample (HW % VEC == 0) and start
-            # on a VEC-aligned element: 16-byte loads along hw
-            off = tl.max_contiguous(tl.multiple_of(off, VEC), VEC)
-            sC = tl.multiple_of(sC, VEC)
-            M = tl.multiple_of(M, VEC)
-        else:
-            # channels-contiguous: every (n, hw) row starts aligned and C % VEC == 0
-            off = tl.multiple_of(off, VEC)
-            C = tl.multiple_of(C, VEC)
+    off = _m_offsets(n, hw, W, sN, sH, sW, LAYOUT, VEC)
     mask_m = idx < M
 
     # elementwise [BLOCK_C, BLOCK_M] accumulator, reduced over channels once after the loop:
@@ -375,31 +387,22 @@ def _bwd_grad_kernel(f_ptr, out_ptr, meta_ptr, power,
         ws_base = _layer_ptr_f32(row, _M_WS_PTR, 4 * VEC)
     else:
         ws_base = _layer_ptr_f32(row, _M_WS_PTR, 4)
-    C, HW, W, M, sN, sC, sH, sW, tile = _layer_geometry(row, pid)
+    C, HW, W, M, sN, sC, sH, sW, tile = _layer_geometry(row, pid, LAYOUT, VEC)
 
     idx = tile * BLOCK_M + tl.arange(0, BLOCK_M)
     n = idx // HW
     hw = idx - n * HW
-    off_rel = _m_offsets(n, hw, W, sN, sH, sW, LAYOUT)
+    off = _m_offsets(n, hw, W, sN, sH, sW, LAYOUT, VEC)
     if SAME_STRIDES:
         oC = sC
-        ooff = off_rel
+        ooff = off
     else:
         oC = tl.load(row + _M_GSC)
+        if VEC > 1:
+            if LAYOUT == 0:
+                oC = tl.multiple_of(oC, VEC)
         ooff = _m_offsets(n, hw, W, tl.load(row + _M_GSN), tl.load(row + _M_GSH),
-                          tl.load(row + _M_GSW), LAYOUT)
-    off = off_rel
-    if VEC > 1:
-        if LAYOUT == 0:
-            off = tl.max_contiguous(tl.multiple_of(off, VEC), VEC)
-            ooff = tl.max_contiguous(tl.multiple_of(ooff, VEC), VEC)
-            sC = tl.multiple_of(sC, VEC)
-            oC = tl.multiple_of(oC, VEC)
-            M = tl.multiple_of(M, VEC)
-        else:
-            off = tl.multiple_of(off, VEC)
-            ooff = tl.multiple_of(ooff, VEC)
-            C = tl.multiple_of(C, VEC)
+                          tl.load(row + _M_GSW), LAYOUT, VEC)
     mask_m = idx < M
     # ga is read once per tile and reused for every channel
     ga = tl.load(ws_base + idx, mask=mask_m, other=0.0)
@@ -545,6 +548,13 @@ def _tile_blocks(layout: int, Ms: Sequence[int], Cs: Sequence[int], esize: int,
         want_programs = 4 * sm_count
         bm = _next_pow2(max(1, sum(Ms) // want_programs))
         bm = _clamp(bm, 16, max(16, tile_elems // bc))
+    elif layout == LAYOUT_GENERIC:
+        # no vector loads: every element carries its own 64-bit address, so a tile of 1024
+        # (8 per thread) keeps the backward (two address sets) within the register budget
+        want_programs = 4 * sm_count
+        bm = _next_pow2(max(1, sum(Ms) // want_programs))
+        bm = _clamp(bm, 32, 256)
+        bc = _clamp(1024 // bm, 1, _next_pow2(maxC))
     else:
         want_programs = 4 * sm_count
         bm = _next_pow2(max(1, sum(Ms) // want_programs))
