@@ -3,6 +3,7 @@ table (kernel, config, arch, registers, budget, stack, vector loads/stores, shar
 
     python benchmarks/gpu_codegen.py            # -> benchmarks/results/gpu_codegen_<triton>.json
     PYTHONPATH=.venv/triton36 python benchmarks/gpu_codegen.py   # the same under triton 3.6
+    python benchmarks/gpu_codegen.py --markdown  # docs/gpu.md's table from both JSON files
 
 Machinery: ``datadam_fast.kernels.codegen`` (also used by tests/test_gpu_codegen.py).
 """
@@ -20,8 +21,17 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", help="JSON path (default: benchmarks/results/gpu_codegen_<triton version>.json)")
     ap.add_argument("--all", action="store_true", help="print every record (default: one row per compiled variant)")
+    ap.add_argument("--markdown", action="store_true",
+                    help="compile nothing: print docs/gpu.md's table from the committed gpu_codegen_*.json")
     a = ap.parse_args()
     import triton
+    if a.markdown:
+        import glob
+
+        from datadam_fast.kernels import codegen as CG
+        paths = sorted(glob.glob(os.path.join(HERE, "results", "gpu_codegen_*.json")))
+        print(CG.summary_markdown([json.load(open(p)) for p in paths]))
+        return 0
 
     from datadam_fast.kernels import codegen as CG
     res = CG.run(log=lambda s: print(s, file=sys.stderr, flush=True))

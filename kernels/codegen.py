@@ -262,6 +262,49 @@ def table(result: Dict[str, Any], rows: Optional[Sequence[Dict[str, Any]]] = Non
     return "\n".join(lines)
 
 
+def summary_markdown(results: Sequence[Dict[str, Any]]) -> str:
+    """The docs' table: DataDAM's real shapes (CIFAR taps, p = 4; epilogue: conv32, relu +
+    avgpool) per kernel, dtype and layout; registers sm_80/sm_90, stack, v4 loads/stores, per
+    triton version; and the count of all launches outside their budgets."""
+    wanted = []
+    for k in ("fwd_accum", "bwd_grad", "fwd_normalize", "bwd_ga"):
+        for dt in ("fp32", "bf16", "fp16"):
+            for fmt in ("nchw", "cl", "strided"):
+                wanted.append((k, f"real32 {dt} {fmt} p=4 L=2"))
+    for k in ("real_epilogue_stats", "real_epilogue_stats_combine"):
+        for dt in ("fp32", "bf16"):
+            for fmt in ("nchw", "cl", "strided"):
+                wanted.append((k, f"conv32 {dt} {fmt}"))
+    for dt in ("fp32", "bf16"):
+        for fmt in ("nchw", "cl", "strided"):
+            wanted.append(("real_epilogue_apply", f"conv32 {dt} {fmt} relu avgpool p=4"))
+    head = "| kernel | config |" + "".join(f" triton {r['triton']}: regs sm_80/90, stack, v4 ld/st |" for r in results)
+    lines = [head, "|---|---|" + "---|" * len(results)]
+    for k, cfg in wanted:
+        cells = []
+        for res in results:
+            rs = {r["arch"]: r for r in res["records"] if r["kernel"] == k and r["config"] == cfg}
+            if not rs:
+                cells.append(None)
+                continue
+            a, b = rs.get("sm_80"), rs.get("sm_90")
+            if not (a and b and a["compiled"] and b["compiled"]):
+                cells.append("compile error")
+                continue
+            cells.append(f"{a['registers']}/{b['registers']}, {max(a['stack'], b['stack'])} B, "
+                         f"{b['v4_loads']}/{b['v4_stores']}" + ("" if not (CG_bad := violations(a) + violations(b))
+                                                               else " **" + "; ".join(CG_bad) + "**"))
+        if all(c is None for c in cells):
+            continue
+        lines.append(f"| `{k}` | {cfg} |" + "".join(f" {c or '-'} |" for c in cells))
+    lines.append("")
+    for res in results:
+        bad = sum(1 for r in res["records"] if violations(r))
+        lines.append(f"- triton {res['triton']}: {len(res['records'])} launches, {res['unique_compiles']} compiled "
+                     f"variants, {bad} outside their budgets.")
+    return "\n".join(lines)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", help="write the records here")
