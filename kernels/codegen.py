@@ -103,34 +103,40 @@ def attention_launches() -> Iterator[Tuple[str, SA.Launch]]:
             yield config, ln
 
 
-# conv outputs of DataDAM's ConvNets (before pooling) and odd sizes
-EPI_SHAPES = [("conv32", (256, 128, 32, 32)), ("conv64", (256, 128, 64, 64)), ("conv8", (256, 128, 8, 8)),
-              ("syn16", (10, 128, 16, 16)), ("odd", (6, 13, 15, 13))]
+def epilogue_cases() -> Iterator[Tuple[str, Tuple[int, ...], str, str, List[Tuple[str, str, float, bool]]]]:
+    """(label, conv output shape, dtype, layout, [(act, pool, p, attention)]) compiled: every
+    activation x pooling on the CIFAR-sized fp32 conv output in NCHW and channels_last, the
+    default block (relu + avgpool, p = 4) elsewhere, and p = 2.5 / no attention map once each."""
+    everything = [(a, p, 4.0, True) for a in RE.ACTS for p in RE.POOLS]
+    default = [("relu", "avgpool", 4.0, True)]
+    both_pools = default + [("relu", "maxpool", 4.0, True)]
+    extras = [("relu", "avgpool", 2.5, True), ("relu", "avgpool", 4.0, False)]
+    for fmt in ("nchw", "cl"):
+        yield "conv32", (256, 128, 32, 32), "fp32", fmt, everything + extras
+        for label, shape in (("conv64", (256, 128, 64, 64)), ("conv8", (256, 128, 8, 8)),
+                             ("syn16", (10, 128, 16, 16)), ("odd", (6, 13, 15, 13))):
+            yield label, shape, "fp32", fmt, both_pools
+        for dt in ("bf16", "fp16"):
+            yield "conv32", (256, 128, 32, 32), dt, fmt, both_pools
+            yield "odd", (6, 13, 15, 13), dt, fmt, default
+    yield "conv32", (256, 128, 32, 32), "fp32", "strided", both_pools + extras[:1]
+    yield "conv32", (256, 128, 32, 32), "bf16", "strided", default
+    yield "conv8", (256, 128, 8, 8), "fp32", "strided", default + extras[:1]
 
 
 def epilogue_launches() -> Iterator[Tuple[str, SA.Launch]]:
-    seen_stats = set()
-    for label, shape in EPI_SHAPES:
-        for dt in DTYPES:
-            for fmt in ("nchw", "cl", "strided"):
-                if dt != "fp32" and label not in ("conv32", "odd"):
-                    continue
-                y = _feat(shape, DTYPES[dt], fmt)
-                N, C = shape[:2]
-                _, _, stats = RE.stats_plan(y, sm_count=SM_COUNT)
-                for ln in stats:
-                    yield f"{label} {dt} {fmt}", ln
-                scale = torch.empty((N, C), dtype=torch.float32, device="meta")
-                combos = [(a, p) for a in RE.ACTS for p in RE.POOLS] if (dt, label) == ("fp32", "conv32") \
-                    else [("relu", "avgpool"), ("relu", "maxpool")]
-                for act, pool in combos:
-                    for power, att in ((4.0, True), (2.5, True), (4.0, False)):
-                        if (power, att) != (4.0, True) and (act, pool) != ("relu", "avgpool"):
-                            continue
-                        _, _, app = RE.apply_plan(y, scale, scale, act=act, pool=pool, power=power,
-                                                  attention=att, sm_count=SM_COUNT)
-                        for ln in app:
-                            yield f"{label} {dt} {fmt} {act} {pool} p={power:g}{'' if att else ' no-att'}", ln
+    for label, shape, dt, fmt, combos in epilogue_cases():
+        y = _feat(shape, DTYPES[dt], fmt)
+        N, C = shape[:2]
+        _, _, stats = RE.stats_plan(y, sm_count=SM_COUNT)
+        for ln in stats:
+            yield f"{label} {dt} {fmt}", ln
+        scale = torch.empty((N, C), dtype=torch.float32, device="meta")
+        for act, pool, power, att in combos:
+            _, _, app = RE.apply_plan(y, scale, scale, act=act, pool=pool, power=power, attention=att,
+                                      sm_count=SM_COUNT)
+            for ln in app:
+                yield f"{label} {dt} {fmt} {act} {pool} p={power:g}{'' if att else ' no-att'}", ln
 
 
 def all_launches() -> List[Tuple[str, SA.Launch]]:

@@ -119,15 +119,18 @@ def _stats_kernel(y_ptr, s1_ptr, s2_ptr, C, HW, W, sN, sC, sH, sW, TILES,
         s2 += d * d
     S1 = tl.sum(s1, axis=1)
     S2 = tl.sum(s2, axis=1)
+    # output offsets from the program ids again (int32: N*SPLIT*C is small): nothing 64-bit
+    # stays live across the loop just for the final stores
     if FINAL:
         cnt = HW * 1.0
         mean = pivot + S1 / cnt
         m2 = S2 - S1 * (S1 / cnt)
         m2 = tl.where(m2 < 0.0, 0.0, m2)  # rounding guard that keeps NaN
-        tl.store(s1_ptr + n * C + c, mean, mask=cm)
-        tl.store(s2_ptr + n * C + c, m2, mask=cm)
+        o = tl.program_id(0) * C + c
+        tl.store(s1_ptr + o, mean, mask=cm)
+        tl.store(s2_ptr + o, m2, mask=cm)
     else:
-        o = (n * tl.num_programs(1) + split) * C + c
+        o = (tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)) * C + c
         tl.store(s1_ptr + o, S1, mask=cm)
         tl.store(s2_ptr + o, S2, mask=cm)
 
@@ -234,8 +237,11 @@ def _apply_rows_kernel(y_ptr, scale_ptr, shift_ptr, out_ptr, att_ptr, power, slo
                 pooled = _nan_max(_nan_max(e0, d0), _nan_max(e1, d1))
             po = obase + oc + qi.to(tl.int64) * oH + (pw.to(tl.int64) * oW)[None, :]
             tl.store(po, pooled.to(out_ptr.dtype.element_ty), mask=cm[:, None] & pool_ok[None, :])
-    if ATT:
-        abase = att_ptr + n64 * H * W + h0 * W + w
+    if ATT:  # offsets from the program ids again (see _stats_kernel)
+        r0 = tl.program_id(0) // QH
+        h0e = 2 * (tl.program_id(0) - r0 * QH)
+        we = tl.program_id(1) * BW + tl.arange(0, BW)
+        abase = att_ptr + r0.to(tl.int64) * H * W + h0e * W + we
         tl.store(abase, a0, mask=wm)
         tl.store(abase + W, a1, mask=wm1)
 
@@ -385,10 +391,12 @@ def stats_plan(y: torch.Tensor, *, sm_count: Optional[int]
             # a whole channel row (up to 128 channels) per pixel: full 32-byte sectors, and no
             # sibling channel block of the same pixel N programs away
             bc = min(_next_pow2(C), 128)
-            bp = max(4096 // bc, 8)
+            bp = max((4096 if vec > 1 else 1024) // bc, 8)
         else:
             bc = min(_next_pow2(C), 8)
-            bp = min(max(_next_pow2(HW), 16), 512)
+            # no vectors (strided view): every element has its own 64-bit address, keep the
+            # tile at 1024 elements (8 per thread) next to the two fp32 accumulators
+            bp = min(max(_next_pow2(HW), 16), 512 if vec > 1 else 128)
         cblocks = triton.cdiv(C, bc)
         # enough programs to fill the GPU (4 per SM) without ranges shorter than two tiles
         want = triton.cdiv(4 * sm_count, N * cblocks)
@@ -457,7 +465,8 @@ def apply_plan(y: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, *, act
         vec = _vec_for(es, [_elem_addr(y), _elem_addr(out), C, sN, sH, sW, oN, oH, oW])
         bc = min(_next_pow2(C), 64 if interp else 32)
         # four pixel tiles of bc x bq live at once: 2048 elements (16 per thread) in all
-        bq = min(_next_pow2(QH * QW), 1024 if interp else max(512 // bc, 8))
+        # (1024 when unaligned: every element then carries its own 64-bit address)
+        bq = min(_next_pow2(QH * QW), 1024 if interp else max((512 if vec > 1 else 256) // bc, 8))
         vec = min(vec, bc)
         launch = Launch(_apply_quads_kernel, "real_epilogue_apply", (N, triton.cdiv(QH * QW, bq)),
                         (y, scale, shift, out, att_arg, float(power), float(slope),
@@ -465,12 +474,14 @@ def apply_plan(y: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, *, act
                         dict(**common, BLOCK_C=bc, BLOCK_Q=bq, VEC=vec), 4)
         return out, att, [launch]
     bw = max(2, min(_next_pow2(W), 1024 if interp else 64))
-    bc = min(_next_pow2(C), 64 if interp else max(1, 1024 // bw))
     vec = oVec = 1
     if sW == 1 or W == 1:
         sW = 1
         vec = min(_vec_for(es, [_elem_addr(y), W, sN, sC, sH]), bw)
         oVec = min(_vec_for(es, [_elem_addr(out), PW, oN, oC, oH]), max(1, bw // 2))
+    # two row tiles of bc x bw live at once: 2048 elements (1024 without vectors, where every
+    # element carries its own 64-bit address)
+    bc = min(_next_pow2(C), 64 if interp else max(1, (1024 if vec > 1 else 512) // bw))
     launch = Launch(_apply_rows_kernel, "real_epilogue_apply", (N * QH, triton.cdiv(W, bw)),
                     (y, scale, shift, out, att_arg, float(power), float(slope),
                      C, H, W, QH, PH, PW, sN, sC, sH, sW, oN, oC, oH, oW),

@@ -258,10 +258,6 @@ def _fwd_accum_kernel(f_ptr, meta_ptr, power,
     layer = _find_layer(pid, meta_ptr, _M_TILE0, NUM_LAYERS)
     row = meta_ptr + layer * META_STRIDE
     f_base = _layer_ptr(row, _M_F_PTR, f_ptr, ALIGN)
-    if LAYOUT == 0:  # the host proved the map address VEC-aligned too (it is stored along hw)
-        a_base = _layer_ptr_f32(row, _M_MAP_PTR, 4 * VEC)
-    else:
-        a_base = _layer_ptr_f32(row, _M_MAP_PTR, 4)
     C, HW, W, M, sN, sC, sH, sW, tile = _layer_geometry(row, pid, LAYOUT, VEC)
 
     idx = tile * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -283,6 +279,13 @@ def _fwd_accum_kernel(f_ptr, meta_ptr, power,
         mask = (c < C)[:, None] & mask_m[None, :]
         x = tl.load(f_base + (c_off[:, None] + off[None, :]), mask=mask, other=0.0).to(tl.float32)
         acc += _abs_pow(tl.abs(x), power, POWER_MODE)
+    # the map address is read only now: a 64-bit pointer live across the channel loop is what
+    # ptxas otherwise parks on the stack (8 B) in some configurations
+    row = meta_ptr + layer * META_STRIDE
+    if LAYOUT == 0:  # the host proved the map address VEC-aligned too (it is stored along hw)
+        a_base = _layer_ptr_f32(row, _M_MAP_PTR, 4 * VEC)
+    else:
+        a_base = _layer_ptr_f32(row, _M_MAP_PTR, 4)
     tl.store(a_base + idx, tl.sum(acc, axis=0), mask=mask_m)
 
 
@@ -532,16 +535,18 @@ def _tile_blocks(layout: int, Ms: Sequence[int], Cs: Sequence[int], esize: int,
                  ) -> Tuple[int, int, int]:
     """(BLOCK_M, BLOCK_C, num_warps) for the N*C*H*W kernels.
 
-    The tile [BLOCK_C, BLOCK_M] is what one iteration of the channel loop loads: about 16 KB
-    (4096 fp32 or 8192 16-bit elements) keeps enough bytes in flight per SM for a purely
-    bandwidth-bound kernel without spilling registers. The flat (n, hw) axis is shrunk until the
+    The tile [BLOCK_C, BLOCK_M] is what one iteration of the channel loop loads: 4096 elements
+    (16 KB fp32, 8 KB 16-bit) over 8 warps, 16 per thread. Several such programs per SM keep
+    enough bytes in flight for a purely bandwidth-bound kernel, and 16 elements per thread leave
+    room for the non-integer power's temporaries: every launcher configuration stays within
+    REG_BUDGET without stack under triton 3.6 and 3.9 (tests/test_gpu_codegen.py). The flat (n, hw) axis is shrunk until the
     grouped grid has a few programs per SM (no split-C, so parallelism comes from N*H*W only).
     On the interpreter (``sm_count`` None), big blocks simply mean fewer (slow, Python-level)
     programs.
     """
     maxC = max(Cs)
     maxM = max(Ms)
-    tile_elems = 16384 // max(esize, 2)
+    tile_elems = 4096
     if sm_count is None:
         bm = _clamp(_next_pow2(maxM), 16, 1024)
         bc = _clamp(_next_pow2(maxC), 1, 64)
@@ -568,7 +573,7 @@ def _tile_blocks(layout: int, Ms: Sequence[int], Cs: Sequence[int], esize: int,
     if block_c is not None:
         bc = int(block_c)
     elems = bm * bc
-    num_warps = 4 if elems <= 4096 else 8
+    num_warps = 8 if elems >= 4096 else 4
     return bm, bc, num_warps
 
 
@@ -614,6 +619,9 @@ class Launch(NamedTuple):
     args: Tuple[Any, ...]
     constexprs: Dict[str, Any]
     num_warps: int
+    #: tensors the kernel reaches only through addresses in the metadata table (workspaces,
+    #: converted saved state): held here so that they outlive the launch
+    keep: Tuple[Any, ...] = ()
 
 
 def _device_ctx(device: torch.device):
@@ -737,12 +745,13 @@ def forward_plan(feats: Sequence[torch.Tensor], power: float, *, sm_count: Optio
         vec = min(_vec_for(esize, vec_vals), bm) if layout != LAYOUT_GENERIC else 1
         meta = _meta_tensor(rows, device)
         L = len(fs)
+        keep = (fs, ms, ns)
         launches.append(Launch(_fwd_accum_kernel, "fwd_accum", (tile0,), (fs[0], meta, power),
                                dict(NUM_LAYERS=L, LAYOUT=layout, POWER_MODE=pmode, BLOCK_C=bc, BLOCK_M=bm,
-                                    VEC=vec, ALIGN=vec * esize if vec > 1 else 1), warps))
+                                    VEC=vec, ALIGN=vec * esize if vec > 1 else 1), warps, keep))
         rv = min(_vec_for(4, row_vals), br)
         launches.append(Launch(_fwd_normalize_kernel, "fwd_normalize", (row0,), (meta, NORM_EPS),
-                               dict(NUM_LAYERS=L, BLOCK_R=br, ONE_PASS=one_pass, RV=rv), rwarps))
+                               dict(NUM_LAYERS=L, BLOCK_R=br, ONE_PASS=one_pass, RV=rv), rwarps, keep))
     return maps, norms, launches
 
 
@@ -851,13 +860,15 @@ def backward_plan(feats: Sequence[torch.Tensor], maps: Sequence[torch.Tensor],
         meta = _meta_tensor(rows, device)
         L = len(fs)
         rv = min(_vec_for(4, row_vals), br)
+        # ws and the converted saved state are reached only through the table
+        keep = (ws, fs, os_, mg, ng, ug)
         launches.append(Launch(_bwd_ga_kernel, "bwd_ga", (row0,), (meta, NORM_EPS),
                                dict(NUM_LAYERS=L, BLOCK_R=br, ONE_PASS=one_pass, RV=rv, G_CONTIG=g_contig),
-                               rwarps))
+                               rwarps, keep))
         launches.append(Launch(_bwd_grad_kernel, "bwd_grad", (tile0,), (fs[0], os_[0], meta, power),
                                dict(NUM_LAYERS=L, LAYOUT=layout, POWER_MODE=pmode, SAME_STRIDES=same,
                                     BLOCK_C=bc, BLOCK_M=bm, VEC=vec, ALIGN=vec * esize if vec > 1 else 1),
-                               warps))
+                               warps, keep))
     return grads, launches
 
 

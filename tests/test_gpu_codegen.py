@@ -172,3 +172,21 @@ def test_epilogue_launchers_go_through_the_guarded_runner(monkeypatch):
     RE.plane_moments(y)
     RE.apply_epilogue(y, torch.ones(2, 4, device="meta"), torch.zeros(2, 4, device="meta"))
     assert [d for _, d in seen] == [y.device, y.device] and all(n >= 1 for n, _ in seen)
+
+
+def test_tensors_reached_only_through_the_table_outlive_the_launch():
+    """The backward's workspace and converted saved state are addressed only through the
+    metadata table: the launch records must hold them, or they are freed before the kernel runs."""
+    f = torch.randn(2, 3, 4, 4)
+    maps, norms, _ = SA.forward_plan([f], 4.0, sm_count=None)
+    gmaps = [torch.randn(2, 16).t().contiguous().t()]  # column-major: converted inside the plan
+    _, launches = SA.backward_plan([f], maps, norms, gmaps, 4.0, sm_count=None)
+    for ln in launches:
+        meta = ln.args[list(ln.kernel.arg_names).index("meta_ptr")]
+        held = []
+        for x in ln.keep:
+            held += list(x) if isinstance(x, (list, tuple)) else [x]
+        spans = [(t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()) for t in held]
+        for col in ("ws_ptr", "map_ptr", "norm_ptr", "gmap_ptr", "f_ptr", "grad_ptr"):
+            for addr in meta[:, SA._COL[col]].tolist():
+                assert any(lo <= addr < hi for lo, hi in spans), f"{ln.name}: {col} {addr:#x} not held"
