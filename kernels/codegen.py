@@ -199,8 +199,15 @@ def expectations(ln: SA.Launch, esize: int) -> Dict[str, bool]:
                 expect_v4_stores=v16 and ln.name == "bwd_grad")
 
 
-def run(archs: Sequence[int] = ARCHS, log=None) -> Dict[str, Any]:
-    """Compile every launch of :func:`all_launches` for ``archs`` (identical compile keys once)."""
+def _shard_of(key: tuple, n: int) -> int:
+    import hashlib
+    return int(hashlib.sha1(repr(key).encode()).hexdigest(), 16) % n
+
+
+def run(archs: Sequence[int] = ARCHS, log=None, shard: Tuple[int, int] = (0, 1)) -> Dict[str, Any]:
+    """Compile every launch of :func:`all_launches` for ``archs`` (identical compile keys once).
+    ``shard=(i, n)``: only the launches whose compile key falls in shard i of n (the test runs
+    the shards in parallel processes and concatenates the records)."""
     if SA.interpreter_active():
         raise RuntimeError("unset TRITON_INTERPRET: interpreted kernels cannot be compiled ahead of time")
     records: List[Dict[str, Any]] = []
@@ -213,6 +220,8 @@ def run(archs: Sequence[int] = ARCHS, log=None) -> Dict[str, Any]:
             esize = 4
         for arch in archs:
             src, target, options, key = _specialise(ln, arch)
+            if shard[1] > 1 and _shard_of(key, shard[1]) != shard[0]:
+                continue
             res = cache.get(key)
             if res is None:
                 t = time.time()
@@ -232,6 +241,15 @@ def run(archs: Sequence[int] = ARCHS, log=None) -> Dict[str, Any]:
                                 **expectations(ln, esize), **res))
     return dict(triton=triton.__version__, torch=torch.__version__, sm_count=SM_COUNT,
                 unique_compiles=len(cache), seconds=round(time.time() - t0, 1), records=records)
+
+
+def merge(parts: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
+    """One result from the shards' results."""
+    out = dict(parts[0])
+    out["records"] = [r for p in parts for r in p["records"]]
+    out["unique_compiles"] = sum(p["unique_compiles"] for p in parts)
+    out["seconds"] = max(p["seconds"] for p in parts)
+    return out
 
 
 def violations(rec: Dict[str, Any]) -> List[str]:
@@ -316,8 +334,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--json", help="write the records here")
     ap.add_argument("--arch", type=int, action="append", help="compute capability x10 (default: 80 and 90)")
     ap.add_argument("--quiet", action="store_true")
+    ap.add_argument("--shard", default="0/1", help="I/N: compile only shard I of N of the compile keys")
     a = ap.parse_args(argv)
-    res = run(a.arch or ARCHS, log=None if a.quiet else (lambda s: print(s, file=sys.stderr, flush=True)))
+    i, n = (int(x) for x in a.shard.split("/"))
+    res = run(a.arch or ARCHS, log=None if a.quiet else (lambda s: print(s, file=sys.stderr, flush=True)),
+              shard=(i, n))
     if a.json:
         with open(a.json, "w") as fh:
             json.dump(res, fh, indent=1)

@@ -326,8 +326,17 @@ def _apply_quads_kernel(y_ptr, scale_ptr, shift_ptr, out_ptr, att_ptr, power, sl
             po = qi.to(tl.int64) * oH + qj.to(tl.int64) * oW
             tl.store(obase + oc[:, None] + po[None, :], pooled.to(out_ptr.dtype.element_ty),
                      mask=cm[:, None] & pool_ok[None, :])
-    if ATT:
-        abase = att_ptr + n * H * W
+    if ATT:  # offsets and masks from the program ids again (see _stats_kernel)
+        q = tl.program_id(1) * BLOCK_Q + tl.arange(0, BLOCK_Q)
+        qm = q < NQ
+        qi = q // QW
+        h0 = 2 * qi
+        w0 = 2 * (q - qi * QW)
+        m00 = qm & (h0 < H) & (w0 < W)
+        m01 = qm & (h0 < H) & (w0 + 1 < W)
+        m10 = qm & (h0 + 1 < H) & (w0 < W)
+        m11 = qm & (h0 + 1 < H) & (w0 + 1 < W)
+        abase = att_ptr + tl.program_id(0).to(tl.int64) * H * W
         r00 = h0 * W + w0
         tl.store(abase + r00, a00, mask=m00)
         tl.store(abase + r00 + 1, a01, mask=m01)
@@ -463,15 +472,22 @@ def apply_plan(y: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, *, act
     oN, oC, oH, oW = _strides(out)
     if sC == 1 and sW != 1:  # channels contiguous: each pixel of a quad is a row of channels
         vec = _vec_for(es, [_elem_addr(y), _elem_addr(out), C, sN, sH, sW, oN, oH, oW])
-        bc = min(_next_pow2(C), 64 if interp else 32)
-        # four pixel tiles of bc x bq live at once: 2048 elements (16 per thread) in all
-        # (1024 when unaligned: every element then carries its own 64-bit address)
-        bq = min(_next_pow2(QH * QW), 1024 if interp else max((512 if vec > 1 else 256) // bc, 8))
+        if interp:
+            bc, bq, warps = min(_next_pow2(C), 64), min(_next_pow2(QH * QW), 1024), 4
+        elif vec > 1:
+            # four pixel tiles of bc x bq live at once: 4096 elements over 8 warps (16 per
+            # thread, 4 contiguous channels each: one 16-byte access per pixel)
+            bc = min(_next_pow2(C), 64)
+            bq, warps = min(_next_pow2(QH * QW), max(1024 // bc, 8)), 8
+        else:
+            # no vectors: every element carries its own 64-bit address, 1024 in all
+            bc = min(_next_pow2(C), 32)
+            bq, warps = min(_next_pow2(QH * QW), max(256 // bc, 8)), 4
         vec = min(vec, bc)
         launch = Launch(_apply_quads_kernel, "real_epilogue_apply", (N, triton.cdiv(QH * QW, bq)),
                         (y, scale, shift, out, att_arg, float(power), float(slope),
                          C, H, W, QW, QH * QW, PH, PW, sN, sC, sH, sW, oN, oC, oH, oW),
-                        dict(**common, BLOCK_C=bc, BLOCK_Q=bq, VEC=vec), 4)
+                        dict(**common, BLOCK_C=bc, BLOCK_Q=bq, VEC=vec), warps)
         return out, att, [launch]
     bw = max(2, min(_next_pow2(W), 1024 if interp else 64))
     vec = oVec = 1
