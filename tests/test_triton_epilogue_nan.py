@@ -73,17 +73,24 @@ def test_plane_moments_nan_only_in_the_planes_that_hold_one():
         assert mean.isnan().sum() == 3 and m2.isnan().sum() == 3
 
 
-@pytest.mark.parametrize("shape", [(3, 16, 8, 8), (2, 130, 9, 11), (4, 3, 1, 5)])
+@pytest.mark.parametrize("shape", [(2, 16, 24, 24), (2, 130, 9, 11), (2, 8, 40, 40), (4, 3, 1, 5)])
 def test_plane_moments_pixel_split_matches_single_range(shape):
     """The GPU plan splits the pixels of a plane over programs and combines partial shifted sums;
     run that plan (sm_count of a big GPU) through the interpreter and compare with eager."""
     y = 100.0 + torch.randn(shape)
+    y[0, 1, 0, 1] = float("nan")  # NaN in one range of one plane: that plane only
     ref_var, ref_mean = torch.var_mean(y.double(), dim=(2, 3), unbiased=False)
+    splits = []
     for name, yl in _layouts(y):
         mean, m2, launches = K.stats_plan(yl, sm_count=132)
+        splits.append(launches[0].grid[1])
         SA.run_launches(launches, yl.device)
-        torch.testing.assert_close(mean.double(), ref_mean, rtol=1e-6, atol=1e-5, msg=name)
-        torch.testing.assert_close(m2.double() / (shape[2] * shape[3]), ref_var, rtol=1e-3, atol=1e-5, msg=name)
+        torch.testing.assert_close(mean.double(), ref_mean, rtol=1e-6, atol=1e-5, equal_nan=True, msg=name)
+        torch.testing.assert_close(m2.double() / (shape[2] * shape[3]), ref_var, rtol=1e-3, atol=1e-5,
+                                   equal_nan=True, msg=name)
+        assert mean.isnan().sum() == 1
+    if shape[2] * shape[3] > 5:  # the GPU plan splits the pixels of these planes
+        assert max(splits) > 1, splits
 
 
 @pytest.mark.parametrize("fmt", ["nchw", "cl", "strided"])
