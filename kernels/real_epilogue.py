@@ -7,16 +7,23 @@ next convolution, and ``a[n, h, w] = sum_c |act(norm(y))[n, c, h, w]|^p``. Eager
 ``y`` through memory five or six times for that (norm statistics, normalise, activation, the
 power, the channel sum, the pooling); here it is read twice and 1/4 of it is written:
 
-    _stats_kernel    grid (N, SPLIT, cdiv(C, BLOCK_C))  reads y once: per (n, c) shifted sums over
-                                                        SPLIT pixel ranges (mean and M2 directly
-                                                        when SPLIT == 1)
-    _stats_combine   grid (N, cdiv(C, BLOCK_C))         SPLIT > 1: adds the partial sums (fixed
-                                                        order: deterministic), writes mean and M2
-    host             per (n, c) scale / shift           O(N*C): instance norm directly; group and
-                                                        batch norm by Chan's combination
-    _apply_rows      grid (N*ceil(H/2), cdiv(W, BW))    NCHW and strided views: v = act(y*scale +
-    _apply_quads     grid (N, cdiv(QH*QW, BLOCK_Q))     shift); writes pool2x2(v) in y's dtype and
-                                                        a (fp32 [N, H*W]); _quads for channels_last
+    _stats_kernel          grid (N, SPLIT, cdiv(C, BLOCK_C))   reads y once: per (n, c) shifted
+                                                               sums over SPLIT pixel ranges (mean
+                                                               and M2 directly when SPLIT == 1)
+    _stats_combine_kernel  grid (N, cdiv(C, BLOCK_C))          SPLIT > 1: adds the partial sums in
+                                                               a fixed order, writes mean and M2
+    host                   per (n, c) scale / shift            O(N*C): instance norm directly;
+                                                               group and batch norm by Chan's
+                                                               combination of the moments
+    _apply_rows_kernel     grid (N*ceil(H/2), cdiv(W, BW))     NCHW and strided views,
+    _apply_quads_kernel    grid (N, cdiv(QH*QW, BLOCK_Q))      channels_last; both read y once:
+                                                               v = act(y*scale + shift), write
+                                                               pool2x2(v) in y's dtype and
+                                                               a (fp32 [N, H*W])
+
+Launchers are split into ``stats_plan`` / ``apply_plan`` (outputs and :class:`Launch` records)
+and ``run_launches`` (under the tensors' CUDA device guard); ``kernels/codegen.py`` compiles
+the same plans ahead of time.
 
 Statistics are accumulated in float32 around a per-(n, c) pivot (the plane's first element), so
 a mean far from zero does not cancel the variance. ``v`` stays in float32 between the load of

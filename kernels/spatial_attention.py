@@ -38,6 +38,11 @@ Layouts (constexpr ``LAYOUT``): 0 = H*W contiguous (NCHW-like, incl. batch/chann
 ``VEC`` elements (16 bytes), and the kernel states that with ``tl.multiple_of``/``tl.max_contiguous``
 so that loads/stores can be vectorised although shapes and strides come from a table.
 
+Host side: ``forward_plan`` / ``backward_plan`` allocate the outputs and return the launches
+(:class:`Launch`: kernel, grid, arguments, constexprs, ``num_warps``); ``run_launches`` runs them
+under the tensors' device guard. ``kernels/codegen.py`` compiles the same plans ahead of time for
+sm_80 / sm_90 and checks them against ``REG_BUDGET`` (tests/test_gpu_codegen.py).
+
 float64 is not handled here (``TypeError``); the backend sends float64 layers to the reference.
 """
 from __future__ import annotations
