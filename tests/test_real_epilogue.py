@@ -212,12 +212,6 @@ def test_distiller_with_fused_real_side_equals_eager(tmp_path, mode):
 # ------------------------------------------------------------------------------------------------
 # NaN and one-value BatchNorm: the same behaviour as the eager network, in every implementation
 # ------------------------------------------------------------------------------------------------
-# The Triton epilogue builds ReLU and max-pooling on tl.maximum, which drops a NaN operand (eager
-# returns NaN); strict: once the kernels propagate NaN this marker must go.
-TRITON_DROPS_NAN = pytest.mark.xfail(strict=True, reason="kernels/real_epilogue.py: tl.maximum drops NaN "
-                                                         "in ReLU / max-pooling where eager propagates it")
-
-
 @pytest.fixture(params=["triton", "cpu"])
 def nan_impl(request):
     if request.param == "cpu":
@@ -226,8 +220,6 @@ def nan_impl(request):
         why = unavailable_reason(_net(), DEVICE, "cpu")
         if why:
             pytest.skip(why)
-    else:
-        request.applymarker(TRITON_DROPS_NAN)
     return request.param
 
 
