@@ -1,4 +1,4 @@
-"""Fused real-side epilogue (kernels/real_epilogue.py + datadam_fast/real_side.py) vs the eager
+"""Fused real-side epilogue (kernels/real_epilogue.py + datadam_fast/distill/real_side.py) vs the eager
 network followed by the reference attention maps and class sums.
 
 CPU through Triton's interpreter (CI exports TRITON_INTERPRET=1); compiled kernels on a CUDA
