@@ -274,7 +274,7 @@ def verify(device="cpu", repeat: Optional[int] = None, log: Callable[[str], None
 
 
 def format_table(rows: Sequence[Row]) -> str:
-    head = ("backend", "case", "max abs err", "max rel err", "tolerance", "pass", "median us")
+    head = ("backend", "case", "max abs err", "max rel err", "rel tolerance", "pass", "median us")
     body = [(r.backend, r.case, f"{r.max_abs_err:.2e}", f"{r.max_rel_err:.2e}", f"{r.tolerance:.1e}",
              "yes" if r.passed else "NO", f"{r.median_us:.0f}") for r in rows]
     widths = [max(len(str(x)) for x in col) for col in zip(head, *body)]
