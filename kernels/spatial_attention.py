@@ -587,6 +587,17 @@ def _tile_blocks(layout: int, Ms: Sequence[int], Cs: Sequence[int], esize: int,
     return bm, bc, num_warps
 
 
+def _group_blocks(fs, layout: int, sm_count: int, block_m, block_c, block_r):
+    """Sizes of one (dtype, layout) group and its block choices, shared by the forward and the
+    backward plans: (M per layer, H*W per layer, element size, tile blocks, row blocks)."""
+    Ms = [f.shape[0] * f.shape[2] * f.shape[3] for f in fs]
+    Cs = [f.shape[1] for f in fs]
+    HWs = [f.shape[2] * f.shape[3] for f in fs]
+    esize = fs[0].element_size()
+    return (Ms, HWs, esize, _tile_blocks(layout, Ms, Cs, esize, sm_count, block_m, block_c),
+            _row_blocks(HWs, block_r))
+
+
 def _row_blocks(HWs: Sequence[int], block_r: Optional[int]) -> Tuple[int, bool, int]:
     """(BLOCK_R, ONE_PASS, num_warps) for the per-sample O(H*W) kernels."""
     maxHW = max(HWs)
@@ -732,12 +743,8 @@ def forward_plan(feats: Sequence[torch.Tensor], power: float, *, sm_count: Optio
         fs = [feats[i] for i in idxs]
         ms = [maps[i] for i in idxs]
         ns = [norms[i] for i in idxs]
-        Ms = [f.shape[0] * f.shape[2] * f.shape[3] for f in fs]
-        Cs = [f.shape[1] for f in fs]
-        HWs = [f.shape[2] * f.shape[3] for f in fs]
-        esize = fs[0].element_size()
-        bm, bc, warps = _tile_blocks(layout, Ms, Cs, esize, sm_count, block_m, block_c)
-        br, one_pass, rwarps = _row_blocks(HWs, block_r)
+        Ms, HWs, esize, (bm, bc, warps), (br, one_pass, rwarps) = _group_blocks(
+            fs, layout, sm_count, block_m, block_c, block_r)
         rows, tile0, row0 = [], 0, 0
         vec_vals, row_vals = [], []
         for f, m, nr, M, HW in zip(fs, ms, ns, Ms, HWs):
@@ -836,12 +843,8 @@ def backward_plan(feats: Sequence[torch.Tensor], maps: Sequence[torch.Tensor],
         mg = [ms[i] for i in idxs]
         ng = [ns[i] for i in idxs]
         ug = [gs[i] for i in idxs]
-        Ms = [f.shape[0] * f.shape[2] * f.shape[3] for f in fs]
-        Cs = [f.shape[1] for f in fs]
-        HWs = [f.shape[2] * f.shape[3] for f in fs]
-        esize = fs[0].element_size()
-        bm, bc, warps = _tile_blocks(layout, Ms, Cs, esize, sm_count, block_m, block_c)
-        br, one_pass, rwarps = _row_blocks(HWs, block_r)
+        Ms, HWs, esize, (bm, bc, warps), (br, one_pass, rwarps) = _group_blocks(
+            fs, layout, sm_count, block_m, block_c, block_r)
         rows, tile0, row0 = [], 0, 0
         vec_vals, row_vals = [], []
         g_contig = all(u.stride(1) == 1 or u.shape[1] == 1 for u in ug)
