@@ -19,7 +19,7 @@ spill store or load for any kernel of unit 1 on any arch (a spill turns a stream
 register traffic into local-memory traffic). Registers, stack and spills per kernel are printed;
 ``benchmarks/cuda_ptxas.py`` writes them to ``benchmarks/results/cuda_ptxas.json``. It skips only
 when nvcc is absent (or, for unit 2 alone, when PyTorch's or Python's headers are missing). Each
-unit is compiled once per session (about 40 s for unit 1 on two cores).
+unit is compiled once per test run (about 40 s for unit 1 on two cores).
 """
 import inspect
 import os
