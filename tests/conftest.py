@@ -8,6 +8,8 @@ import torch
 # a 2-core machine). Tests run the eager path unless they ask for compile=True explicitly (see
 # tests/test_compiled.py); subprocesses inherit this.
 os.environ.setdefault("DATADAM_FAST_COMPILE", "0")
+# A native crash in a subprocess (torchrun ranks, the CLI) prints the Python stack of every thread.
+os.environ.setdefault("PYTHONFAULTHANDLER", "1")
 
 
 def shared_datasets() -> Path:

@@ -175,6 +175,19 @@ def test_two_process_gloo_equals_one_process_and_resumes(tmp_path):
     assert (_images(tmp_path / "cut") - b).abs().max() < 1e-5
 
 
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads thread names from Linux /proc")
+def test_close_ends_the_gloo_threads():
+    """After World.close() no gloo thread is left to be torn down at interpreter exit (where it
+    can abort a finished run), even when torch._dynamo is first imported after the group exists."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+           str(ROOT / "tests" / "_gloo_teardown.py")]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    found = dict(re.findall(r"rank (\d) threads after close: ([\w ]*?)(?=rank \d|$)", r.stdout, re.M))
+    assert sorted(found) == ["0", "1"], r.stdout
+    assert not any("gloo" in names for names in found.values()), found
+
+
 def test_failing_rank_brings_the_job_down_and_checkpoint_survives(tmp_path):
     """Rank 1 raises at iteration 3 under torchrun: the job exits non-zero, rank 1's own error is on
     stderr and named as the root cause, and the last checkpoint (written by rank 0) resumes."""
