@@ -5,11 +5,21 @@ from __future__ import annotations
 import argparse
 
 
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends "(default: X)" only where X says something: a flag whose default is None (decided
+    at run time, explained in its help) or a switch that is off shows none."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def _add_distill(sub) -> None:
     from .distill import DEFAULT_PRESET, PRESETS
     p = sub.add_parser(
         "distill", help="learn a synthetic set with DataDAM",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_Help,
         description="Distill a dataset into IPC synthetic images per class by attention matching. With no "
                     "arguments it distills the bundled scikit-learn digits (no data, no network needed).")
     p.add_argument("--dataset", default="digits",
@@ -138,7 +148,7 @@ def _distill_config(args, data_opts):
 def _add_evaluate(sub) -> None:
     p = sub.add_parser(
         "evaluate", help="train fresh networks on a synthetic set and test on real data",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_Help,
         description="The standard protocol: SGD lr 0.01 momentum 0.9 wd 5e-4, epochs+1 epochs with lr x0.1 after "
                     "epoch epochs//2+1 (as the official code), DSA at train time, test on the full real test set; mean "
                     "and std over runs (percent). Reads datadam-fast synthetic.pt and the official "
@@ -180,7 +190,7 @@ def _add_evaluate(sub) -> None:
 def _add_report(sub) -> None:
     p = sub.add_parser(
         "report", help="plot a distillation run's metrics and print a summary",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_Help,
         description="Reads RUN_DIR/metrics.jsonl and writes report_loss.png (loss terms, log scale), "
                     "report_accuracy.png (evaluation accuracy with a std band) and report_speed.png (iterations/s, "
                     "images/s and peak memory when logged) next to grid.png, then prints iterations, final loss, "
@@ -193,7 +203,7 @@ def _add_report(sub) -> None:
 def _add_export(sub) -> None:
     p = sub.add_parser(
         "export", help="write a synthetic set in a format other tools read",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_Help,
         description="official: res_<method>_<dataset>_<model>_<ipc>ipc.pt, {'data': [[images, labels]], "
                     "'accs_all_exps': {...}} as the official DC/DM/DataDAM code saves it (DC-BENCH reads "
                     "['data'][-1]); folder: PATH/<class>/<i>.png (de-normalised, 8-bit: values outside [0, 1] are "
@@ -209,7 +219,7 @@ def _add_export(sub) -> None:
 
 def _add_pack(sub) -> None:
     p = sub.add_parser("pack", help="decode an ImageFolder once into a memory-mapped uint8 array",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=_Help)
     p.add_argument("src", help="ImageFolder root (<src>/<class>/*.jpg)")
     p.add_argument("dst", help="output directory (images.u8, labels.npy, meta.json)")
     p.add_argument("--size", type=int, default=64, help="output resolution (shorter side resize + center crop)")
