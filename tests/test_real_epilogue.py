@@ -212,17 +212,6 @@ def test_distiller_with_fused_real_side_equals_eager(tmp_path, mode):
 # ------------------------------------------------------------------------------------------------
 # NaN and one-value BatchNorm: the same behaviour as the eager network, in every implementation
 # ------------------------------------------------------------------------------------------------
-@pytest.fixture(params=["triton", "cpu"])
-def nan_impl(request):
-    if request.param == "cpu":
-        if DEVICE.type != "cpu":
-            pytest.skip("the C++ epilogue takes CPU tensors")
-        why = unavailable_reason(_net(), DEVICE, "cpu")
-        if why:
-            pytest.skip(why)
-    return request.param
-
-
 def _assert_same_nans_and_close(actual, expected, rtol, what):
     assert torch.equal(torch.isnan(actual), torch.isnan(expected)), (
         f"{what}: NaN at {int(torch.isnan(actual).sum())} entries, eager has {int(torch.isnan(expected).sum())}")
@@ -232,7 +221,7 @@ def _assert_same_nans_and_close(actual, expected, rtol, what):
 
 @pytest.mark.parametrize("pooling", ["maxpool", "avgpool"])
 @pytest.mark.parametrize("norm", ["none", "batchnorm_eval"])
-def test_nan_in_gives_nan_out_like_eager(nan_impl, norm, pooling):
+def test_nan_in_gives_nan_out_like_eager(impl, norm, pooling):
     """A NaN pixel in one image of class 1: eager PyTorch (conv, ReLU, pooling, F.normalize) turns
     that class's attention sums and some embedding entries into NaN and leaves class 0 finite."""
     net = _net("batchnorm" if norm == "batchnorm_eval" else "none", depth=3, pooling=pooling, size=(16, 16))
@@ -242,7 +231,7 @@ def test_nan_in_gives_nan_out_like_eager(nan_impl, norm, pooling):
         net.eval()  # scale / shift from running statistics: no batch statistics to spread the NaN
     x = torch.randn(4, 1, 16, 16, device=DEVICE)
     x[3, 0, 5, 6] = float("nan")
-    att, emb = real_class_sums(copy.deepcopy(net), x, 2, 4.0, impl=nan_impl)
+    att, emb = real_class_sums(copy.deepcopy(net), x, 2, 4.0, impl=impl)
     ratt, remb = _reference(copy.deepcopy(net), x, 2, 4.0)
     assert torch.isnan(remb[1]).any() and torch.isfinite(remb[0]).all()  # the case is meaningful
     for i, (a, r) in enumerate(zip(att, ratt)):
