@@ -2,7 +2,8 @@
 
 Importing datadam_fast never needs a compiler: extensions are built on first use of the backend
 and cached under ``$DATADAM_FAST_EXT_DIR`` (default ``~/.cache/datadam_fast/ext``), keyed by a
-hash of the sources and flags, so a rebuild happens only when they change. An ahead-of-time
+hash of what the build depends on (:func:`build_tag`), so a rebuild happens only when that changes
+and two checkouts or torch versions never share or rebuild each other's build. An ahead-of-time
 build (``DATADAM_FAST_BUILD_EXT=1 pip install -e .``) produces ``datadam_fast._C_cpu`` /
 ``datadam_fast._C_cuda``, which are preferred when present.
 """
@@ -52,12 +53,9 @@ def load_extension(name: str, sources: Sequence[str], *, cuda: bool = False,
     from torch.utils import cpp_extension
     src = csrc_dir()
     paths = [str(src / s) for s in sources]
-    h = hashlib.sha1()
-    for p in paths:
-        h.update(Path(p).read_bytes())
-    for flag in (*extra_cflags, *extra_cuda_cflags, *extra_ldflags):
-        h.update(flag.encode())
-    tag = f"{name}_{h.hexdigest()[:12]}"
+    flags = (*extra_cflags, *extra_cuda_cflags, *extra_ldflags)
+    arch = cuda_arch_list() if cuda else ""
+    tag = build_tag(name, paths, flags, src=src, arch=arch)
     out = build_dir() / tag
     out.mkdir(parents=True, exist_ok=True)
     verbose = verbose or os.environ.get("DATADAM_FAST_VERBOSE_BUILD") == "1"
@@ -68,6 +66,9 @@ def load_extension(name: str, sources: Sequence[str], *, cuda: bool = False,
     if cold:
         print(f"datadam_fast: building the fused {name} kernels (first use; about a minute, cached in "
               f"{out})...", file=sys.stderr, flush=True)
+    saved_arch = os.environ.get("TORCH_CUDA_ARCH_LIST")
+    if cuda and arch:
+        os.environ["TORCH_CUDA_ARCH_LIST"] = arch  # what the cache key says, not torch's own guess
     try:
         ext = cpp_extension.load(name=tag, sources=paths, extra_cflags=list(extra_cflags),
                                   extra_cuda_cflags=list(extra_cuda_cflags),
@@ -76,4 +77,50 @@ def load_extension(name: str, sources: Sequence[str], *, cuda: bool = False,
     except Exception as e:  # compiler error, missing ninja, ...
         raise BackendUnavailable(f"building {name} from {', '.join(sources)} failed: {type(e).__name__}: "
                                  f"{str(e)[-2000:]}") from e
+    finally:
+        if cuda and arch:
+            if saved_arch is None:
+                os.environ.pop("TORCH_CUDA_ARCH_LIST", None)
+            else:
+                os.environ["TORCH_CUDA_ARCH_LIST"] = saved_arch
     return ext
+
+
+def cuda_arch_list() -> str:
+    """``TORCH_CUDA_ARCH_LIST`` for a CUDA build: the variable when set, else the compute
+    capabilities of the visible GPUs (``"9.0+PTX"`` on an H100/H200; PTX of the newest so that a
+    newer GPU can still JIT it); ``""`` when there is neither (torch then decides)."""
+    env = os.environ.get("TORCH_CUDA_ARCH_LIST", "").strip()
+    if env:
+        return env
+    import torch
+    try:
+        caps = sorted({torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())})
+    except Exception:  # noqa: BLE001 - no driver, no device: nothing to derive
+        caps = []
+    if not caps:
+        return ""
+    names = [f"{a}.{b}" for a, b in caps]
+    names[-1] += "+PTX"
+    return ";".join(names)
+
+
+def build_tag(name: str, paths: Sequence[str], flags: Sequence[str], *, src: Path, arch: str = "") -> str:
+    """Folder name of one build in the cache: ``<name>_<hash>``.
+
+    The hash covers everything a build depends on, so that a cache folder shared by several
+    checkouts, Python environments or GPUs never hands over (or rebuilds over) another's ``.so``:
+    the sources' bytes and the flags; the source folder (ninja's build files hold absolute source
+    paths, so two checkouts of the same version would otherwise rebuild each other's build);
+    torch's version and CUDA version and the Python ABI (the extension links against them); and
+    the CUDA architectures compiled for.
+    """
+    import torch
+    h = hashlib.sha1()
+    for p in paths:
+        h.update(Path(p).read_bytes())
+    for part in (*flags, "|src=", str(Path(src).resolve()), "|torch=", torch.__version__,
+                 "|cuda=", str(torch.version.cuda), "|py=", sys.implementation.cache_tag or "",
+                 "|arch=", arch):
+        h.update(part.encode())
+    return f"{name}_{h.hexdigest()[:12]}"

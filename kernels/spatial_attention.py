@@ -608,21 +608,43 @@ def _row_blocks(HWs: Sequence[int], block_r: Optional[int]) -> Tuple[int, bool, 
 
 _META_CACHE: "collections.OrderedDict[tuple, torch.Tensor]" = collections.OrderedDict()
 _META_CACHE_SIZE = 64
+#: (host table, device table) of every table made while a CUDA graph was being captured: the
+#: graph's copy node reads the host buffer and its kernels read the device table at every replay,
+#: so both live as long as the process (a few hundred bytes per captured launch group)
+_CAPTURED_TABLES: List[Tuple[torch.Tensor, torch.Tensor]] = []
+
+
+def _capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
 def _meta_tensor(rows: List[List[int]], device: torch.device) -> torch.Tensor:
     """int64 [L, META_STRIDE] table on ``device``; cached by content so that a training loop
-    (same shapes, allocator usually returning the same addresses) does no host->device copy."""
+    (same shapes, allocator usually returning the same addresses) does no host->device copy.
+
+    Under CUDA-graph capture (``torch.cuda.graph``, ``torch.compile(mode="reduce-overhead")``)
+    the copy is recorded into the graph and replayed later: the host buffer must then outlive the
+    graph (a freed pinned block would be recycled and replayed as garbage pointers), and a cached
+    table made before the capture must never be evicted and freed while a graph reads it. So
+    during capture a table is always made fresh from a plain (unpinned: ``pin_memory`` may not
+    be called while capturing) host buffer, and both tensors are kept for the process's life."""
+    def host():
+        return torch.tensor(rows, dtype=torch.int64).view(len(rows), META_WIDTH)
+
+    if device.type in ("cpu", "meta"):  # interpreter / planning only: nothing to copy or cache
+        return host().to(device)
+    if _capturing(device):
+        h = host()
+        t = h.to(device, non_blocking=True)
+        _CAPTURED_TABLES.append((h, t))
+        return t
     key = (str(device), tuple(tuple(r) for r in rows))
     t = _META_CACHE.get(key)
     if t is not None:
         _META_CACHE.move_to_end(key)
         return t
-    t = torch.tensor(rows, dtype=torch.int64).view(len(rows), META_WIDTH)
-    if device.type in ("cpu", "meta"):  # interpreter / planning only: nothing to copy or cache
-        return t.to(device)
     # pinned + non_blocking: a pageable copy would block the host until the GPU queue drains
-    t = t.pin_memory().to(device, non_blocking=True)
+    t = host().pin_memory().to(device, non_blocking=True)
     _META_CACHE[key] = t
     if len(_META_CACHE) > _META_CACHE_SIZE:
         _META_CACHE.popitem(last=False)

@@ -26,6 +26,7 @@ import torch
 import datadam_fast as dd
 from datadam_fast import backends as B
 from datadam_fast import reference as R
+from datadam_fast.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 CSRC = ROOT / "csrc"
@@ -429,8 +430,23 @@ def test_bad_arguments_raise(target):
         be.forward([f.to(torch.int32)], 2.0)
     assert be.forward([], 2.0) == ([], [])
     if dev.type == "cuda":
-        with pytest.raises(RuntimeError, match="CUDA tensor"):
+        # checked by the backend before the dispatcher (which would name its 'CPU' backend instead)
+        with pytest.raises(UserError, match="backend 'cuda' takes CUDA tensors, but feats\\[0\\] is on cpu"):
             be.forward([f.cpu()], 2.0)
+        with pytest.raises(UserError, match="maps\\[0\\] is on cpu"):
+            be.backward([f], [maps[0].cpu()], norms, maps, 2.0)
+
+
+def test_device_checked_before_the_dispatcher():
+    """A CPU tensor given to the CUDA backend gets the backend's own error, naming the argument,
+    on any machine: the check runs before the op is looked up (no extension needed)."""
+    from datadam_fast.loss.backends.cuda import CUDABackend
+    be = CUDABackend.__new__(CUDABackend)  # no __init__: nothing is built or loaded
+    f = torch.randn(2, 3, 4, 4)
+    with pytest.raises(UserError, match=r"backend 'cuda' takes CUDA tensors, but feats\[0\] is on cpu"):
+        be.forward([f], 2.0)
+    with pytest.raises(UserError, match=r"grad_maps\[0\] is on cpu"):
+        be.backward([], [], [], [torch.zeros(2, 16)], 2.0)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -1,10 +1,12 @@
-"""Triton backend vs the reference, on CPU through Triton's interpreter.
+"""Triton backend vs the reference: on CPU through Triton's interpreter, on CUDA compiled.
 
-Run in its own process with the interpreter on (it must be set before triton is imported)::
+The interpreter is chosen by the caller, never by this file: export ``TRITON_INTERPRET=1`` before
+the process starts (the README's test command does)::
 
     TRITON_INTERPRET=1 python -m pytest tests/test_backend_triton.py -q
 
-On a CUDA machine without ``TRITON_INTERPRET`` the same tests run the compiled kernels on the GPU.
+On a CUDA machine with ``TRITON_INTERPRET`` unset or ``0`` the same tests run the compiled kernels
+on the GPU; with neither they are skipped (and say why).
 Shapes are tiny because the interpreter runs every program in Python.
 
 Tolerances: maps/norms are float32 computed from the same (upcast) values as the reference, so
@@ -13,11 +15,8 @@ dtype: float32 tight (rtol 1e-5 of the largest entry), bfloat16/float16 within a
 step of the output format (2^-7 / 2^-10 relative) since our float32 value and the reference's may
 round to neighbouring representable numbers.
 """
+import math
 import os
-
-os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import math  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -39,8 +38,7 @@ _BACKEND = TritonBackend()
 pytestmark = pytest.mark.skipif(
     not _BACKEND.supports(DEVICE),
     reason="Triton backend cannot run here: no CUDA and the Triton interpreter is off "
-           "(triton was imported before TRITON_INTERPRET=1 was set; run this file in its own "
-           "process with TRITON_INTERPRET=1 exported)")
+           "(export TRITON_INTERPRET=1 before starting pytest to run the kernels on CPU)")
 
 REF = ReferenceBackend()
 GRAD_RTOL = {torch.float32: 1e-5, torch.bfloat16: 2 ** -7, torch.float16: 2 ** -10}
@@ -384,3 +382,75 @@ def test_opcheck_triton_ops_under_interpreter():
     gmaps = [torch.randn_like(m) for m in maps]
     result = torch.library.opcheck(torch.ops.datadam_fast.triton_bwd.default, (detached, maps, norms, gmaps, 4.0))
     assert all(v == "SUCCESS" for v in result.values()), result
+
+
+# ------------------------------------------------------------------------------------------------
+# CUDA graphs: a user step with the fused op captured whole (the layer table's host-to-device
+# copy is recorded into the graph, so its host buffer must outlive the graph)
+# ------------------------------------------------------------------------------------------------
+def _graph_problem(seed):
+    g = torch.Generator().manual_seed(seed)
+    real = [torch.randn(6, 8, 9, 7, generator=g).relu().to(DEVICE),
+            torch.randn(6, 8, 5, 4, generator=g).relu().to(DEVICE)]
+    syn = [torch.randn(4, 8, 9, 7, generator=g).to(DEVICE), torch.randn(4, 8, 5, 4, generator=g).to(DEVICE)]
+    return real, syn
+
+
+@pytest.mark.skipif(DEVICE.type != "cuda", reason="CUDA graphs need a GPU (compiled Triton kernels)")
+def test_user_step_captured_in_a_cuda_graph_equals_eager():
+    real, syn = _graph_problem(0)
+    static_real = [r.clone() for r in real]
+    static_syn = [s.clone().requires_grad_() for s in syn]
+
+    def step():
+        loss = datadam_fast.attention_matching_loss(static_real, static_syn, num_classes=2, power=4.0,
+                                                    backend="triton")
+        return (loss, *torch.autograd.grad(loss, static_syn))
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    K._META_CACHE.clear()
+    before = len(K._CAPTURED_TABLES)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step()
+    assert len(K._CAPTURED_TABLES) > before, "tables made during capture must be kept alive"
+    for seed in (1, 2):
+        new_real, new_syn = _graph_problem(seed)
+        for dst, src in zip(static_real + static_syn, new_real + new_syn):
+            with torch.no_grad():
+                dst.copy_(src)
+        churn = [torch.randn(1 << 16, device=DEVICE) for _ in range(8)]  # recycle freed blocks
+        K._META_CACHE.clear()
+        graph.replay()
+        torch.cuda.synchronize()
+        del churn
+        syn_r = [s.clone().requires_grad_() for s in new_syn]
+        ref = reference.attention_matching_loss(new_real, syn_r, num_classes=2, power=4.0)
+        ref_grads = torch.autograd.grad(ref, syn_r)
+        _close(captured[0], ref, 1e-5, f"replay {seed}: loss")
+        for i, (g, rg) in enumerate(zip(captured[1:], ref_grads)):
+            _close(g, rg, 1e-4, f"replay {seed}: grad[{i}]")
+
+
+@pytest.mark.skipif(DEVICE.type != "cuda", reason="CUDA graphs need a GPU (compiled Triton kernels)")
+def test_user_step_under_reduce_overhead_equals_eager():
+    torch._dynamo.reset()
+    fn = torch.compile(lambda r, s: datadam_fast.attention_matching_loss(r, s, num_classes=2, power=4.0,
+                                                                         backend="triton"),
+                       mode="reduce-overhead", fullgraph=True)
+    for seed in range(4):  # warm-up, recording, then replays of the recorded graph
+        real, syn = _graph_problem(seed)
+        s1 = [s.clone().requires_grad_() for s in syn]
+        loss = fn(real, s1)
+        loss.backward()
+        s2 = [s.clone().requires_grad_() for s in syn]
+        ref = reference.attention_matching_loss(real, s2, num_classes=2, power=4.0)
+        ref.backward()
+        _close(loss.detach(), ref.detach(), 1e-5, f"call {seed}: loss")
+        for i, (a, b) in enumerate(zip(s1, s2)):
+            _close(a.grad, b.grad, 1e-4, f"call {seed}: grad[{i}]")

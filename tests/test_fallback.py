@@ -7,18 +7,15 @@ driver error raised by the backend's forward or backward, the epilogue's op), th
   next implementation takes over and the results equal that implementation's run directly;
 * an explicitly requested implementation raises ``BackendUnavailable`` carrying the message.
 """
-import os
 import warnings
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import pytest
+import torch
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-import datadam_fast as dd  # noqa: E402
-from datadam_fast import backends as B  # noqa: E402
-from datadam_fast import real_side  # noqa: E402
-from datadam_fast.errors import BackendUnavailable, is_kernel_failure  # noqa: E402
+import datadam_fast as dd
+from datadam_fast import backends as B
+from datadam_fast import real_side
+from datadam_fast.errors import BackendUnavailable, is_kernel_failure
 
 PTXAS = "ptxas fatal   : Value 'sm_100' is not defined for option 'gpu-name'"
 

@@ -5,6 +5,7 @@ Triton's opcheck is in ``test_backend_triton.py`` (it needs the interpreter set 
 imported). Compile tests are few and tiny: compiling on 2 shared cores takes ~30 s each.
 """
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -221,6 +222,63 @@ def test_cold_build_prints_one_line_warm_is_silent(monkeypatch, tmp_path, capsys
     assert len(err) == 1 and err[0].startswith("datadam_fast: building the fused _C_test_msg kernels"), err
     assert _build.load_extension("_C_test_msg", ["spatial_attention_cpu.cpp"]) == "module"
     assert capsys.readouterr().err == "" and len(calls) == 2
+
+
+def test_extension_cache_key_covers_torch_arch_and_source_folder(monkeypatch, tmp_path):
+    """Two torch versions, two arch lists or two checkouts get two build folders (and never
+    rebuild each other's); the same inputs give the same folder."""
+    from datadam_fast import _build
+    src = _build.csrc_dir()
+    paths = [str(src / "spatial_attention_cpu.cpp")]
+    base = _build.build_tag("_C_cuda", paths, ["-O3"], src=src, arch="9.0+PTX")
+    assert base == _build.build_tag("_C_cuda", paths, ["-O3"], src=src, arch="9.0+PTX")
+    assert base != _build.build_tag("_C_cuda", paths, ["-O3"], src=src, arch="8.0;9.0+PTX")
+    assert base != _build.build_tag("_C_cuda", paths, ["-O2"], src=src, arch="9.0+PTX")
+    # a second checkout: the same bytes in another folder
+    other = tmp_path / "checkout2" / "csrc"
+    other.mkdir(parents=True)
+    (other / "spatial_attention_cpu.cpp").write_bytes(Path(paths[0]).read_bytes())
+    assert base != _build.build_tag("_C_cuda", [str(other / "spatial_attention_cpu.cpp")], ["-O3"], src=other,
+                                    arch="9.0+PTX")
+    monkeypatch.setattr(torch, "__version__", torch.__version__ + ".other")
+    assert base != _build.build_tag("_C_cuda", paths, ["-O3"], src=src, arch="9.0+PTX")
+
+
+def test_cuda_arch_list_from_the_variable_else_the_devices(monkeypatch):
+    from datadam_fast import _build
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    assert _build.cuda_arch_list() == "8.0;9.0"
+    monkeypatch.delenv("TORCH_CUDA_ARCH_LIST")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i: [(9, 0), (8, 0)][i])
+    assert _build.cuda_arch_list() == "8.0;9.0+PTX"
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    assert _build.cuda_arch_list() == ""
+
+
+def test_cuda_build_gets_the_arch_list_of_its_key(monkeypatch, tmp_path):
+    """The JIT build compiles for exactly the architectures its cache key names."""
+    import shutil
+    from torch.utils import cpp_extension
+    from datadam_fast import _build
+    monkeypatch.setenv("DATADAM_FAST_EXT_DIR", str(tmp_path))
+    monkeypatch.delenv("TORCH_CUDA_ARCH_LIST", raising=False)
+    monkeypatch.setattr(_build, "cuda_arch_list", lambda: "9.0+PTX")
+    real_which = shutil.which
+    monkeypatch.setattr(shutil, "which", lambda c: "/usr/bin/nvcc" if c == "nvcc" else real_which(c))
+    seen = {}
+
+    def fake_load(name, build_directory, **kw):
+        seen["arch"] = os.environ.get("TORCH_CUDA_ARCH_LIST")
+        seen["dir"] = build_directory
+        return "module"
+
+    monkeypatch.setattr(cpp_extension, "load", fake_load)
+    assert _build.load_extension("_C_test_arch", ["spatial_attention_cpu.cpp"], cuda=True) == "module"
+    assert seen["arch"] == "9.0+PTX" and "TORCH_CUDA_ARCH_LIST" not in os.environ
+    assert Path(seen["dir"]).name == _build.build_tag(
+        "_C_test_arch", [str(_build.csrc_dir() / "spatial_attention_cpu.cpp")], [], src=_build.csrc_dir(),
+        arch="9.0+PTX")
 
 
 def test_resolved_backend_and_fallback_reason(monkeypatch):

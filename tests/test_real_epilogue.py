@@ -11,20 +11,17 @@ once, so the maps agree to about one rounding step of the format, compounded ove
 (4e-2 / 1e-2 relative).
 """
 import copy
-import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
+import pytest
+import torch
+from torch import nn
 
 pytest.importorskip("triton")
 
-from datadam_fast.kernels import real_epilogue as K  # noqa: E402
-from datadam_fast.networks import get_network  # noqa: E402
-from datadam_fast.real_side import blocks_of, real_class_sums, unavailable_reason  # noqa: E402
-from datadam_fast.targets import ClassMeanAccumulator  # noqa: E402
+from datadam_fast.kernels import real_epilogue as K
+from datadam_fast.networks import get_network
+from datadam_fast.real_side import blocks_of, real_class_sums, unavailable_reason
+from datadam_fast.targets import ClassMeanAccumulator
 
 DEVICE = torch.device("cuda") if torch.cuda.is_available() and not K.interpreter_active() else torch.device("cpu")
 pytestmark = pytest.mark.skipif(

@@ -1,16 +1,13 @@
 """``datadam-fast backends --verify``: the self-check users run on their own GPU, here on the CPU
 (the C++ backend and epilogue, and Triton under its interpreter when TRITON_INTERPRET=1)."""
 import json
-import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import pytest
+import torch
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-from datadam_fast import backends as B  # noqa: E402
-from datadam_fast import real_side, verify  # noqa: E402
-from datadam_fast.cli import main  # noqa: E402
+from datadam_fast import backends as B
+from datadam_fast import real_side, verify
+from datadam_fast.cli import main
 
 
 def _cpu_or_skip():

@@ -78,15 +78,33 @@ class NativeOpBackend(Backend):
     """A backend whose kernels are dispatcher ops ``torch.ops.datadam_fast.<name>_fwd`` / ``_bwd``
     registered by a compiled extension (``TORCH_LIBRARY_IMPL``), over lists of layers."""
 
+    #: the device type its kernels are registered for ("cpu" / "cuda")
+    device_type = "cpu"
+    _DEVICE_WORDS = {"cpu": "CPU", "cuda": "CUDA"}
+
     def _bwd_extra_args(self) -> tuple:
         return ()
 
+    def _check_devices(self, groups) -> None:
+        """Every tensor on this backend's device type, checked here: the dispatcher would
+        otherwise answer first with "Could not run ... with arguments from the 'CPU' backend"."""
+        want = self.device_type
+        for what, tensors in groups:
+            for i, t in enumerate(tensors):
+                if isinstance(t, torch.Tensor) and t.device.type != want:
+                    word = self._DEVICE_WORDS.get(want, want)
+                    raise UserError(f"backend {self.name!r} takes {word} tensors, but {what}[{i}] is on "
+                                    f"{t.device} (move it with .to({want!r}), or pass backend='auto' to pick the "
+                                    f"backend from the tensors' device)")
+
     def forward(self, feats, power):
+        self._check_devices((("feats", feats),))
         op = getattr(torch.ops.datadam_fast, f"{self.name}_fwd")
         maps, norms = op([f.detach() for f in feats], float(power))
         return list(maps), list(norms)
 
     def backward(self, feats, maps, norms, grad_maps, power):
+        self._check_devices((("feats", feats), ("maps", maps), ("norms", norms), ("grad_maps", grad_maps)))
         op = getattr(torch.ops.datadam_fast, f"{self.name}_bwd")
         return list(op([f.detach() for f in feats], [m.detach() for m in maps],
                        [n.detach() for n in norms], [g.detach() for g in grad_maps],

@@ -77,6 +77,7 @@ def unavailable_reason() -> str:
 class CUDABackend(NativeOpBackend):
     """Fused CUDA kernels for CUDA tensors; all layers of a call in one grouped launch per phase."""
     name = "cuda"
+    device_type = "cuda"
 
     def __init__(self):
         reason = unavailable_reason()
