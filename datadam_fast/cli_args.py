@@ -242,5 +242,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "channels_last), print a table and exit 1 on any mismatch.")
     p.add_argument("--verify", action="store_true", help="self-check every fused implementation against the reference")
     p.add_argument("--device", default="cpu", help="with --verify: the device to check (cpu, cuda, cuda:1 ...)")
-    p.add_argument("--json", default=None, metavar="PATH", help="with --verify: write the table as JSON")
+    p.add_argument("--json", default=None, metavar="PATH",
+                   help="with --verify: write the table as JSON (rewritten after every row)")
+    p.add_argument("--require", default=[], metavar="NAMES", type=lambda v: [x for x in v.split(",") if x],
+                   help="with --verify: exit 1 unless these implementations were verified: 'all', or a comma list "
+                        "of cpu, cuda, triton, epilogue:cpu, epilogue:triton (default: none required)")
     return parser

@@ -121,6 +121,18 @@ def _failed(backend: str, case: str, tol: float, e: BaseException) -> Row:
     return Row(backend, case, float("nan"), float("nan"), tol, False, float("nan"), describe_failure(e, 500))
 
 
+class _Rows(list):
+    """A list of rows that reports each one as it is added (streamed output, incremental JSON)."""
+
+    def __init__(self, on_row: Callable[[Row], None]):
+        super().__init__()
+        self._on_row = on_row
+
+    def append(self, row: Row) -> None:
+        super().append(row)
+        self._on_row(row)
+
+
 # ------------------------------------------------------------------------------------------------
 # loss backends
 # ------------------------------------------------------------------------------------------------
@@ -143,11 +155,12 @@ def _make_feats(shapes, dtype, layout, device, seed) -> List[torch.Tensor]:
     return out
 
 
-def verify_loss_backend(name: str, device: torch.device, repeat: int) -> List[Row]:
+def verify_loss_backend(name: str, device: torch.device, repeat: int,
+                        on_row: Callable[[Row], None] = lambda r: None) -> List[Row]:
     from .loss.backends import ReferenceBackend, get_backend
     be = get_backend(name)
     ref = ReferenceBackend()
-    rows = []
+    rows = _Rows(on_row)
     for pname, shapes, power in loss_problems(device):
         for dname, dtype in DTYPES.items():
             for layout in LAYOUTS:
@@ -173,7 +186,7 @@ def verify_loss_backend(name: str, device: torch.device, repeat: int) -> List[Ro
                     rows.append(_failed(name, f"{case} bwd", tol_b, e))
                     continue
                 rows.append(_row(name, f"{case} bwd", tol_b, us, list(zip(grads, rgrads)), [dtype] * len(feats)))
-    return rows
+    return list(rows)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -197,11 +210,12 @@ def _eager_class_sums(net, x, classes: int, power: float):
     return att, emb.flatten(1).float().view(classes, per, -1).sum(1)
 
 
-def verify_epilogue(impl: str, device: torch.device, repeat: int) -> List[Row]:
+def verify_epilogue(impl: str, device: torch.device, repeat: int,
+                    on_row: Callable[[Row], None] = lambda r: None) -> List[Row]:
     import copy
     from .models.networks import get_network
     from .distill.real_side import real_class_sums
-    rows = []
+    rows = _Rows(on_row)
     name = f"epilogue:{impl}"
     for pname, opts, per, (ch, H, W) in epilogue_problems(device):
         for dname, dtype in DTYPES.items():
@@ -228,7 +242,7 @@ def verify_epilogue(impl: str, device: torch.device, repeat: int) -> List[Row]:
                         rows.append(_failed(name, case, tol, e))
                         continue
                 rows.append(_row(name, case, tol, us, list(zip(att, ratt)) + [(emb, remb)]))
-    return rows
+    return list(rows)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -237,10 +251,24 @@ def _repeat(impl: str, device: torch.device, repeat: int) -> int:
     return 1 if impl == "triton" and device.type == "cpu" else repeat
 
 
-def verify(device="cpu", repeat: Optional[int] = None, log: Callable[[str], None] = lambda s: None
-           ) -> Tuple[List[Row], List[str]]:
-    """Run every fused implementation available on ``device``: (rows, lines naming each one that is
-    not available here and why)."""
+#: the device types each loss backend's kernels run on, known without loading it (so that a GPU
+#: run never builds the C++ CPU extension only to skip it); Triton runs CPU tensors only under
+#: its interpreter, which ``supports`` answers once it is loaded
+_BACKEND_DEVICE_TYPES = {"cpu": ("cpu",), "cuda": ("cuda",), "triton": ("cuda", "cpu")}
+_EPILOGUE_DEVICE_TYPES = {"cpu": ("cpu",), "triton": ("cuda", "cpu")}
+
+
+def implementation_names() -> List[str]:
+    """Every name ``verify`` checks: the fused loss backends, then ``epilogue:<impl>``."""
+    from .loss.backends import BACKEND_NAMES
+    from .distill.real_side import IMPLS
+    return [n for n in BACKEND_NAMES if n != "reference"] + [f"epilogue:{i}" for i in IMPLS]
+
+
+def verify(device="cpu", repeat: Optional[int] = None, log: Callable[[str], None] = lambda s: None,
+           on_row: Callable[[Row], None] = lambda r: None) -> Tuple[List[Row], List[str]]:
+    """Run every fused implementation available on ``device``: (rows, lines ``"<name>: <why>"``
+    naming each one that is not available here). ``on_row`` sees each row as it finishes."""
     from .loss.backends import BACKEND_NAMES, BackendUnavailable, get_backend
     from .models.networks import get_network
     from .distill.real_side import IMPLS, unavailable_reason
@@ -252,6 +280,9 @@ def verify(device="cpu", repeat: Optional[int] = None, log: Callable[[str], None
     for name in BACKEND_NAMES:
         if name == "reference":
             continue
+        if device.type not in _BACKEND_DEVICE_TYPES.get(name, (device.type,)):
+            skipped.append(f"{name}: does not run on {device.type} (not loaded)")
+            continue
         try:
             ok = get_backend(name).supports(device)
             why = "" if ok else f"does not run on {device}"
@@ -261,15 +292,18 @@ def verify(device="cpu", repeat: Optional[int] = None, log: Callable[[str], None
             skipped.append(f"{name}: {why}")
             continue
         log(f"verifying backend {name} on {device}")
-        rows += verify_loss_backend(name, device, _repeat(name, device, repeat))
+        rows += verify_loss_backend(name, device, _repeat(name, device, repeat), on_row)
     probe = get_network("ConvNet", 1, 2, (16, 16), width=4, depth=2)
     for impl in IMPLS:
+        if device.type not in _EPILOGUE_DEVICE_TYPES.get(impl, (device.type,)):
+            skipped.append(f"epilogue:{impl}: does not run on {device.type} (not loaded)")
+            continue
         why = unavailable_reason(probe, device, impl)
         if why:
             skipped.append(f"epilogue:{impl}: {why}")
             continue
         log(f"verifying the {impl} real-side epilogue on {device}")
-        rows += verify_epilogue(impl, device, _repeat(impl, device, repeat))
+        rows += verify_epilogue(impl, device, _repeat(impl, device, repeat), on_row)
     return rows, skipped
 
 
@@ -282,15 +316,60 @@ def format_table(rows: Sequence[Row]) -> str:
     return "\n".join([line(head), line(["-" * w for w in widths])] + [line(b) for b in body])
 
 
-def run(device="cpu", json_path: Optional[str] = None, out=print) -> int:
-    """The ``backends --verify`` command: print the table, write JSON, 0 when every row passes."""
+def _row_line(r: Row) -> str:
+    return (f"{r.backend} | {r.case} | abs {r.max_abs_err:.2e} rel {r.max_rel_err:.2e} (tol {r.tolerance:.1e}) | "
+            f"{'pass' if r.passed else 'FAIL'} | {r.median_us:.0f} us" + (f" | {r.error}" if r.error else ""))
+
+
+def _check_required(require: Sequence[str]) -> List[str]:
+    from .errors import UserError
+    names = implementation_names()
+    req = list(names) if list(require) == ["all"] else list(require)
+    unknown = [r for r in req if r not in names]
+    if unknown:
+        raise UserError(f"--require: unknown implementation(s) {', '.join(unknown)}; expected 'all' or names "
+                        f"from {', '.join(names)}")
+    return req
+
+
+def run(device="cpu", json_path: Optional[str] = None, out=print, require: Sequence[str] = ()) -> int:
+    """The ``backends --verify`` command: print the table, write JSON, 0 when every row passes and
+    every implementation named in ``require`` (``["all"]``: every one) was verified.
+
+    Each row goes to stderr as it finishes and, with ``json_path``, the JSON is rewritten after
+    every row, so that a run stopped midway (a time limit, Ctrl-C) keeps the rows it measured."""
     import sys
-    device = torch.device(device)
+    from .errors import UserError
+    from ._io import atomic_write_text
+    given = device
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise UserError(f"--device {given}: expected cpu, cuda or cuda:N")
     if device.type == "cuda" and not torch.cuda.is_available():
-        from .errors import UserError
         raise UserError("--device cuda: no CUDA device is available (torch.cuda.is_available() is False)")
+    required = _check_required(require)
     t0 = time.perf_counter()
-    rows, skipped = verify(device, log=lambda s: print(s, file=sys.stderr, flush=True))
+    done: List[Row] = []
+
+    def write(rows, skipped, complete, missing=()):
+        if not json_path:
+            return
+        failures = [r for r in rows if not r.passed]
+        doc = {"device": str(device), "device_name": torch.cuda.get_device_name(device) if device.type == "cuda"
+               else "cpu", "torch": torch.__version__, "complete": complete, "rows": [asdict(r) for r in rows],
+               "not_verified": skipped, "required": required, "required_not_verified": list(missing),
+               "passed": complete and bool(rows) and not failures and not missing}
+        atomic_write_text(json_path, json.dumps(doc, indent=2))
+
+    def on_row(r: Row) -> None:
+        done.append(r)
+        print(_row_line(r), file=sys.stderr, flush=True)
+        write(done, [], False)
+
+    rows, skipped = verify(device, log=lambda s: print(s, file=sys.stderr, flush=True), on_row=on_row)
     out(format_table(rows))
     for s in skipped:
         out(f"not verified (unavailable here): {s}")
@@ -298,14 +377,14 @@ def run(device="cpu", json_path: Optional[str] = None, out=print) -> int:
     for r in failures:
         out(f"FAILED: {r.backend} {r.case}: " + (r.error or f"max rel err {r.max_rel_err:.3e} > tolerance "
                                                                 f"{r.tolerance:.1e}"))
+    verified = {r.backend for r in rows}
+    missing = [n for n in required if n not in verified]
+    reasons = {s.split(": ", 1)[0]: s.split(": ", 1)[-1] for s in skipped}
+    for n in missing:
+        out(f"FAILED: {n} was required (--require) but not verified: {reasons.get(n, 'no rows')}")
     out(f"{len(rows) - len(failures)}/{len(rows)} checks passed on {device} in {time.perf_counter() - t0:.1f} s")
-    if json_path:
-        from ._io import atomic_write_text
-        doc = {"device": str(device), "device_name": torch.cuda.get_device_name(device) if device.type == "cuda"
-               else "cpu", "torch": torch.__version__, "rows": [asdict(r) for r in rows], "not_verified": skipped,
-               "passed": not failures}
-        atomic_write_text(json_path, json.dumps(doc, indent=2))
+    write(rows, skipped, True, missing)
     if not rows:
         out("FAILED: no fused implementation could be verified on this device")
         return 1
-    return 1 if failures else 0
+    return 1 if failures or missing else 0

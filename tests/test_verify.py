@@ -83,3 +83,57 @@ def test_verify_refuses_a_missing_device(capsys):
     assert main(["backends", "--verify", "--device", "cuda"]) == 2
     assert "no CUDA device" in capsys.readouterr().err
     assert main(["backends", "--json", "x.json"]) == 2  # --json without --verify
+
+
+def test_required_but_unavailable_fails(tmp_path, capsys):
+    """--require names what must be verified: a GPU run whose Triton cannot load is a failure,
+    not a table of the rest."""
+    _cpu_or_skip()
+    path = tmp_path / "v.json"
+    rc = main(["backends", "--verify", "--require", "cpu,cuda", "--json", str(path)])
+    out = capsys.readouterr().out
+    assert rc == 1
+    assert "FAILED: cuda was required (--require) but not verified: does not run on cpu" in out
+    doc = json.loads(path.read_text())
+    assert doc["required_not_verified"] == ["cuda"] and doc["passed"] is False and doc["complete"] is True
+
+
+def test_cuda_backend_is_not_loaded_on_cpu(monkeypatch):
+    """Device types are known before loading: verifying on one device never builds the other's
+    extension only to skip it."""
+    loaded = []
+    real_get = B.get_backend
+    monkeypatch.setattr(B, "get_backend", lambda n: loaded.append(n) or real_get(n))
+    _cpu_or_skip()
+    loaded.clear()
+    monkeypatch.setattr(verify, "verify_loss_backend", lambda *a, **k: [])
+    monkeypatch.setattr(verify, "verify_epilogue", lambda *a, **k: [])
+    _, skipped = verify.verify("cpu")
+    assert "cuda" not in loaded
+    assert any(s.startswith("cuda: does not run on cpu (not loaded)") for s in skipped)
+
+
+def test_interrupted_run_keeps_the_rows_it_measured(tmp_path, monkeypatch, capsys):
+    """Each row is printed to stderr and the JSON rewritten as it finishes: a run stopped midway
+    (a time limit's SIGINT) leaves every finished row on disk."""
+    _cpu_or_skip()
+
+    def stop(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(verify, "verify_epilogue", stop)
+    path = tmp_path / "v.json"
+    with pytest.raises(KeyboardInterrupt):
+        verify.run("cpu", str(path))
+    doc = json.loads(path.read_text())
+    err = capsys.readouterr().err
+    assert doc["complete"] is False and doc["passed"] is False
+    # the loss backends that ran (cpu; triton too under the interpreter), none of the epilogue
+    assert sum(r["backend"] == "cpu" for r in doc["rows"]) == 16
+    assert not any(r["backend"].startswith("epilogue") for r in doc["rows"])
+    assert err.count("\ncpu | ") + err.startswith("cpu | ") == 16
+
+
+def test_bad_device_is_a_usage_error(capsys):
+    assert main(["backends", "--verify", "--device", "tpu"]) == 2
+    assert "--device tpu: expected cpu, cuda or cuda:N" in capsys.readouterr().err
