@@ -148,12 +148,15 @@ class Row:
         self.info: Dict[str, object] = {}
         # what fixes the convolutions' shapes: the real-forward / convs-alone ratio needs equal keys
         self.conv_key: Optional[Tuple] = None
+        self.first_loss: Optional[float] = None
+        self.peak_bytes: Optional[int] = None  # CUDA: max_memory_allocated over the row's iterations
+        self.phase_ms: List[float] = []        # iterations timed with per-phase syncs (GPU blocks)
 
     @property
     def active(self) -> bool:
         return self.status == "ok"
 
-    def once(self) -> Tuple[float, Optional[Dict[str, float]]]:
+    def once(self, phases: bool = True) -> Tuple[float, Optional[Dict[str, float]]]:
         """Seconds of one iteration and an optional per-part breakdown (seconds)."""
         raise NotImplementedError
 
@@ -172,11 +175,14 @@ class OfficialRow(Row):
         self.info = {"model": self.it.model, "depth": self.it.depth, "batch_real": self.it.batch_real,
                      "layout": "NCHW", "dsa_calls_per_iteration": 2 * self.it.K}
 
-    def once(self):
+    def once(self, phases: bool = True):
         _sync(self.device)
         t = time.perf_counter()
-        self.it.step()
+        loss = self.it.step()
         _sync(self.device)
+        if self.first_loss is None:
+            self.first_loss = float(loss)
+            self.info["first_iteration_loss"] = self.first_loss
         return time.perf_counter() - t, None
 
 
@@ -209,16 +215,34 @@ class PackageRow(Row):
                      "plan": self.d.plan.summary(), "batch_real": self.d.batch_real}
         self.conv_key = (c.model, c.width, c.depth, c.channels_last, self.d.batch_real, c.ipc)
 
-    def once(self):
-        timings: Dict[str, float] = {}
+    def once(self, phases: bool = True):
+        """One step; with ``phases`` the step syncs the device at each phase boundary and returns
+        the per-phase seconds (free on a CPU, on a GPU it costs the CPU/GPU overlap: headline
+        GPU figures are timed with ``phases=False``)."""
+        timings: Optional[Dict[str, float]] = {} if phases else None
         _sync(self.device)
         t = time.perf_counter()
-        # timings= makes step() sync the device at each phase boundary (free on the CPU)
-        self.d.step(timings)
+        out = self.d.step(timings)
         _sync(self.device)
-        return time.perf_counter() - t, timings
+        sec = time.perf_counter() - t
+        if self.first_loss is None:
+            self.first_loss = float(out["loss"])  # a numerical cross-check between rows (same seed)
+        return sec, timings
+
+    def record(self) -> None:
+        """What really ran: a compile that failed falls back to eager, a fused real side that failed
+        to launch falls back too; the row says so instead of keeping its label."""
+        d = self.d
+        if d is None:
+            return
+        self.info["compiled"] = d.passes is not None
+        self.info["compile_seconds"] = d.compile_seconds
+        self.info["fused_real"] = d.fused_real or None
+        self.info["predicted_peak_bytes"] = d.plan.predicted_peak
+        self.info["first_iteration_loss"] = self.first_loss
 
     def close(self):
+        self.record()
         if self.d is not None:
             self.d.close()
             self.d = None
@@ -268,7 +292,7 @@ class ConvLimitRow(Row):
     def _conv(self, m, x):
         return F.conv2d(x, m.weight, m.bias, m.stride, m.padding, m.dilation, m.groups)
 
-    def once(self):
+    def once(self, phases: bool = True):
         dev = self.device
         _sync(dev)
         t0 = time.perf_counter()
@@ -318,14 +342,18 @@ def summarize(rows: List[Row], base: str = BASE_PRESET) -> List[Dict]:
         med = _med(r.ms)
         rec = {"name": r.name, "kind": r.kind, "status": r.status, "reason": r.reason, "iterations": len(r.ms),
                "median_ms": med, "p20_ms": _pct(r.ms, PERCENTILES[0]), "p80_ms": _pct(r.ms, PERCENTILES[1]),
-               "first_iteration_ms": r.first_ms, "all_ms": r.ms, "info": r.info}
+               "first_iteration_ms": r.first_ms, "all_ms": r.ms, "info": r.info,
+               "peak_memory_bytes": r.peak_bytes}
         if med and r.kind != "limit":  # the limit is a bound, not an iteration: no speed-up
             rec["speedup_vs_official"] = official / med if official else None
             rec["speedup_vs_paper"] = paper / med if paper else None
         if r.phases:
             keys = sorted({k for p in r.phases for k in p}, key=lambda k: (PHASES.index(k) if k in PHASES else 99, k))
             rec["phases_median_ms"] = {k: _med([1e3 * p.get(k, 0.0) for p in r.phases]) for k in keys}
-            rec["unaccounted_median_ms"] = _med([m - 1e3 * sum(p.values()) for m, p in zip(r.ms, r.phases)])
+            totals = r.phase_ms or r.ms  # the iterations the phases were measured in
+            rec["unaccounted_median_ms"] = _med([m - 1e3 * sum(p.values()) for m, p in zip(totals, r.phases)])
+            if r.phase_ms:
+                rec["phase_timed_median_ms"] = _med(r.phase_ms)
             rf = rec["phases_median_ms"].get("real_forward")
             same = limit is not None and limit.conv_key == r.conv_key
             rec["real_forward_over_real_convs"] = rf / limit_real if (rf and limit_real and same) else None
@@ -354,6 +382,19 @@ def markdown(summary: List[Dict]) -> str:
             p = s["parts_median_ms"]
             note = (f"real fwd convs {p['real_forward_convs']:.1f} + syn convs {p['syn_convs']:.1f} "
                     f"(fwd {p['syn_forward_convs']:.1f}, input-grad {p['syn_backward_convs']:.1f})")
+        info = s.get("info") or {}
+        if s["kind"] == "package":
+            bits = [("compiled" + (f" in {info['compile_seconds']:.0f} s" if info.get("compile_seconds") else ""))
+                    if info.get("compiled") else "eager",
+                    f"fused real side: {info.get('fused_real') or 'off'}"]
+            if s.get("peak_memory_bytes"):
+                bits.append(f"peak {s['peak_memory_bytes'] / 2 ** 30:.2f} GiB (planned "
+                            f"{(info.get('predicted_peak_bytes') or 0) / 2 ** 30:.2f})")
+            if info.get("first_iteration_loss") is not None:
+                bits.append(f"first loss {info['first_iteration_loss']:.6g}")
+            note = "; ".join(bits)
+        elif s["kind"] == "official" and info.get("first_iteration_loss") is not None:
+            note = f"first loss {info['first_iteration_loss']:.6g}"
         lines.append(f"| {s['name']} | {_f(s['median_ms'])} | {_f(s['p20_ms'])} | {_f(s['p80_ms'])} | "
                      f"{_f(s['first_iteration_ms'])} | {_f(s.get('speedup_vs_official'), '{:.2f}x')} | "
                      f"{_f(s.get('speedup_vs_paper'), '{:.2f}x')} | {note} |")
@@ -427,6 +468,17 @@ def main(argv=None) -> Dict:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-official", action="store_true", help="leave out the official re-implementation row")
     ap.add_argument("--no-limit", action="store_true", help="leave out the convolutions-alone row")
+    ap.add_argument("--order", choices=("auto", "interleaved", "blocks"), default="auto",
+                    help="interleaved: one iteration of every row per repetition (a drift of a shared machine's "
+                         "load hits every row alike; the CPU default); blocks: each row's warm-up and iterations "
+                         "in turn, its Distiller built when its block starts and closed after it (a row plans its "
+                         "memory from what is really free, a cut run keeps every finished row, and the official "
+                         "row's per-iteration empty_cache cannot slow the next row's timed iterations; the CUDA "
+                         "default)")
+    ap.add_argument("--phase-iterations", type=int, default=None,
+                    help="extra iterations per package row timed with per-phase syncs; the headline iterations "
+                         "then run without them (default: 3 on CUDA, where the syncs cost the CPU/GPU overlap; "
+                         "0 on a CPU, where the phases come from the headline iterations at no cost)")
     ap.add_argument("--note", default=None, help="free text stored in the JSON (e.g. what else ran on the machine)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
@@ -443,6 +495,9 @@ def main(argv=None) -> Dict:
             parse_variant(spec)
         except ValueError as e:
             ap.error(str(e))
+    order = args.order if args.order != "auto" else ("blocks" if device.type == "cuda" else "interleaved")
+    phase_its = args.phase_iterations if args.phase_iterations is not None else (3 if device.type == "cuda" else 0)
+    args.order, args.phase_iterations = order, phase_its
 
     if args.shape:
         train_set = shaped_dataset(args.shape, per_class=max(args.batch_real, args.ipc) + 1, seed=args.seed)
@@ -451,45 +506,124 @@ def main(argv=None) -> Dict:
         from datadam_fast.data import load_dataset
         train_set = load_dataset(args.dataset, root=args.data_root, split="train")
     load_start = _loadavg()
-    rows: List[Row] = []
+    makers = []  # (name, factory): in blocks mode a row is built when its block starts
     if not args.no_official:
-        rows.append(OfficialRow(train_set, args, device))
-    rows += [PackageRow(spec, train_set, args, device) for spec in args.variants]
+        makers.append(("official", lambda: OfficialRow(train_set, args, device)))
+    makers += [(f"package:{spec}", (lambda sp: lambda: PackageRow(sp, train_set, args, device))(spec))
+               for spec in args.variants]
     if not args.no_limit:
-        rows.append(ConvLimitRow(train_set, args, device))
-    for r in rows:
-        if not r.active:
-            print(f"{r.name}: {r.status}: {r.reason}", file=sys.stderr)
+        makers.append(("limit:convs", lambda: ConvLimitRow(train_set, args, device)))
+    path = args.json or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                                     f"bench_iteration_{args.device}_{datetime.date.today().isoformat()}.json")
+    meta = machine()
+    rows: List[Row] = []
+    state = {"complete": False}
 
-    # interleaved: one iteration of every row per repetition
-    for rep in range(args.warmup + args.iterations):
-        for r in rows:
+    def write():
+        placeholders = []
+        for name, _ in makers[len(rows):]:
+            r = Row(name)
+            r.status, r.reason = "not reached", "the run ended before this row"
+            placeholders.append(r)
+        out = {"machine": meta, "loadavg_start": load_start, "loadavg_end": _loadavg(), "note": args.note,
+               "args": vars(args), "complete": state["complete"], "goal": state.get("goal"),
+               "rows": summarize(rows + placeholders, args.base)}
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        tmp = f"{path}.tmp{os.getpid()}"
+        with open(tmp, "w") as f:
+            json.dump(out, f, indent=2)
+        os.replace(tmp, path)
+        return out
+
+    def iterate(r: Row, rep: int, phases: bool) -> bool:
+        """One iteration of ``r`` recorded as repetition ``rep``; False if the row failed."""
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        try:
+            sec, parts = r.once(phases=phases)
+        except Exception as e:  # one broken variant (say a new option) must not lose the other rows
+            r.status, r.reason = "failed", f"{type(e).__name__}: {e}"
+            print(f"{r.name}: failed at repetition {rep}: {r.reason}", file=sys.stderr, flush=True)
+            r.close()
+            return False
+        if device.type == "cuda":
+            r.peak_bytes = max(r.peak_bytes or 0, torch.cuda.max_memory_allocated(device))
+        if rep == 0:
+            r.first_ms = 1e3 * sec
+        if rep >= args.warmup:
+            r.ms.append(1e3 * sec)
+            if r.kind == "package" and parts is not None:
+                r.phases.append(parts)
+            elif parts:
+                r.parts.append(parts)
+        return True
+
+    def phase_block(r: Row) -> None:
+        for _ in range(phase_its if r.kind == "package" else 0):
             if not r.active:
-                continue
+                return
             try:
-                sec, parts = r.once()
-            except Exception as e:  # one broken variant (say a new option) must not lose the other rows
+                sec, parts = r.once(phases=True)
+            except Exception as e:  # noqa: BLE001
                 r.status, r.reason = "failed", f"{type(e).__name__}: {e}"
-                print(f"{r.name}: failed at repetition {rep}: {r.reason}", file=sys.stderr)
                 r.close()
-                continue
-            if rep == 0:
-                r.first_ms = 1e3 * sec
-            if rep >= args.warmup:
-                r.ms.append(1e3 * sec)
-                if r.kind == "package":
-                    r.phases.append(parts)
-                elif parts:
-                    r.parts.append(parts)
-            gc.collect()  # free the previous row's garbage outside the next row's timed region
-    for r in rows:
-        r.close()
+                return
+            r.phase_ms.append(1e3 * sec)
+            r.phases.append(parts)
+
+    headline_phases = phase_its == 0
+    try:
+        if order == "blocks":
+            for name, make in makers:
+                r = make()
+                rows.append(r)
+                if not r.active:
+                    print(f"{r.name}: {r.status}: {r.reason}", file=sys.stderr, flush=True)
+                    write()
+                    continue
+                for rep in range(args.warmup + args.iterations):
+                    if not iterate(r, rep, headline_phases):
+                        break
+                    gc.collect()
+                phase_block(r)
+                r.close()
+                print(f"{r.name}: median {_f(_med(r.ms))} ms over {len(r.ms)} iterations"
+                      + (f" ({r.status}: {r.reason})" if not r.active else ""), file=sys.stderr, flush=True)
+                write()
+                del r
+                gc.collect()
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+        else:
+            rows += [make() for _, make in makers]
+            for r in rows:
+                if not r.active:
+                    print(f"{r.name}: {r.status}: {r.reason}", file=sys.stderr)
+            # interleaved: one iteration of every row per repetition
+            for rep in range(args.warmup + args.iterations):
+                for r in rows:
+                    if r.active:
+                        iterate(r, rep, headline_phases)
+                    gc.collect()  # free the previous row's garbage outside the next row's timed region
+                write()
+            for r in rows:
+                phase_block(r)
+            for r in rows:
+                r.close()
+    except KeyboardInterrupt:  # a time limit's SIGINT: keep every row measured so far
+        for r in rows:
+            try:
+                r.close()
+            except Exception:  # noqa: BLE001 - interrupted mid-step: the record is what counts
+                pass
+        write()
+        print(f"interrupted: {path} holds the rows measured so far", file=sys.stderr, flush=True)
+        raise
 
     summary = summarize(rows, args.base)
-    meta = machine()
     print(f"{args.dataset} ipc={args.ipc} batch_real={args.batch_real} width={args.width} device={args.device} "
           f"threads={torch.get_num_threads()} affinity={meta['affinity']} iterations={args.iterations} "
-          f"warmup={args.warmup}")
+          f"warmup={args.warmup} order={order} phase_iterations={phase_its}")
     print(markdown(summary))
     paper = next((s for s in summary if s["name"] == f"package:{BASE_PRESET}"), None)
     limit = next((s for s in summary if s["kind"] == "limit" and s.get("parts_median_ms")), None)
@@ -502,16 +636,14 @@ def main(argv=None) -> Dict:
         print(f"\npackage:{BASE_PRESET} real forward {goal['real_forward_ms']:.1f} ms / real convs alone "
               f"{goal['real_convs_ms']:.1f} ms = {ratio:.2f}x (goal <= {GOAL_RATIO}x: "
               f"{'met' if goal['met'] else 'not met'})")
-    out = {"machine": meta, "loadavg_start": load_start, "loadavg_end": _loadavg(), "note": args.note,
-           "args": vars(args), "goal": goal, "rows": summary}
-    path = args.json or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                     f"bench_iteration_{args.device}_{datetime.date.today().isoformat()}.json")
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(out, f, indent=2)
+    state["complete"], state["goal"] = True, goal
+    out = write()
     print(f"wrote {path}")
     return out
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:
+        sys.exit(130)

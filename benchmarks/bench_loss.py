@@ -41,6 +41,10 @@ from datadam_fast.backends import BACKEND_NAMES, BackendUnavailable, get_backend
 SHAPES = {
     # ConvNet-3 (width 128) on 32x32, CIFAR-10 step: 10 classes, 64 real / 10 synthetic per class
     "convnet3-32px-K10": (10, 64, 10, [(128, 32, 32), (128, 16, 16)], 2048),
+    # the same at IPC 50
+    "convnet3-32px-K10-ipc50": (10, 64, 50, [(128, 32, 32), (128, 16, 16)], 2048),
+    # CIFAR-100 at IPC 10
+    "convnet3-32px-K100": (100, 64, 10, [(128, 32, 32), (128, 16, 16)], 2048),
     # ConvNetD4 on 64x64 (TinyImageNet, 200 classes) at IPC 10
     "convnetd4-64px-K200": (200, 64, 10, [(128, 64, 64), (128, 32, 32), (128, 16, 16)], 2048),
     # ImageNet-1K 64x64 at IPC 10; 16 real per class so one step fits an 80 GB GPU (stream for more)
@@ -52,7 +56,8 @@ SHAPES = {
     "tiny": (3, 4, 2, [(8, 9, 7), (8, 5, 3)], 16),
 }
 CPU_DEFAULT = ["convnet3-32px-K10", "convnetd4-64px-K200-Br4-Bs1", "convnetd4-64px-K1000-Br1-Bs1"]
-GPU_DEFAULT = ["convnet3-32px-K10", "convnetd4-64px-K200", "convnetd4-64px-K1000-Br16"]
+GPU_DEFAULT = ["convnet3-32px-K10", "convnet3-32px-K10-ipc50", "convnet3-32px-K100", "convnetd4-64px-K200",
+               "convnetd4-64px-K1000-Br16"]
 PEAK_BW_GBS = {"H100 SXM": 3350.0, "H100 PCIe": 2000.0, "H100 NVL": 3900.0, "H200": 4800.0, "A100": 2039.0}
 
 
@@ -98,15 +103,17 @@ class RSSPeak:
 
 
 def make_inputs(shape, device, dtype, seed=0):
+    """Random inputs drawn on ``device`` itself (a host generator would spend minutes drawing the
+    GPU shapes' tens of GB and then copy them over)."""
     K, Br, Bs, layers, D = shape
-    g = torch.Generator(device="cpu").manual_seed(seed)
+    g = torch.Generator(device=device).manual_seed(seed)
 
     def t(*s):  # post-ReLU-like features: half zeros
-        return torch.randn(*s, generator=g, dtype=torch.float32).relu_().to(device=device, dtype=dtype)
+        return torch.randn(*s, generator=g, device=device, dtype=torch.float32).relu_().to(dtype)
     real = [t(K * Br, *l) for l in layers]
     syn = [t(K * Bs, *l).requires_grad_() for l in layers]
-    re = torch.randn(K * Br, D, generator=g).to(device=device, dtype=dtype)
-    se = torch.randn(K * Bs, D, generator=g).to(device=device, dtype=dtype).requires_grad_()
+    re = torch.randn(K * Br, D, generator=g, device=device).to(dtype)
+    se = torch.randn(K * Bs, D, generator=g, device=device).to(dtype).requires_grad_()
     return real, syn, re, se
 
 
@@ -118,24 +125,49 @@ def bytes_moved(real, syn, re, se, with_backward: bool) -> int:
     return n
 
 
+#: device types each fused backend runs on, known without loading it: a GPU run never builds the
+#: C++ CPU extension only to skip it
+BACKEND_DEVICE_TYPES = {"cpu": ("cpu",), "cuda": ("cuda",), "triton": ("cuda",)}
+
+
+def compiled_reference():
+    """``torch.compile`` of the reference with static shapes: built afresh for every shape, so that
+    each shape is timed against a graph specialised to it (with one compiled function reused, the
+    second shape would already get a dynamic-shape graph)."""
+    torch._dynamo.reset()
+    return torch.compile(reference.attention_matching_loss, dynamic=False)
+
+
 def providers(device, names=None, with_compile=True):
+    """name -> loss function; ``"compile"`` maps to :func:`compiled_reference` (called per shape)."""
     out = {"eager": lambda *a, **k: reference.attention_matching_loss(*a, **k)}
     if with_compile:
-        out["compile"] = torch.compile(reference.attention_matching_loss)
+        out["compile"] = compiled_reference
     for n in BACKEND_NAMES:
-        if n == "reference":
+        if n == "reference" or device.type not in BACKEND_DEVICE_TYPES.get(n, (device.type,)):
+            continue  # the Triton interpreter is a correctness tool, not a CPU backend
+        if names and n not in names:
             continue
         try:
             b = get_backend(n)
         except BackendUnavailable as e:
             print(f"[skip] backend {n}: {str(e).splitlines()[0][:160]}", file=sys.stderr)
             continue
-        if not b.supports(device) or (n == "triton" and device.type == "cpu"):
-            continue  # the Triton interpreter is a correctness tool, not a CPU backend
+        if not b.supports(device):
+            continue
         out[n] = (lambda name: (lambda *a, **k: datadam_fast.attention_matching_loss(*a, backend=name, **k)))(n)
     if names:
         out = {k: v for k, v in out.items() if k in names}
     return out
+
+
+def _call_once(fn, args, K, device):
+    real, syn, re, se = args
+    fn(real, syn, re, se, num_classes=K, power=4.0).backward()
+    for s in syn + [se]:
+        s.grad = None
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def bench_one(fn, args, K, device, repeat, warmup, backward):
@@ -262,30 +294,46 @@ def main(argv=None):
         return _main_user_step(args, argv, device)
     provs = providers(device, args.providers, with_compile=not args.no_compile)
     results = []
+    out = {**_run_meta(device, dev_name, args, argv), "dtype": args.dtype, "peak_bandwidth_gbs": peak_bw,
+           "complete": False, "results": results}
+    path = _results_path(args.json, f"bench_loss_{device.type}")
     print(f"device: {dev_name} | torch {torch.__version__} | threads {torch.get_num_threads()} | dtype {args.dtype}")
     hdr = f"{'shape':28s} {'provider':9s} {'fwd ms':>9s} {'fwd+bwd ms':>11s} {'peak MB':>9s} {'x eager':>8s} {'x compile':>9s}"
     if peak_bw:
         hdr += f" {'GB/s':>7s} {'%peak':>6s}"
-    print(hdr)
+    print(hdr, flush=True)
     for sname in shape_names:
         shape = SHAPES[sname]
         try:
             inputs = make_inputs(shape, device, dtype)
         except (RuntimeError, MemoryError) as e:
-            print(f"{sname:28s} [skipped: inputs do not fit: {str(e).splitlines()[0][:80]}]")
+            print(f"{sname:28s} [skipped: inputs do not fit: {str(e).splitlines()[0][:80]}]", flush=True)
+            results.append({"shape": sname, "status": "skipped", "reason": str(e).splitlines()[0][:300]})
+            _write_json(out, path)
             continue
         rows = {}
         for pname, fn in provs.items():
+            extra = {}
             try:
+                if pname == "compile":
+                    t0 = time.perf_counter()
+                    fn = fn()
+                    _call_once(fn, inputs, shape[0], device)  # compiles the forward and the backward
+                    extra["compile_seconds"] = time.perf_counter() - t0
                 fwd, _ = bench_one(fn, inputs, shape[0], device, args.repeat, args.warmup, backward=False)
                 full, mem = bench_one(fn, inputs, shape[0], device, args.repeat, args.warmup, backward=True)
             except (RuntimeError, MemoryError) as e:
-                print(f"{sname:28s} {pname:9s} [failed: {str(e).splitlines()[0][:100]}]")
+                print(f"{sname:28s} {pname:9s} [failed: {str(e).splitlines()[0][:100]}]", flush=True)
+                results.append({"shape": sname, "provider": pname, "status": "failed",
+                                "reason": str(e).splitlines()[0][:300]})
+                _write_json(out, path)
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
                 continue
-            rows[pname] = {"forward_ms": fwd * 1e3, "fwd_bwd_ms": full * 1e3, "peak_extra_mb": mem / 2 ** 20}
-        for pname, r in rows.items():
+            r = rows[pname] = {"forward_ms": fwd * 1e3, "fwd_bwd_ms": full * 1e3, "peak_extra_mb": mem / 2 ** 20,
+                               **extra}
+            # ratios against the rows measured before this one in the same run (eager and compile
+            # come first)
             if "eager" in rows:
                 r["speedup_vs_eager_fwd_bwd"] = rows["eager"]["fwd_bwd_ms"] / r["fwd_bwd_ms"]
             if "compile" in rows:
@@ -300,13 +348,18 @@ def main(argv=None):
                     f"{r.get('speedup_vs_eager_fwd_bwd', float('nan')):8.2f} {r.get('speedup_vs_compile_fwd_bwd', float('nan')):9.2f}")
             if peak_bw:
                 line += f" {r['achieved_gbs_fwd_bwd']:7.0f} {100 * r['fraction_of_peak_bw']:5.1f}%"
-            print(line)
+            print(line, flush=True)
             results.append({"shape": sname, "K": shape[0], "Br": shape[1], "Bs": shape[2], "layers": shape[3],
-                            "D": shape[4], "provider": pname, **r})
+                            "D": shape[4], "provider": pname, "status": "ok", **r})
+            _write_json(out, path)  # after every row: a run cut midway keeps what it measured
         del inputs
-    out = {**_run_meta(device, dev_name, args, argv), "load_average_end": os.getloadavg(), "dtype": args.dtype,
-           "peak_bandwidth_gbs": peak_bw, "results": results}
-    return _write_results(out, args.json, f"bench_loss_{device.type}")
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    out["complete"] = True
+    out["load_average_end"] = os.getloadavg()
+    _write_json(out, path)
+    print(f"wrote {path}")
+    return out
 
 
 def _run_meta(device, dev_name, args, argv) -> dict:
@@ -318,12 +371,23 @@ def _run_meta(device, dev_name, args, argv) -> dict:
             "command": " ".join(["python", "benchmarks/bench_loss.py"] + (argv or sys.argv[1:]))}
 
 
-def _write_results(out: dict, path, stem: str) -> dict:
-    path = path or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+def _results_path(path, stem: str) -> str:
+    return path or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                 f"{stem}_{datetime.date.today().isoformat()}.json")
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(path, "w") as f:
+
+
+def _write_json(out: dict, path: str) -> None:
+    """Atomic rewrite (a reader, or a run killed mid-write, never sees half a file)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
         json.dump(out, f, indent=2)
+    os.replace(tmp, path)
+
+
+def _write_results(out: dict, path, stem: str) -> dict:
+    path = _results_path(path, stem)
+    _write_json(out, path)
     print(f"wrote {path}")
     return out
 
@@ -361,4 +425,8 @@ def _version(mod):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # a time limit's SIGINT: every finished row is already on disk
+        print("interrupted: the JSON holds the rows finished so far", file=sys.stderr, flush=True)
+        sys.exit(130)
