@@ -130,6 +130,17 @@ def bytes_moved(real, syn, re, se, with_backward: bool) -> int:
 BACKEND_DEVICE_TYPES = {"cpu": ("cpu",), "cuda": ("cuda",), "triton": ("cuda",)}
 
 
+def _ratios(rows: dict) -> None:
+    """Speed-ups of every row of one shape against its eager and compiled-reference rows (filled in
+    as those arrive: compile is timed last, after the fused rows, so a cut run keeps those)."""
+    for r in rows.values():
+        if "eager" in rows:
+            r["speedup_vs_eager_fwd_bwd"] = rows["eager"]["fwd_bwd_ms"] / r["fwd_bwd_ms"]
+        if "compile" in rows:
+            r["speedup_vs_compile_fwd_bwd"] = rows["compile"]["fwd_bwd_ms"] / r["fwd_bwd_ms"]
+            r["speedup_vs_compile_fwd"] = rows["compile"]["forward_ms"] / r["forward_ms"]
+
+
 def compiled_reference():
     """``torch.compile`` of the reference with static shapes: built afresh for every shape, so that
     each shape is timed against a graph specialised to it (with one compiled function reused, the
@@ -141,8 +152,6 @@ def compiled_reference():
 def providers(device, names=None, with_compile=True):
     """name -> loss function; ``"compile"`` maps to :func:`compiled_reference` (called per shape)."""
     out = {"eager": lambda *a, **k: reference.attention_matching_loss(*a, **k)}
-    if with_compile:
-        out["compile"] = compiled_reference
     for n in BACKEND_NAMES:
         if n == "reference" or device.type not in BACKEND_DEVICE_TYPES.get(n, (device.type,)):
             continue  # the Triton interpreter is a correctness tool, not a CPU backend
@@ -156,6 +165,8 @@ def providers(device, names=None, with_compile=True):
         if not b.supports(device):
             continue
         out[n] = (lambda name: (lambda *a, **k: datadam_fast.attention_matching_loss(*a, backend=name, **k)))(n)
+    if with_compile:  # last: its compile takes the longest, and a cut run then keeps the fused rows
+        out["compile"] = compiled_reference
     if names:
         out = {k: v for k, v in out.items() if k in names}
     return out
@@ -330,28 +341,26 @@ def main(argv=None):
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
                 continue
-            r = rows[pname] = {"forward_ms": fwd * 1e3, "fwd_bwd_ms": full * 1e3, "peak_extra_mb": mem / 2 ** 20,
-                               **extra}
-            # ratios against the rows measured before this one in the same run (eager and compile
-            # come first)
-            if "eager" in rows:
-                r["speedup_vs_eager_fwd_bwd"] = rows["eager"]["fwd_bwd_ms"] / r["fwd_bwd_ms"]
-            if "compile" in rows:
-                r["speedup_vs_compile_fwd_bwd"] = rows["compile"]["fwd_bwd_ms"] / r["fwd_bwd_ms"]
-                r["speedup_vs_compile_fwd"] = rows["compile"]["forward_ms"] / r["forward_ms"]
+            r = {"shape": sname, "K": shape[0], "Br": shape[1], "Bs": shape[2], "layers": shape[3], "D": shape[4],
+                 "provider": pname, "status": "ok", "forward_ms": fwd * 1e3, "fwd_bwd_ms": full * 1e3,
+                 "peak_extra_mb": mem / 2 ** 20, **extra}
             moved = bytes_moved(*inputs, with_backward=True)
             r["bytes_moved_fwd_bwd"] = moved
             r["achieved_gbs_fwd_bwd"] = moved / (r["fwd_bwd_ms"] / 1e3) / 1e9
             if peak_bw:
                 r["fraction_of_peak_bw"] = r["achieved_gbs_fwd_bwd"] / peak_bw
+            rows[pname] = r
+            results.append(r)
+            print(f"[{sname}] {pname}: fwd {r['forward_ms']:.3f} ms, fwd+bwd {r['fwd_bwd_ms']:.3f} ms",
+                  file=sys.stderr, flush=True)
+            _ratios(rows)
+            _write_json(out, path)  # after every row: a run cut midway keeps what it measured
+        for pname, r in rows.items():
             line = (f"{sname:28s} {pname:9s} {r['forward_ms']:9.2f} {r['fwd_bwd_ms']:11.2f} {r['peak_extra_mb']:9.1f} "
                     f"{r.get('speedup_vs_eager_fwd_bwd', float('nan')):8.2f} {r.get('speedup_vs_compile_fwd_bwd', float('nan')):9.2f}")
             if peak_bw:
                 line += f" {r['achieved_gbs_fwd_bwd']:7.0f} {100 * r['fraction_of_peak_bw']:5.1f}%"
             print(line, flush=True)
-            results.append({"shape": sname, "K": shape[0], "Br": shape[1], "Bs": shape[2], "layers": shape[3],
-                            "D": shape[4], "provider": pname, "status": "ok", **r})
-            _write_json(out, path)  # after every row: a run cut midway keeps what it measured
         del inputs
         if device.type == "cuda":
             torch.cuda.empty_cache()
