@@ -27,14 +27,13 @@ import datetime
 import json
 import os
 import platform
-import statistics
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_loss import _write_json, peak_bandwidth  # noqa: E402
+from gpu_env import timed as _timed  # noqa: E402
 
 # name: layer shapes [N, C, H, W] of one call
 PROBLEMS = {
@@ -48,27 +47,6 @@ PROBLEMS = {
 GPU_DEFAULT = ["cifar-real-640", "tiny-imagenet-real-2000"]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 LAYOUTS = ("nchw", "channels_last")
-
-
-def _timed(fn, device, repeat, warmup=2):
-    for _ in range(warmup):
-        fn()
-    times = []
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        for _ in range(repeat):
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn()
-            b.record()
-            b.synchronize()
-            times.append(a.elapsed_time(b) / 1e3)
-    else:
-        for _ in range(repeat):
-            t = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t)
-    return statistics.median(times)
 
 
 def _nbytes(ts):

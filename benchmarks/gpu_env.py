@@ -43,9 +43,10 @@ def _cmd(args, timeout=20):
         return None
 
 
-def _timed(fn, device, repeat):
-    """Median seconds of ``fn`` over ``repeat`` calls after two warm-ups (CUDA events on a GPU)."""
-    for _ in range(2):
+def timed(fn, device, repeat, warmup=2):
+    """Median seconds of ``fn`` over ``repeat`` calls after ``warmup`` untimed ones (CUDA events on
+    a GPU, wall clock on a CPU)."""
+    for _ in range(warmup):
         fn()
     times = []
     if device.type == "cuda":
@@ -69,13 +70,13 @@ def ceilings(device, copy_mib, gemm, repeat):
     n = copy_mib * 2 ** 20 // 4
     src = torch.empty(n, dtype=torch.float32, device=device).uniform_()
     dst = torch.empty_like(src)
-    sec = _timed(lambda: dst.copy_(src), device, repeat)
+    sec = timed(lambda: dst.copy_(src), device, repeat)
     copy = {"bytes": 2 * n * 4, "median_s": sec, "gbs": 2 * n * 4 / sec / 1e9}
     del src, dst
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     a = torch.randn(gemm, gemm, device=device, dtype=dtype)
     b = torch.randn(gemm, gemm, device=device, dtype=dtype)
-    sec = _timed(lambda: a @ b, device, repeat)
+    sec = timed(lambda: a @ b, device, repeat)
     mm = {"n": gemm, "dtype": str(dtype).replace("torch.", ""), "median_s": sec, "tflops": 2 * gemm ** 3 / sec / 1e12}
     return {"copy_d2d": copy, "gemm": mm}
 
