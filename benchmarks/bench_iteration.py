@@ -528,11 +528,9 @@ def main(argv=None) -> Dict:
         out = {"machine": meta, "loadavg_start": load_start, "loadavg_end": _loadavg(), "note": args.note,
                "args": vars(args), "complete": state["complete"], "goal": state.get("goal"),
                "rows": summarize(rows + placeholders, args.base)}
+        from datadam_fast._io import atomic_write_text
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        tmp = f"{path}.tmp{os.getpid()}"
-        with open(tmp, "w") as f:
-            json.dump(out, f, indent=2)
-        os.replace(tmp, path)
+        atomic_write_text(path, json.dumps(out, indent=2))
         return out
 
     def iterate(r: Row, rep: int, phases: bool) -> bool:

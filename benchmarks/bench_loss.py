@@ -35,7 +35,7 @@ import torch
 
 import datadam_fast
 from datadam_fast import reference
-from datadam_fast.backends import BACKEND_NAMES, BackendUnavailable, get_backend
+from datadam_fast.backends import BACKEND_NAMES, DEVICE_TYPES, BackendUnavailable, get_backend
 
 # name: (K, Br, Bs, [(C, H, W), ...] matched layers, D embedding)
 SHAPES = {
@@ -125,11 +125,6 @@ def bytes_moved(real, syn, re, se, with_backward: bool) -> int:
     return n
 
 
-#: device types each fused backend runs on, known without loading it: a GPU run never builds the
-#: C++ CPU extension only to skip it
-BACKEND_DEVICE_TYPES = {"cpu": ("cpu",), "cuda": ("cuda",), "triton": ("cuda",)}
-
-
 def _ratios(rows: dict) -> None:
     """Speed-ups of every row of one shape against its eager and compiled-reference rows (filled in
     as those arrive: compile is timed last, after the fused rows, so a cut run keeps those)."""
@@ -153,7 +148,9 @@ def providers(device, names=None, with_compile=True):
     """name -> loss function; ``"compile"`` maps to :func:`compiled_reference` (called per shape)."""
     out = {"eager": lambda *a, **k: reference.attention_matching_loss(*a, **k)}
     for n in BACKEND_NAMES:
-        if n == "reference" or device.type not in BACKEND_DEVICE_TYPES.get(n, (device.type,)):
+        if n == "reference" or device.type not in DEVICE_TYPES.get(n, (device.type,)):
+            continue  # never load one device's extension only to skip it
+        if n == "triton" and device.type == "cpu":
             continue  # the Triton interpreter is a correctness tool, not a CPU backend
         if names and n not in names:
             continue
@@ -387,11 +384,9 @@ def _results_path(path, stem: str) -> str:
 
 def _write_json(out: dict, path: str) -> None:
     """Atomic rewrite (a reader, or a run killed mid-write, never sees half a file)."""
+    from datadam_fast._io import atomic_write_text
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(out, f, indent=2)
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(out, indent=2))
 
 
 def _write_results(out: dict, path, stem: str) -> dict:

@@ -251,10 +251,7 @@ def _repeat(impl: str, device: torch.device, repeat: int) -> int:
     return 1 if impl == "triton" and device.type == "cpu" else repeat
 
 
-#: the device types each loss backend's kernels run on, known without loading it (so that a GPU
-#: run never builds the C++ CPU extension only to skip it); Triton runs CPU tensors only under
-#: its interpreter, which ``supports`` answers once it is loaded
-_BACKEND_DEVICE_TYPES = {"cpu": ("cpu",), "cuda": ("cuda",), "triton": ("cuda", "cpu")}
+#: as ``loss.backends.DEVICE_TYPES``, for the real-side epilogue's implementations
 _EPILOGUE_DEVICE_TYPES = {"cpu": ("cpu",), "triton": ("cuda", "cpu")}
 
 
@@ -269,7 +266,7 @@ def verify(device="cpu", repeat: Optional[int] = None, log: Callable[[str], None
            on_row: Callable[[Row], None] = lambda r: None) -> Tuple[List[Row], List[str]]:
     """Run every fused implementation available on ``device``: (rows, lines ``"<name>: <why>"``
     naming each one that is not available here). ``on_row`` sees each row as it finishes."""
-    from .loss.backends import BACKEND_NAMES, BackendUnavailable, get_backend
+    from .loss.backends import BACKEND_NAMES, DEVICE_TYPES, BackendUnavailable, get_backend
     from .models.networks import get_network
     from .distill.real_side import IMPLS, unavailable_reason
     device = torch.device(device)
@@ -280,7 +277,7 @@ def verify(device="cpu", repeat: Optional[int] = None, log: Callable[[str], None
     for name in BACKEND_NAMES:
         if name == "reference":
             continue
-        if device.type not in _BACKEND_DEVICE_TYPES.get(name, (device.type,)):
+        if device.type not in DEVICE_TYPES.get(name, (device.type,)):
             skipped.append(f"{name}: does not run on {device.type} (not loaded)")
             continue
         try:

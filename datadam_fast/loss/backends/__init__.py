@@ -29,6 +29,10 @@ import torch
 from ...errors import BackendUnavailable, UserError, describe_failure
 
 BACKEND_NAMES = ("reference", "triton", "cuda", "cpu")
+#: device types each fused backend's kernels can run on, known without loading it (so that a tool
+#: never builds one device's extension only to skip it); Triton takes CPU tensors only under its
+#: interpreter, which its ``supports`` answers once loaded
+DEVICE_TYPES = {"triton": ("cuda", "cpu"), "cuda": ("cuda",), "cpu": ("cpu",)}
 
 
 class Backend:
@@ -78,9 +82,12 @@ class NativeOpBackend(Backend):
     """A backend whose kernels are dispatcher ops ``torch.ops.datadam_fast.<name>_fwd`` / ``_bwd``
     registered by a compiled extension (``TORCH_LIBRARY_IMPL``), over lists of layers."""
 
-    #: the device type its kernels are registered for ("cpu" / "cuda")
-    device_type = "cpu"
+    #: the device type its kernels are registered for ("cpu" / "cuda"; set by each backend)
+    device_type = ""
     _DEVICE_WORDS = {"cpu": "CPU", "cuda": "CUDA"}
+
+    def supports(self, device) -> bool:
+        return torch.device(device).type == self.device_type
 
     def _bwd_extra_args(self) -> tuple:
         return ()

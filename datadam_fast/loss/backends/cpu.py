@@ -83,6 +83,7 @@ def _register_python_parts() -> None:
 class CPUBackend(NativeOpBackend):
     """Fused C++ kernels for CPU tensors; all layers of a call in one C++ call."""
     name = "cpu"
+    device_type = "cpu"
 
     def __init__(self):
         self._ext = _load_extension()  # BackendUnavailable propagates (auto falls back)
@@ -93,9 +94,6 @@ class CPUBackend(NativeOpBackend):
         # Advise transparent huge pages for large gradient buffers (see the C++ source);
         # DATADAM_FAST_CPU_THP=0 turns the advice off.
         self._huge_pages = os.environ.get("DATADAM_FAST_CPU_THP", "1") != "0"
-
-    def supports(self, device) -> bool:
-        return torch.device(device).type == "cpu"
 
     def _bwd_extra_args(self) -> tuple:
         return (self._huge_pages,)

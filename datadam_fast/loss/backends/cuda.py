@@ -85,6 +85,3 @@ class CUDABackend(NativeOpBackend):
             raise BackendUnavailable(f"backend 'cuda' unavailable: {reason}")
         self._ext = _load_extension()  # BackendUnavailable propagates (auto falls back)
         _register_python_parts()
-
-    def supports(self, device) -> bool:
-        return torch.device(device).type == "cuda"
