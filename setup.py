@@ -18,8 +18,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 # executed from its file: importing the package here would import torch before it is installed
 _c = runpy.run_path(os.path.join(HERE, "datadam_fast", "_constants.py"))
 
-packages = ["datadam_fast", "datadam_fast.loss", "datadam_fast.loss.backends", "datadam_fast.distill",
-            "datadam_fast.models", "datadam_fast.data", "datadam_fast.kernels", "datadam_fast._csrc"]
+packages = ["datadam_fast", "datadam_fast.cli", "datadam_fast.distill", "datadam_fast.evaluation", "datadam_fast.loss",
+            "datadam_fast.loss.backends", "datadam_fast.models", "datadam_fast.data", "datadam_fast.kernels",
+            "datadam_fast._csrc"]
 # kernels/ -> datadam_fast.kernels; csrc/ ships as datadam_fast/_csrc so the JIT build works from a wheel too
 package_dir = {"datadam_fast": "datadam_fast", "datadam_fast.kernels": "kernels", "datadam_fast._csrc": "csrc"}
 

@@ -24,7 +24,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from datadam_fast.data import load_dataset  # noqa: E402
-from datadam_fast.evaluate import EvalConfig, accuracies_batched, accuracy, train_networks  # noqa: E402
+from datadam_fast.evaluation.evaluate import EvalConfig, accuracies_batched, accuracy, train_networks  # noqa: E402
 
 
 class _Subset:

@@ -254,7 +254,7 @@ class ConvLimitRow(Row):
 
     def __init__(self, train_set, args, device):
         super().__init__("limit:convs")
-        from datadam_fast.networks import get_network
+        from datadam_fast.models.networks import get_network
         ds = train_set
         cfg = DistillConfig(dataset=args.dataset, ipc=args.ipc, batch_real=args.batch_real, width=args.width,
                             preset=BASE_PRESET).resolved(ds.image_size)

@@ -34,8 +34,8 @@ import time
 import torch
 
 import datadam_fast
-from datadam_fast import reference
-from datadam_fast.backends import BACKEND_NAMES, DEVICE_TYPES, BackendUnavailable, get_backend
+from datadam_fast.loss import reference
+from datadam_fast.loss.backends import BACKEND_NAMES, DEVICE_TYPES, BackendUnavailable, get_backend
 
 # name: (K, Br, Bs, [(C, H, W), ...] matched layers, D embedding)
 SHAPES = {
@@ -217,7 +217,7 @@ USER_STEP = {"K": 10, "Br": 16, "Bs": 10, "width": 128, "depth": 3, "im": 32}
 
 
 def bench_user_step(device, repeat, warmup, K, Br, Bs, width, depth, im):
-    from datadam_fast.networks import ConvNet
+    from datadam_fast.models.networks import ConvNet
     g = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
     net = ConvNet(3, K, width=width, depth=depth, norm="instancenorm", im_size=(im, im)).to(device)

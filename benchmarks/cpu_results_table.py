@@ -20,7 +20,7 @@ import torch
 
 from datadam_fast.data import load_dataset
 from datadam_fast.distill import DistillConfig, Distiller
-from datadam_fast.evaluate import EvalConfig, evaluate_synthetic
+from datadam_fast.evaluation.evaluate import EvalConfig, evaluate_synthetic
 
 
 def main(argv=None):

@@ -1,7 +1,7 @@
 """Registers, stack and spills of every CUDA kernel in csrc/, per GPU architecture, from ptxas.
 
 No GPU needed: compiles csrc/spatial_attention_kernels.cuh (every dtype x power instantiation)
-with ``nvcc -Xptxas -v`` exactly as tests/test_cuda_compile.py does (same translation unit, flags
+with ``nvcc -Xptxas -v`` exactly as tests/loss/test_cuda_compile.py does (same translation unit, flags
 and parser, imported from it) and writes one row per (kernel, arch).
 
     python benchmarks/cuda_ptxas.py [--archs 80,90] [--json benchmarks/results/cuda_ptxas.json]

@@ -5,7 +5,7 @@ table (kernel, config, arch, registers, budget, stack, vector loads/stores, shar
     PYTHONPATH=.venv/triton36 python benchmarks/gpu_codegen.py   # the same under triton 3.6
     python benchmarks/gpu_codegen.py --markdown  # docs/gpu.md's table from both JSON files
 
-Machinery: ``datadam_fast.kernels.codegen`` (also used by tests/test_gpu_codegen.py).
+Machinery: ``datadam_fast.kernels.codegen`` (also used by tests/loss/test_gpu_codegen.py).
 """
 import argparse
 import json

@@ -198,8 +198,8 @@ for s in "${STAGES[@]}"; do
     iteration)
         stage iteration "$PY" benchmarks/bench_iteration.py "${ITER_ARGS[@]}" --json "$WORK/bench_iteration_cifar10_shape.json" ;;
     tests)
-        stage tests env TRITON_INTERPRET=0 "$PY" -m pytest -q -rs -p no:cacheprovider tests/test_backend_triton.py \
-            tests/test_real_epilogue.py tests/test_backend_cuda.py tests/test_compiled.py::test_cuda_graphs_equal_eager_on_gpu \
+        stage tests env TRITON_INTERPRET=0 "$PY" -m pytest -q -rs -p no:cacheprovider tests/loss/test_backend_triton.py \
+            tests/loss/test_real_epilogue.py tests/loss/test_backend_cuda.py tests/distill/test_compiled.py::test_cuda_graphs_equal_eager_on_gpu \
             -k "$TEST_K" --junitxml="$WORK/tests_gpu.xml" ;;
     iter_imagenet)
         stage iter_imagenet "$PY" benchmarks/bench_iteration.py "${INET_ARGS[@]}" \

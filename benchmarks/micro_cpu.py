@@ -3,7 +3,7 @@
 Times one forward+backward of the whole attention-matching loss (K=10, p=4; real
 [640,128,32,32] + [640,128,16,16] + [640,2048] embedding, synthetic [100, ...] requiring grad)
 for ``datadam_fast.attention_matching_loss(..., backend="cpu")``, ``torch.compile`` of
-``datadam_fast.reference.attention_matching_loss`` and the eager reference. Medians of --reps runs.
+``datadam_fast.loss.reference.attention_matching_loss`` and the eager reference. Medians of --reps runs.
 
     python benchmarks/micro_cpu.py [--reps 15] [--no-compile] [--no-eager] [--kernels] [--rand]
                                    [--threads T] [--cpu-time]
@@ -21,7 +21,7 @@ import time
 import torch
 
 import datadam_fast
-from datadam_fast import reference
+from datadam_fast.loss import reference
 
 
 def make_inputs(dist: str, seed: int = 0):
@@ -121,7 +121,7 @@ def main():
         print(f"speed-up vs eager:         {res['eager'] / best:.2f}x")
 
     if args.kernels:
-        from datadam_fast.backends import get_backend
+        from datadam_fast.loss.backends import get_backend
         be = get_backend("cpu")
         sd = [s.detach() for s in syn]
         med, _ = median_ms(lambda: be.forward(real, 4.0), args.reps)

@@ -35,8 +35,8 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-from datadam_fast.augment import DSA, DEFAULT_STRATEGY
-from datadam_fast.networks import default_depth, get_network
+from datadam_fast.models.augment import DSA, DEFAULT_STRATEGY
+from datadam_fast.models.networks import default_depth, get_network
 
 # The official seeds (clock ms) live in [0, SEED_RANGE); ours are drawn from the same range.
 SEED_RANGE = 100000

@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from datadam_fast.data._base import IMAGENET_MEAN, IMAGENET_STD, ImageDataset  # noqa: E402
 from datadam_fast.distill import DistillConfig, Distiller  # noqa: E402
-from datadam_fast.memory import GB, MB, linear_fit  # noqa: E402
+from datadam_fast.distill.memory import GB, MB, linear_fit  # noqa: E402
 from datadam_fast.distill.step import ClassSums  # noqa: E402
 
 SHAPES = {"ConvNet@32": 32, "ConvNetD4@64": 64}

@@ -18,7 +18,7 @@
 // Layers are grouped by dtype; each group of up to kMaxLayers layers costs two kernel launches
 // per direction, whatever the number of layers.
 //
-// DATADAM_FAST_HOST_EMULATION (tests only, tests/test_backend_cuda.py): this file is compiled by
+// DATADAM_FAST_HOST_EMULATION (tests only, tests/loss/test_backend_cuda.py): this file is compiled by
 // the host C++ compiler against CPU tensors, with the kernels run by a CPU emulation of the
 // thread model; the few lines that differ are marked by that macro.
 #include "spatial_attention_kernels.cuh"

@@ -2,7 +2,7 @@
 //
 // This header depends only on the CUDA toolkit (cuda_runtime.h, cuda_fp16.h, cuda_bf16.h), so that
 // the kernels can be compile-checked with nvcc on machines whose PyTorch has no CUDA
-// (tests/test_cuda_compile.py). The PyTorch glue (argument checks, allocation, stream, pybind11)
+// (tests/loss/test_cuda_compile.py). The PyTorch glue (argument checks, allocation, stream, pybind11)
 // lives in spatial_attention_cuda.cu, which includes this file.
 //
 // Math (datadam_fast/reference.py), per layer with f: [N, C, H, W], HW = H*W:
@@ -236,7 +236,7 @@ __device__ __forceinline__ double fwd_reduce_nchw(const LayerDesc& d, const Feat
     int64_t c = fb.c0 + ty;
     // A general power costs two transcendentals per element (log2, exp2), so fewer rows in flight
     // hide the latency as well; with kUnroll rows the 16-bit instantiations spill on sm_90 (ptxas
-    // stops at 64 registers), which tests/test_cuda_compile.py refuses.
+    // stops at 64 registers), which tests/loss/test_cuda_compile.py refuses.
     constexpr int U = P == 0 ? 2 : kUnroll;
     for (; c + (U - 1) * TY < fb.c1; c += U * TY, base += U * step) {
       T x[U][V];
@@ -572,7 +572,7 @@ inline int power_case(double p) {
   return p == 1.0 ? 1 : p == 2.0 ? 2 : p == 3.0 ? 3 : p == 4.0 ? 4 : 0;
 }
 
-// Kernel launch. DATADAM_FAST_HOST_EMULATION is a test-only mode (tests/test_backend_cuda.py):
+// Kernel launch. DATADAM_FAST_HOST_EMULATION is a test-only mode (tests/loss/test_backend_cuda.py):
 // the header is compiled by the host C++ compiler and the test harness runs each block's 256
 // threads on CPU threads (datadam_fast_emulated_launch), so that the indexing and reductions
 // of these very kernels are exercised without a GPU.

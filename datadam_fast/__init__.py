@@ -4,9 +4,6 @@ from .loss import (AttentionMatchingLoss, ClassMeanAccumulator, ClassTargets, Fe
                    attention_matching_loss, available_backends, check_streaming_safe, class_attention_means,
                    class_embedding_means, resolved_backend, spatial_attention)
 from . import profiling
-from . import _compat
-
-_compat.install()
 
 __version__ = "0.1.0"
 

@@ -6,7 +6,7 @@ null context without formatting strings or touching CUDA. NVTX: turn on with
 ``DATADAM_FAST_NVTX=1`` or :func:`enable`; ranges go to the ``datadam_fast`` domain of the
 ``nvtx`` package when it is importable, else to ``torch.cuda.nvtx`` when CUDA is available;
 otherwise (CPU builds, where ``torch.cuda.nvtx`` raises) they are a no-op. ``torch.profiler``:
-:func:`enable_record` (done by ``distill --profile``, see :mod:`datadam_fast.profiler`) makes the
+:func:`enable_record` (done by ``distill --profile``, see :mod:`datadam_fast.distill.trace`) makes the
 same ranges ``torch.profiler.record_function`` ranges of the same names; both can be on at once.
 """
 from __future__ import annotations

@@ -8,7 +8,7 @@ strides and 16-byte-aligned "addresses", no memory) with a faked SM count, and e
 ``ptxas`` and ``cuobjdump``, so the cubin's registers, stack and shared memory and the PTX's
 vector loads/stores are readable.
 
-Used by ``tests/test_gpu_codegen.py`` (asserts the budgets) and ``benchmarks/gpu_codegen.py``
+Used by ``tests/loss/test_gpu_codegen.py`` (asserts the budgets) and ``benchmarks/gpu_codegen.py``
 (prints the table, writes JSON). Run as ``python -m datadam_fast.kernels.codegen --json PATH``;
 ``TRITON_INTERPRET`` must be unset (interpreted kernels cannot be compiled).
 """

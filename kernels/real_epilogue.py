@@ -49,7 +49,7 @@ NaN: NaN in, NaN out, as in eager PyTorch. ReLU and max-pool use ``propagate_nan
 default ``tl.maximum`` lowers to ``max.f32``, which returns the non-NaN operand) and the M2
 clamp is a NaN-preserving ``where``.
 
-Register budgets (``REG_BUDGET``) are checked per compiled variant by ``tests/test_gpu_codegen.py``
+Register budgets (``REG_BUDGET``) are checked per compiled variant by ``tests/loss/test_gpu_codegen.py``
 for sm_80 and sm_90 (no GPU needed; see docs/gpu.md).
 """
 from __future__ import annotations
@@ -61,15 +61,15 @@ import triton
 import triton.language as tl
 
 from .._constants import EPILOGUE_ACTS, EPILOGUE_POOLS
-from .spatial_attention import (Launch, _abs_pow, _flat_hw_stride, _power_mode, _vec_for, gpu_sm_count, interpreter_active,
-                                _next_pow2, run_launches)
+from ._common import (Launch, abs_pow, elem_addr, flat_hw_stride, gpu_sm_count, interpreter_active, next_pow2,
+                      power_mode, run_launches, vec_for)
 
 ACTS = {name: code for code, name in enumerate(EPILOGUE_ACTS)}
 POOLS = {name: code for code, name in enumerate(EPILOGUE_POOLS)}
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 #: register budgets per thread (sm_80 / sm_90, every launcher configuration), asserted by
-#: tests/test_gpu_codegen.py: the apply kernels stream y like the spatial-attention kernels
+#: tests/loss/test_gpu_codegen.py: the apply kernels stream y like the spatial-attention kernels
 #: (<= 128 keeps 16 warps per SM resident); the stats kernels hold two fp32 accumulator tiles
 REG_BUDGET = {"real_epilogue_stats": 128, "real_epilogue_stats_combine": 64, "real_epilogue_apply": 128}
 
@@ -179,7 +179,7 @@ def _act(x, slope, ACT: tl.constexpr):
 
 @triton.jit
 def _att_part(v, m, power, POWER_MODE: tl.constexpr):
-    return tl.sum(tl.where(m, _abs_pow(tl.abs(v), power, POWER_MODE), 0.0), axis=0)
+    return tl.sum(tl.where(m, abs_pow(tl.abs(v), power, POWER_MODE), 0.0), axis=0)
 
 
 @triton.jit
@@ -364,9 +364,6 @@ def _check(y: torch.Tensor) -> None:
                            f"got a tensor on {y.device}")
 
 
-def _elem_addr(t: torch.Tensor) -> int:
-    return t.data_ptr() // t.element_size()
-
 
 def _strides(t: torch.Tensor) -> Tuple[int, int, int, int]:
     # strides of size-1 dims are never multiplied by a non-zero index: 0 keeps them out of the
@@ -387,32 +384,32 @@ def stats_plan(y: torch.Tensor, *, sm_count: Optional[int]
         return mean, m2, []
     sN, sC, sH, sW = _strides(y)
     es = y.element_size()
-    s_hw = _flat_hw_stride(H, W, *y.stride()[2:])
+    s_hw = flat_hw_stride(H, W, *y.stride()[2:])
     if HW == 1 or s_hw == 1:
         layout = STATS_LAYOUT_HW
         sW = 1
-        vec = _vec_for(es, [_elem_addr(y), HW, sN, sC])
+        vec = vec_for(es, [elem_addr(y), HW, sN, sC])
     elif s_hw is not None and (sC == 1 or C == 1):
         layout = STATS_LAYOUT_CL
         sC, sW = 1, s_hw  # channels contiguous; flat pixel stride (C for a dense tensor)
-        vec = _vec_for(es, [_elem_addr(y), C, sN, sW])
+        vec = vec_for(es, [elem_addr(y), C, sN, sW])
     else:
         layout, vec = STATS_LAYOUT_GENERIC, 1
     if sm_count is None:  # interpreter: few, big programs
-        bc = min(_next_pow2(C), 64)
-        bp = min(_next_pow2(HW), 1024)
+        bc = min(next_pow2(C), 64)
+        bp = min(next_pow2(HW), 1024)
         split = 1
     else:
         if layout == STATS_LAYOUT_CL:
             # a whole channel row (up to 128 channels) per pixel: full 32-byte sectors, and no
             # sibling channel block of the same pixel N programs away
-            bc = min(_next_pow2(C), 128)
+            bc = min(next_pow2(C), 128)
             bp = max((4096 if vec > 1 else 1024) // bc, 8)
         else:
-            bc = min(_next_pow2(C), 8)
+            bc = min(next_pow2(C), 8)
             # no vectors (strided view): every element has its own 64-bit address, keep the
             # tile at 1024 elements (8 per thread) next to the two fp32 accumulators
-            bp = min(max(_next_pow2(HW), 16), 512 if vec > 1 else 128)
+            bp = min(max(next_pow2(HW), 16), 512 if vec > 1 else 128)
         cblocks = triton.cdiv(C, bc)
         # enough programs to fill the GPU (4 per SM) without ranges shorter than two tiles
         want = triton.cdiv(4 * sm_count, N * cblocks)
@@ -432,7 +429,7 @@ def stats_plan(y: torch.Tensor, *, sm_count: Optional[int]
         launches.append(Launch(_stats_kernel, "real_epilogue_stats", grid,
                                (y, p1, p2, C, HW, W, sN, sC, sH, sW, tiles),
                                dict(LAYOUT=layout, FINAL=False, BLOCK_C=bc, BLOCK_P=bp, VEC=vec), 4))
-        bc2 = min(_next_pow2(C), 128)
+        bc2 = min(next_pow2(C), 128)
         launches.append(Launch(_stats_combine_kernel, "real_epilogue_stats_combine", (N, triton.cdiv(C, bc2)),
                                (y, p1, p2, mean, m2, C, HW, sN, sC, split), dict(BLOCK_C=bc2), 4))
     return mean, m2, launches
@@ -473,38 +470,38 @@ def apply_plan(y: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, *, act
     interp = sm_count is None
     QH, QW = (H + 1) // 2, (W + 1) // 2
     es = y.element_size()
-    common = dict(ACT=ACTS[act], POOL=POOLS[pool], POWER_MODE=_power_mode(power), ATT=bool(attention))
+    common = dict(ACT=ACTS[act], POOL=POOLS[pool], POWER_MODE=power_mode(power), ATT=bool(attention))
     att_arg = att if attention else scale
     sN, sC, sH, sW = _strides(y)
     oN, oC, oH, oW = _strides(out)
     if sC == 1 and sW != 1:  # channels contiguous: each pixel of a quad is a row of channels
-        vec = _vec_for(es, [_elem_addr(y), _elem_addr(out), C, sN, sH, sW, oN, oH, oW])
+        vec = vec_for(es, [elem_addr(y), elem_addr(out), C, sN, sH, sW, oN, oH, oW])
         if interp:
-            bc, bq, warps = min(_next_pow2(C), 64), min(_next_pow2(QH * QW), 1024), 4
+            bc, bq, warps = min(next_pow2(C), 64), min(next_pow2(QH * QW), 1024), 4
         elif vec > 1:
             # four pixel tiles of bc x bq live at once: 4096 elements over 8 warps (16 per
             # thread, 4 contiguous channels each: one 16-byte access per pixel)
-            bc = min(_next_pow2(C), 64)
-            bq, warps = min(_next_pow2(QH * QW), max(1024 // bc, 8)), 8
+            bc = min(next_pow2(C), 64)
+            bq, warps = min(next_pow2(QH * QW), max(1024 // bc, 8)), 8
         else:
             # no vectors: every element carries its own 64-bit address, 1024 in all
-            bc = min(_next_pow2(C), 32)
-            bq, warps = min(_next_pow2(QH * QW), max(256 // bc, 8)), 4
+            bc = min(next_pow2(C), 32)
+            bq, warps = min(next_pow2(QH * QW), max(256 // bc, 8)), 4
         vec = min(vec, bc)
         launch = Launch(_apply_quads_kernel, "real_epilogue_apply", (N, triton.cdiv(QH * QW, bq)),
                         (y, scale, shift, out, att_arg, float(power), float(slope),
                          C, H, W, QW, QH * QW, PH, PW, sN, sC, sH, sW, oN, oC, oH, oW),
                         dict(**common, BLOCK_C=bc, BLOCK_Q=bq, VEC=vec), warps)
         return out, att, [launch]
-    bw = max(2, min(_next_pow2(W), 1024 if interp else 64))
+    bw = max(2, min(next_pow2(W), 1024 if interp else 64))
     vec = oVec = 1
     if sW == 1 or W == 1:
         sW = 1
-        vec = min(_vec_for(es, [_elem_addr(y), W, sN, sC, sH]), bw)
-        oVec = min(_vec_for(es, [_elem_addr(out), PW, oN, oC, oH]), max(1, bw // 2))
+        vec = min(vec_for(es, [elem_addr(y), W, sN, sC, sH]), bw)
+        oVec = min(vec_for(es, [elem_addr(out), PW, oN, oC, oH]), max(1, bw // 2))
     # two row tiles of bc x bw live at once: 2048 elements (1024 without vectors, where every
     # element carries its own 64-bit address)
-    bc = min(_next_pow2(C), 64 if interp else max(1, (1024 if vec > 1 else 512) // bw))
+    bc = min(next_pow2(C), 64 if interp else max(1, (1024 if vec > 1 else 512) // bw))
     launch = Launch(_apply_rows_kernel, "real_epilogue_apply", (N * QH, triton.cdiv(W, bw)),
                     (y, scale, shift, out, att_arg, float(power), float(slope),
                      C, H, W, QH, PH, PW, sN, sC, sH, sW, oN, oC, oH, oW),

@@ -41,7 +41,7 @@ so that loads/stores can be vectorised although shapes and strides come from a t
 Host side: ``forward_plan`` / ``backward_plan`` allocate the outputs and return the launches
 (:class:`Launch`: kernel, grid, arguments, constexprs, ``num_warps``); ``run_launches`` runs them
 under the tensors' device guard. ``kernels/codegen.py`` compiles the same plans ahead of time for
-sm_80 / sm_90 and checks them against ``REG_BUDGET`` (tests/test_gpu_codegen.py).
+sm_80 / sm_90 and checks them against ``REG_BUDGET`` (tests/loss/test_gpu_codegen.py).
 
 float64 is not handled here (``TypeError``); the backend sends float64 layers to the reference.
 """
@@ -55,6 +55,8 @@ import triton
 import triton.language as tl
 
 from .._constants import NORM_EPS  # one eps for every backend
+from ._common import (LAUNCH_COUNTS, Launch, abs_pow, elem_addr, flat_hw_stride, gpu_sm_count, interpreter_active,
+                      next_pow2, power_mode, run_launches, vec_for)
 
 # --------------------------------------------------------------------------------------------
 # per-layer metadata table: int64 [L, META_WIDTH], one named column per field
@@ -114,13 +116,10 @@ def _meta_row(**fields: int) -> List[int]:
 LAYOUT_HW_CONTIG, LAYOUT_CHANNELS_LAST, LAYOUT_GENERIC = 0, 1, 2
 
 #: register budgets per thread for every launcher configuration on sm_80 / sm_90, asserted by
-#: tests/test_gpu_codegen.py (compiled ahead of time, no GPU needed). The streaming kernels move
+#: tests/loss/test_gpu_codegen.py (compiled ahead of time, no GPU needed). The streaming kernels move
 #: N*C*H*W elements and must keep 16 warps per SM resident (65536 / (16 * 32) = 128); the row
 #: kernels touch 1/C of the data.
 REG_BUDGET = {"fwd_accum": 128, "bwd_grad": 128, "fwd_normalize": 128, "bwd_ga": 128}
-
-#: number of launches per kernel name since import (tests assert the grouping with it)
-LAUNCH_COUNTS: "collections.Counter[str]" = collections.Counter()
 
 
 # --------------------------------------------------------------------------------------------
@@ -154,28 +153,6 @@ def _layer_ptr_f32(row, FIELD: tl.constexpr, ALIGN: tl.constexpr):
     if ALIGN > 1:
         p = tl.multiple_of(p, ALIGN)
     return p
-
-
-@triton.jit
-def _abs_pow(ax, power, POWER_MODE: tl.constexpr):
-    # |f|^p for ax = |f| >= 0 (or NaN). Integer powers by multiplication; otherwise
-    # exp2(p*log2|f|) with 0 -> 0 (log2 is fed 1 there so no -inf is ever formed).
-    # On a GPU tl.exp2 / tl.log2 lower to ex2.approx.ftz / lg2.approx.ftz: about 1e-7..1e-6
-    # relative error per element and subnormal |f| flushed to 0 (the interpreter is exact), so
-    # GPU comparisons with non-integer p allow >= 2e-6 relative error (docs/gpu.md).
-    if POWER_MODE == 1:
-        r = ax
-    elif POWER_MODE == 2:
-        r = ax * ax
-    elif POWER_MODE == 3:
-        r = ax * ax * ax
-    elif POWER_MODE == 4:
-        sq = ax * ax
-        r = sq * sq
-    else:
-        is0 = ax == 0.0
-        r = tl.where(is0, 0.0, tl.exp2(power * tl.log2(tl.where(is0, 1.0, ax))))
-    return r
 
 
 @triton.jit
@@ -283,7 +260,7 @@ def _fwd_accum_kernel(f_ptr, meta_ptr, power,
             c_off = c.to(tl.int64) * sC
         mask = (c < C)[:, None] & mask_m[None, :]
         x = tl.load(f_base + (c_off[:, None] + off[None, :]), mask=mask, other=0.0).to(tl.float32)
-        acc += _abs_pow(tl.abs(x), power, POWER_MODE)
+        acc += abs_pow(tl.abs(x), power, POWER_MODE)
     # the map address is read only now: a 64-bit pointer live across the channel loop is what
     # ptxas otherwise parks on the stack (8 B) in some configurations
     row = meta_ptr + layer * META_STRIDE
@@ -446,50 +423,14 @@ SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _INT32_MAX = 2 ** 31 - 1
 
 
-def interpreter_active() -> bool:
-    """True when these kernels were decorated under ``TRITON_INTERPRET=1`` (they run on CPU)."""
-    try:
-        from triton.runtime.interpreter import InterpretedFunction
-    except Exception:  # pragma: no cover - very old/new triton
-        return False
-    return isinstance(_fwd_accum_kernel, InterpretedFunction)
-
-
-def _next_pow2(x: int) -> int:
-    return 1 if x <= 1 else 1 << (int(x) - 1).bit_length()
-
-
 def _clamp(x: int, lo: int, hi: int) -> int:
     return max(lo, min(hi, x))
-
-
-_SM_COUNT: Dict[int, int] = {}
-
-
-def _sm_count(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 1
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    if idx not in _SM_COUNT:
-        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-    return _SM_COUNT[idx]
-
-
-def _flat_hw_stride(H: int, W: int, sH: int, sW: int) -> Optional[int]:
-    """Stride s with h*sH + w*sW == (h*W + w)*s for all valid (h, w), or None."""
-    if H * W == 1:
-        return 1
-    if W == 1:
-        return sH
-    if H == 1 or sH == W * sW:
-        return sW
-    return None
 
 
 def _layouts_ok(t: torch.Tensor) -> set:
     N, C, H, W = t.shape
     sN, sC, sH, sW = t.stride()
-    s_hw = _flat_hw_stride(H, W, sH, sW)
+    s_hw = flat_hw_stride(H, W, sH, sW)
     ok = {LAYOUT_GENERIC}
     if s_hw is not None:
         if s_hw == 1 or H * W == 1:
@@ -510,34 +451,13 @@ def _strides_for(t: torch.Tensor, layout: int) -> Tuple[int, int, int, int]:
     if layout == LAYOUT_HW_CONTIG:
         return sN, sC, 0, 1
     if layout == LAYOUT_CHANNELS_LAST:
-        return sN, 1, 0, (_flat_hw_stride(H, W, sH, sW) if H * W > 1 else 0)
+        return sN, 1, 0, (flat_hw_stride(H, W, sH, sW) if H * W > 1 else 0)
     return sN, sC, (sH if H > 1 else 0), (sW if W > 1 else 0)
 
 
 def _addr(t: torch.Tensor) -> int:
     """Address of ``t``'s first element (a table entry the kernels cast back to a typed pointer)."""
     return t.data_ptr()
-
-
-def _elem_addr(t: torch.Tensor) -> int:
-    """Address in units of the element size: the alignment proofs (VEC/RV) divide these."""
-    a, es = t.data_ptr(), t.element_size()
-    if a % es:  # pragma: no cover - torch allocations and views are always element aligned
-        raise RuntimeError("datadam_fast triton: tensor not aligned to its element size")
-    return a // es
-
-
-def _power_mode(power: float) -> int:
-    p = float(power)
-    return int(p) if p in (1.0, 2.0, 3.0, 4.0) else 0
-
-
-def _vec_for(esize: int, values: Sequence[int]) -> int:
-    """Largest power of two v <= 16 bytes / esize dividing every value (in elements)."""
-    v = max(1, 16 // esize)
-    while v > 1 and any(x % v for x in values):
-        v //= 2
-    return v
 
 
 def _tile_blocks(layout: int, Ms: Sequence[int], Cs: Sequence[int], esize: int,
@@ -549,7 +469,7 @@ def _tile_blocks(layout: int, Ms: Sequence[int], Cs: Sequence[int], esize: int,
     (16 KB fp32, 8 KB 16-bit) over 8 warps, 16 per thread. Several such programs per SM keep
     enough bytes in flight for a purely bandwidth-bound kernel, and 16 elements per thread leave
     room for the non-integer power's temporaries: every launcher configuration stays within
-    REG_BUDGET without stack under triton 3.6 and 3.9 (tests/test_gpu_codegen.py). The flat (n, hw) axis is shrunk until the
+    REG_BUDGET without stack under triton 3.6 and 3.9 (tests/loss/test_gpu_codegen.py). The flat (n, hw) axis is shrunk until the
     grouped grid has a few programs per SM (no split-C, so parallelism comes from N*H*W only).
     On the interpreter (``sm_count`` None), big blocks simply mean fewer (slow, Python-level)
     programs.
@@ -558,26 +478,26 @@ def _tile_blocks(layout: int, Ms: Sequence[int], Cs: Sequence[int], esize: int,
     maxM = max(Ms)
     tile_elems = 4096
     if sm_count is None:
-        bm = _clamp(_next_pow2(maxM), 16, 1024)
-        bc = _clamp(_next_pow2(maxC), 1, 64)
+        bm = _clamp(next_pow2(maxM), 16, 1024)
+        bc = _clamp(next_pow2(maxC), 1, 64)
     elif layout == LAYOUT_CHANNELS_LAST:
         # the contiguous axis is C: give it up to 64 lanes-worth (coalesced rows of channels)
-        bc = _clamp(_next_pow2(maxC), 8, 64)
+        bc = _clamp(next_pow2(maxC), 8, 64)
         want_programs = 4 * sm_count
-        bm = _next_pow2(max(1, sum(Ms) // want_programs))
+        bm = next_pow2(max(1, sum(Ms) // want_programs))
         bm = _clamp(bm, 16, max(16, tile_elems // bc))
     elif layout == LAYOUT_GENERIC:
         # no vector loads: every element carries its own 64-bit address, so a tile of 1024
         # (8 per thread) keeps the backward (two address sets) within the register budget
         want_programs = 4 * sm_count
-        bm = _next_pow2(max(1, sum(Ms) // want_programs))
+        bm = next_pow2(max(1, sum(Ms) // want_programs))
         bm = _clamp(bm, 32, 256)
-        bc = _clamp(1024 // bm, 1, _next_pow2(maxC))
+        bc = _clamp(1024 // bm, 1, next_pow2(maxC))
     else:
         want_programs = 4 * sm_count
-        bm = _next_pow2(max(1, sum(Ms) // want_programs))
+        bm = next_pow2(max(1, sum(Ms) // want_programs))
         bm = _clamp(bm, 64, 1024)
-        bc = _clamp(tile_elems // bm, 1, _next_pow2(maxC))
+        bc = _clamp(tile_elems // bm, 1, next_pow2(maxC))
     if block_m is not None:
         bm = int(block_m)
     if block_c is not None:
@@ -601,7 +521,7 @@ def _group_blocks(fs, layout: int, sm_count: int, block_m, block_c, block_r):
 def _row_blocks(HWs: Sequence[int], block_r: Optional[int]) -> Tuple[int, bool, int]:
     """(BLOCK_R, ONE_PASS, num_warps) for the per-sample O(H*W) kernels."""
     maxHW = max(HWs)
-    br = _clamp(_next_pow2(maxHW), 16, 4096) if block_r is None else int(block_r)
+    br = _clamp(next_pow2(maxHW), 16, 4096) if block_r is None else int(block_r)
     num_warps = 1 if br <= 256 else (2 if br <= 1024 else 4)
     return br, br >= maxHW, num_warps
 
@@ -649,49 +569,6 @@ def _meta_tensor(rows: List[List[int]], device: torch.device) -> torch.Tensor:
     if len(_META_CACHE) > _META_CACHE_SIZE:
         _META_CACHE.popitem(last=False)
     return t
-
-
-class Launch(NamedTuple):
-    """One kernel launch exactly as a launcher makes it: ``kernel[grid](*args, **constexprs,
-    num_warps=num_warps)``. The launchers build these with their ``*_plan`` functions and run
-    them with :func:`run_launches`; ``datadam_fast.kernels.codegen`` compiles the same records
-    ahead of time for a GPU target (so the block tables exist once)."""
-    kernel: Any
-    name: str
-    grid: Tuple[int, ...]
-    args: Tuple[Any, ...]
-    constexprs: Dict[str, Any]
-    num_warps: int
-    #: tensors the kernel reaches only through addresses in the metadata table (workspaces,
-    #: converted saved state): held here so that they outlive the launch
-    keep: Tuple[Any, ...] = ()
-
-
-def _device_ctx(device: torch.device):
-    # Triton launches on the *current* CUDA device: make it the tensors' device
-    if device.type == "cuda":
-        return torch.cuda.device(device)
-    import contextlib
-    return contextlib.nullcontext()
-
-
-def run_launches(launches: Sequence[Launch], device: torch.device) -> None:
-    """Launch ``launches`` in order on ``device`` (under its device guard)."""
-    if not launches:
-        return
-    with _device_ctx(device):
-        for ln in launches:
-            LAUNCH_COUNTS[ln.name] += 1
-            # explicit FMA contraction (Triton 3.9 warns when it is left to the default, which
-            # changes in 3.10); fusing a*b+c only removes roundings here
-            ln.kernel[ln.grid](*ln.args, **ln.constexprs, num_warps=ln.num_warps, enable_fp_fusion=True)
-
-
-def gpu_sm_count(device: torch.device) -> Optional[int]:
-    """SM count the block heuristics size grids for; None selects the interpreter's blocks."""
-    if interpreter_active() or device.type != "cuda":
-        return None
-    return _sm_count(device)
 
 
 def _check_feats(feats: Sequence[torch.Tensor]) -> torch.device:
@@ -759,7 +636,7 @@ def forward_plan(feats: Sequence[torch.Tensor], power: float, *, sm_count: Optio
 
     layouts = _pick_layouts([_layouts_ok(feats[i]) for i in live])
     keys = [(feats[i].dtype, lay) for i, lay in zip(live, layouts)]
-    pmode = _power_mode(power)
+    pmode = power_mode(power)
     for (dtype, layout), members in _groups(keys):
         idxs = [live[j] for j in members]
         fs = [feats[i] for i in idxs]
@@ -776,19 +653,19 @@ def forward_plan(feats: Sequence[torch.Tensor], power: float, *, sm_count: Optio
                                   M=M, tile0=tile0, row0=row0, f_sN=sN, f_sC=sC, f_sH=sH, f_sW=sW))
             tile0 += triton.cdiv(M, bm)
             row0 += N
-            row_vals += [HW, _elem_addr(m)]
+            row_vals += [HW, elem_addr(m)]
             if layout == LAYOUT_HW_CONTIG:
-                vec_vals += [_elem_addr(f), HW, sN, sC, _elem_addr(m)]
+                vec_vals += [elem_addr(f), HW, sN, sC, elem_addr(m)]
             elif layout == LAYOUT_CHANNELS_LAST:
-                vec_vals += [_elem_addr(f), C, sN, sW]
-        vec = min(_vec_for(esize, vec_vals), bm) if layout != LAYOUT_GENERIC else 1
+                vec_vals += [elem_addr(f), C, sN, sW]
+        vec = min(vec_for(esize, vec_vals), bm) if layout != LAYOUT_GENERIC else 1
         meta = _meta_tensor(rows, device)
         L = len(fs)
         keep = (fs, ms, ns)
         launches.append(Launch(_fwd_accum_kernel, "fwd_accum", (tile0,), (fs[0], meta, power),
                                dict(NUM_LAYERS=L, LAYOUT=layout, POWER_MODE=pmode, BLOCK_C=bc, BLOCK_M=bm,
                                     VEC=vec, ALIGN=vec * esize if vec > 1 else 1), warps, keep))
-        rv = min(_vec_for(4, row_vals), br)
+        rv = min(vec_for(4, row_vals), br)
         launches.append(Launch(_fwd_normalize_kernel, "fwd_normalize", (row0,), (meta, NORM_EPS),
                                dict(NUM_LAYERS=L, BLOCK_R=br, ONE_PASS=one_pass, RV=rv), rwarps, keep))
     return maps, norms, launches
@@ -854,7 +731,7 @@ def backward_plan(feats: Sequence[torch.Tensor], maps: Sequence[torch.Tensor],
     ok_sets = [_layouts_ok(feats[i]) & _layouts_ok(grads[i]) for i in live]
     layouts = _pick_layouts(ok_sets)
     keys = [(feats[i].dtype, lay) for i, lay in zip(live, layouts)]
-    pmode = _power_mode(power)
+    pmode = power_mode(power)
     total_m = sum(feats[i].shape[0] * feats[i].shape[2] * feats[i].shape[3] for i in live)
     ws = torch.empty((total_m,), dtype=torch.float32, device=device)
     ws_cursor = 0
@@ -882,19 +759,19 @@ def backward_plan(feats: Sequence[torch.Tensor], maps: Sequence[torch.Tensor],
                                   gmap_ptr=_addr(u), ws_ptr=_addr(w), C=C, HW=HW, W=W, M=M,
                                   tile0=tile0, row0=row0, f_sN=fsN, f_sC=fsC, f_sH=fsH, f_sW=fsW,
                                   g_sN=gsN, g_sC=gsC, g_sH=gsH, g_sW=gsW, gm_sN=usN, gm_sHW=usHW))
-            row_vals += [HW, _elem_addr(m), _elem_addr(w)] + (
-                [_elem_addr(u), usN if N > 1 else 0] if g_contig else [])
+            row_vals += [HW, elem_addr(m), elem_addr(w)] + (
+                [elem_addr(u), usN if N > 1 else 0] if g_contig else [])
             ws_cursor += M
             tile0 += triton.cdiv(M, bm)
             row0 += N
             if layout == LAYOUT_HW_CONTIG:
-                vec_vals += [_elem_addr(f), _elem_addr(o), HW, fsN, gsN, fsC, gsC, _elem_addr(w)]
+                vec_vals += [elem_addr(f), elem_addr(o), HW, fsN, gsN, fsC, gsC, elem_addr(w)]
             elif layout == LAYOUT_CHANNELS_LAST:
-                vec_vals += [_elem_addr(f), _elem_addr(o), C, fsN, gsN, fsW, gsW]
-        vec = min(_vec_for(esize, vec_vals), bm) if layout != LAYOUT_GENERIC else 1
+                vec_vals += [elem_addr(f), elem_addr(o), C, fsN, gsN, fsW, gsW]
+        vec = min(vec_for(esize, vec_vals), bm) if layout != LAYOUT_GENERIC else 1
         meta = _meta_tensor(rows, device)
         L = len(fs)
-        rv = min(_vec_for(4, row_vals), br)
+        rv = min(vec_for(4, row_vals), br)
         # ws and the converted saved state are reached only through the table
         keep = (ws, fs, os_, mg, ng, ug)
         launches.append(Launch(_bwd_ga_kernel, "bwd_ga", (row0,), (meta, NORM_EPS),

@@ -1,4 +1,4 @@
-"""A 2-rank torchrun job in which rank 1 raises at iteration 3 (tests/test_scale.py)."""
+"""A 2-rank torchrun job in which rank 1 raises at iteration 3 (tests/distill/test_scale.py)."""
 import sys
 
 from datadam_fast.cli import entry

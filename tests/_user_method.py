@@ -21,7 +21,9 @@ def load_user_method():
     return module.__dict__
 
 
-SMALL = dict(ipc=2, batch_real=6, width=16, eval_every=-1, log_every=1)
+from conftest import SMALL_RUN  # noqa: E402
+
+SMALL = dict(SMALL_RUN, log_every=1)
 
 if __name__ == "__main__":  # under torchrun: python -m torch.distributed.run ... _user_method.py OUT ITERATIONS
     from datadam_fast.distill import DistillConfig, distill

@@ -125,7 +125,7 @@ class ImageDataset:
                                        shift.to(device=device, dtype=dtype))
         return self._affine_cache[key]
 
-    def _rows_uint8(self, indices: IndexLike) -> torch.Tensor:
+    def rows_uint8(self, indices: IndexLike) -> torch.Tensor:
         """The uint8 rows selected by ``indices`` as a tensor (on the images' device)."""
         if isinstance(indices, slice):
             indices = range(*indices.indices(len(self)))
@@ -151,7 +151,7 @@ class ImageDataset:
 
     def batch(self, indices: IndexLike, device="cpu", dtype=torch.float32) -> torch.Tensor:
         """Normalised float images of the rows ``indices`` (a LongTensor, array, list or slice)."""
-        return self.normalize_uint8(self._rows_uint8(indices), device=device, dtype=dtype)
+        return self.normalize_uint8(self.rows_uint8(indices), device=device, dtype=dtype)
 
     def normalized_all(self, device="cpu", dtype=torch.float32) -> torch.Tensor:
         """The whole set normalised, [N, C, H, W] (meant for small sets)."""

@@ -26,7 +26,7 @@ import torch
 from ._base import DatasetError, ImageDataset
 
 # Mean and population std of x/255 over the 1438 train-split images at 8x8, computed with
-# ``channel_stats(load_dataset("digits").images)`` (tests/test_data.py recomputes them).
+# ``channel_stats(load_dataset("digits").images)`` (tests/data/test_data.py recomputes them).
 DIGITS_MEAN = (0.30527097,)
 DIGITS_STD = (0.37585775,)
 

@@ -34,7 +34,7 @@ SPECS = {
         dirs=("fashion_mnist/raw", "FashionMNIST/raw", "fashion_mnist"),
         # Not in the official DataDAM code (FashionMNIST was dropped relative to DC): mean and
         # population std of x/255 over the 60000 training images (0.28604, 0.35302), rounded;
-        # tests/test_data.py recomputes them from the real file.
+        # tests/data/test_data.py recomputes them from the real file.
         mean=(0.2860,), std=(0.3530,),
         classes=["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
                  "Sneaker", "Bag", "Ankle boot"],

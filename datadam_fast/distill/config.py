@@ -1,11 +1,19 @@
 """Distillation settings (:class:`DistillConfig`), their presets and defaults, and the one place
-where a run's inputs are validated before any work (:func:`validate`)."""
+where a run's inputs are validated before any work (:func:`validate`).
+
+:class:`DistillConfig` is the one description of the settings: every field is a ``distill`` flag
+named after it (``batch_real`` -> ``--batch-real``) unless its metadata says otherwise
+(``flag``: another name, ``None`` for a setting of the Python API only; ``negated``: the flag
+switches the field off, ``--no-dsa``). The CLI parser takes its defaults from the fields, and the
+run directory writes ``config.toml`` from :func:`config_flags`."""
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
 import os
 from dataclasses import dataclass, field
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 import torch
 
@@ -21,12 +29,14 @@ DEFAULT_PRESET = "paper"
 REAL_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Settings that do not change the result (within float rounding): a checkpoint made with other
 # values resumes. ``iterations`` is among them, so a finished run can be continued for longer.
-_NOT_IDENTITY = ("device", "eval_every", "eval_runs", "eval_epochs", "eval_model", "eval_batch", "log_every",
+NOT_IDENTITY = ("device", "eval_every", "eval_runs", "eval_epochs", "eval_model", "eval_batch", "log_every",
                  "checkpoint_every", "data_root", "backend", "iterations", "real_chunk", "syn_chunk",
                  "memory_budget", "prefetch", "compile", "compile_mode", "real_epilogue",
-                 "profile")  # profiling (profiler.py) does not change the result
+                 "profile")  # profiling (trace.py) does not change the result
 REAL_EPILOGUES = ("auto", "cpu", "triton", "off")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+INITS = ("real", "noise")
+_API_ONLY = {"flag": None}  # a setting of the Python API, not a distill flag
 
 
 @dataclass
@@ -45,37 +55,40 @@ class DistillConfig:
     width: Optional[int] = None          # 128 for ConvNets
     power: Optional[float] = None        # preset default
     task_balance: Optional[float] = None  # 0.01; paper preset 0.02 at >= 64 px
-    taps: Optional[str] = None           # feature taps: "official" (official preset) or "blocks"
-    attention_factor: float = 100.0
+    # feature taps: "official" (official preset) or "blocks"
+    taps: Optional[str] = field(default=None, metadata=_API_ONLY)
+    attention_factor: float = field(default=100.0, metadata=_API_ONLY)
     lr_img: Optional[float] = None       # 1 for IPC <= 50, else 10
-    momentum: float = 0.5
+    momentum: float = field(default=0.5, metadata=_API_ONLY)
     init: str = "real"
-    dsa: bool = True
-    dsa_strategy: str = "color_crop_cutout_flip_scale_rotate"
+    dsa: bool = field(default=True, metadata={"flag": "no-dsa", "negated": True})
+    dsa_strategy: str = field(default="color_crop_cutout_flip_scale_rotate", metadata=_API_ONLY)
     real_chunk: int = 0                  # classes per real chunk; 0 = chosen by the memory planner
     syn_chunk: int = 0                   # classes per synthetic chunk; 0 = chosen by the memory planner
     memory_budget: Optional[float] = None  # GB for the whole process; None = a safe share of what is free
-    prefetch: bool = True                # load the next real chunk in a background thread
+    # load the next real chunk in a background thread
+    prefetch: bool = field(default=True, metadata={"flag": "no-prefetch", "negated": True})
     compile: Optional[bool] = None       # torch.compile the network passes (weights as inputs); None: on,
                                          # except the digits demo and when DATADAM_FAST_COMPILE=0
     real_dtype: str = "fp32"             # fp32 | bf16 | fp16: precision of the real side's network pass
     compile_mode: str = "default"        # torch.compile mode of the passes; reduce-overhead = CUDA graphs
     real_epilogue: str = "auto"          # auto | cpu | triton | off: the fused real side of ConvNets
                                          # (real_side.py); auto = C++ on CPU (fp32), Triton on CUDA (uncompiled)
-    channels_last: bool = True           # NHWC network + real images: ~20% faster steps on CPU (oneDNN)
+    # NHWC network + real images: ~20% faster steps on CPU (oneDNN)
+    channels_last: bool = field(default=True, metadata={"flag": "no-channels-last", "negated": True})
     backend: str = "auto"
     seed: int = 0
     device: str = "auto"                 # auto = cuda when available, else cpu (devices.py)
-    zca: bool = False                    # ZCA-whiten real, synthetic and test images (zca.py), as official --zca
-    profile: int = 0                     # torch.profiler trace of this many iterations (profiler.py); 0 = off
+    zca: bool = False                    # ZCA-whiten real, synthetic and test images (data/zca.py), as official --zca
+    profile: int = 0                     # torch.profiler trace of this many iterations (trace.py); 0 = off
     eval_every: int = 0                  # 0 = only after the last iteration, -1 = never
     eval_runs: int = 3
     eval_epochs: Optional[int] = None    # 1000 (DM protocol; official DataDAM 1800), 300 for digits
     eval_model: Optional[str] = None
-    eval_batch: int = 256
+    eval_batch: int = field(default=256, metadata=_API_ONLY)
     log_every: int = 10
     checkpoint_every: int = 100
-    data_opts: Dict = field(default_factory=dict)
+    data_opts: Dict = field(default_factory=dict, metadata=_API_ONLY)
 
     def resolved(self, image_size, method=None) -> "DistillConfig":
         """Fill preset- and method-dependent defaults (never overriding what the user set).
@@ -127,7 +140,7 @@ class DistillConfig:
     # the fields that define the result; a checkpoint must agree on them to be resumed
     def identity(self) -> Dict:
         d = dataclasses.asdict(self)
-        for k in _NOT_IDENTITY:
+        for k in NOT_IDENTITY:
             d.pop(k)
         return d
 
@@ -178,8 +191,8 @@ def validate(cfg: DistillConfig, dataset, world, method) -> Checked:
     if c.profile > c.iterations:
         raise UserError(f"profile {c.profile}: the run has only {c.iterations} iteration(s); profile fewer "
                         f"or raise --iterations")
-    if c.init not in ("real", "noise"):
-        raise UserError(f"init must be 'real' or 'noise', got {c.init!r}")
+    if c.init not in INITS:
+        raise UserError(f"init must be one of {', '.join(map(repr, INITS))}, got {c.init!r}")
     for name in ("real_chunk", "syn_chunk"):
         if getattr(c, name) < 0:
             raise UserError(f"{name} must be >= 0 (0 = chosen by the memory planner)")
@@ -208,3 +221,55 @@ def validate(cfg: DistillConfig, dataset, world, method) -> Checked:
                             f"{single_pass}: the loss would differ from one pass; use norm='instancenorm' "
                             f"(or preset='paper') to chunk, or leave the chunk sizes to the planner")
     return Checked(c, min(c.batch_real, smallest), device, single_pass)
+
+
+# ----------------------------------------------------------------------------- flags and config.toml
+def flag_fields(cls=DistillConfig) -> Dict[str, Tuple[str, bool]]:
+    """``{long flag name: (field, negated)}`` of every field that is a ``distill`` flag."""
+    out = {}
+    for f in dataclasses.fields(cls):
+        flag = f.metadata.get("flag", f.name.replace("_", "-"))
+        if flag is not None:
+            out[flag] = (f.name, bool(f.metadata.get("negated")))
+    return out
+
+
+def config_flags(cfg: DistillConfig, run_flags: Optional[Dict[str, object]] = None) -> Dict[str, object]:
+    """``{long flag name: value}`` of ``cfg`` (``None`` = not set), in field order, then ``folder``
+    (the folder dataset's path) and the run's CLI-only values ``run_flags`` (``{flag: value}``:
+    device as given, threads, nvtx, no-progress), which override a field of the same flag."""
+    out: Dict[str, object] = {}
+    for flag, (name, negated) in flag_fields(type(cfg)).items():
+        v = getattr(cfg, name)
+        out[flag] = (not v) if negated else v
+    out["folder"] = cfg.data_opts.get("path")
+    out.update(run_flags or {})
+    return out
+
+
+def toml_value(v) -> str:
+    """A flat TOML value: bool, int, float, string or a list of those."""
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, float):
+        if math.isnan(v):
+            return "nan"
+        if math.isinf(v):
+            return "inf" if v > 0 else "-inf"
+        r = repr(v)
+        return r if any(ch in r for ch in ".en") else r + ".0"
+    if isinstance(v, str):
+        return json.dumps(v)  # JSON string escapes are valid TOML basic-string escapes
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(toml_value(x) for x in v) + "]"
+    raise TypeError(f"no TOML form for {type(v).__name__} {v!r}")
+
+
+def format_config(flags: Dict[str, object], header: str = "") -> str:
+    """``flag = value`` lines (a value that is not set becomes a comment: TOML has no null)."""
+    lines = [f"# {line}" for line in header.splitlines()] if header else []
+    for k, v in flags.items():
+        lines.append(f"# {k} = (not set: the default applies)" if v is None else f"{k} = {toml_value(v)}")
+    return "\n".join(lines) + "\n"

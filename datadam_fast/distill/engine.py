@@ -9,8 +9,11 @@ one seeded ``torch.Generator`` whose state is checkpointed, so a killed and resu
 the same synthetic set as an uninterrupted one.
 
 Who does what: :mod:`.config` validates, :mod:`.step` is one iteration, :mod:`.planner` sizes the
-chunks, :mod:`.rundir` owns the files, :mod:`.loop` runs the iterations. :class:`Distiller` holds
-the state they share.
+chunks, :mod:`.rundir` owns the files, :mod:`.loop` runs the iterations. :class:`Distiller`
+assembles the run from named parts: the data side (training set, class indices, the real rows'
+cache or prefetcher), the :class:`~.step.RealSide` path chosen once, the memory plan, the compiled
+passes, and the :class:`RunState` that moves from one iteration to the next (what a checkpoint
+holds).
 """
 from __future__ import annotations
 
@@ -21,11 +24,23 @@ from typing import Dict, List, Optional, Tuple, Union
 import torch
 
 from . import loop, planner, rundir, step as _step
+from .step import RealSide
 from .config import REAL_DTYPES, DistillConfig, net_overrides, validate
 from .memory import GB, PeakMemory, parse_budget
 from .methods import Method, check_method, method_class
 from .parallel import World, class_block, init_world
 from .prefetch import ChunkPrefetcher
+
+
+@dataclasses.dataclass
+class RunState:
+    """Everything that moves from one iteration to the next, and nothing else: what
+    :mod:`.rundir` checkpoints and restores (the rest of a run is rebuilt from its config)."""
+    syn: torch.Tensor                   # this rank's synthetic images (the optimised leaf)
+    opt: torch.optim.Optimizer          # SGD on ``syn`` (its momentum buffer)
+    gen: torch.Generator                # every random draw of the run
+    next_real_idx: torch.Tensor         # the next iteration's real batch, drawn one iteration ahead
+    iteration: int = 0
 
 
 class Distiller:
@@ -38,18 +53,22 @@ class Distiller:
     any chunking (and any class sharding) gives the same images up to float rounding.
 
     ``method``: a :class:`~datadam_fast.distill.methods.Method` instance (default: the one
-    ``cfg.method`` names).
+    ``cfg.method`` names). ``run_flags``: the CLI-only values (``{flag: value}``: device as given,
+    threads, nvtx, no-progress) that ``config.toml`` records besides the config.
+
+    A context manager: ``with Distiller(cfg, out) as d: d.run()`` stops the prefetch thread on exit.
     """
 
     def __init__(self, cfg: DistillConfig, out_dir: Optional[str], *, resume: bool = False, overwrite: bool = False,
                  progress: bool = True, train_set=None, test_set=None, world: Optional[World] = None,
-                 method: Optional[Method] = None):
+                 method: Optional[Method] = None, run_flags: Optional[Dict[str, object]] = None):
         from ..data import load_dataset
         if cfg.device == "auto":  # cuda when available (the local rank's GPU under torchrun), else cpu
             from ..devices import resolve_device
             cfg = dataclasses.replace(cfg, device=resolve_device(cfg.device)[0])
         self.world = W = world if world is not None else init_world(cfg.device)
         self.out_dir = out_dir
+        self.run_flags = dict(run_flags or {})
         self.progress = progress and W.is_main
         if out_dir:
             rundir.check_out_dir(out_dir, resume, overwrite)  # fail fast, touch nothing yet
@@ -63,12 +82,12 @@ class Distiller:
         self.batch_real, self.device, self.single_pass = checked.batch_real, checked.device, checked.single_pass
         self.method = (method_type.from_config(c) if method is None else method).bind(c)
         if c.zca:  # every real image the run reads comes out whitened (fit on the training set)
-            from ..zca import whiten_train_set
+            from ..data.zca import whiten_train_set
             self.train_set = ds = whiten_train_set(ds, device=self.device)
         self.K = ds.num_classes
         self.k_lo, self.k_hi = class_block(self.K, W.rank, W.size)
         self.Kl = self.k_hi - self.k_lo
-        self.gen = torch.Generator().manual_seed(c.seed)
+        gen = torch.Generator().manual_seed(c.seed)
         from ..models.augment import DSA
         self.dsa = DSA(c.dsa_strategy) if c.dsa else None
         self.mem = PeakMemory(self.device)
@@ -81,26 +100,27 @@ class Distiller:
         self.class_idx = [ix.clone() for ix in ds.class_indices()]
         # synthetic rows of this rank: classes [k_lo, k_hi), class-major
         self.labels_syn = torch.arange(self.k_lo, self.k_hi, device=self.device).repeat_interleave(c.ipc)
-        self.iteration = 0
-        self._init_syn()
-        self.opt = torch.optim.SGD([self.syn], lr=c.lr_img, momentum=c.momentum)
-        self._next_real_idx = self.draw_real_indices()
+        syn = self._initial_synthetic(gen)
+        self.state = RunState(syn=syn, opt=torch.optim.SGD([syn], lr=c.lr_img, momentum=c.momentum), gen=gen,
+                              next_real_idx=self._draw_real_indices(gen))
         if resume:
             rundir.load_checkpoint(self)
-        self.prefetcher = ChunkPrefetcher(self._load_rows, lookahead=1 if c.prefetch else 0,
+        self.prefetcher = ChunkPrefetcher(self.load_rows, lookahead=1 if c.prefetch else 0,
                                           enabled=self.real_all is None and c.prefetch)
-        self.fused_real = self._resolve_real_epilogue()  # before the plan: its probe runs the real pass
+        # the real side's path, chosen once: before the plan, whose probe runs the real pass
+        self.real_side = RealSide(self._resolve_real_epilogue(), self.cfg.real_epilogue)
         self.plan = planner.make_plan(self)
         self.passes = self._compiled_passes() if c.compile and self.method.compilable else None
+        self.real_side.compiled = self.passes is not None
         self.compile_seconds: Optional[float] = None
-        self.schedule_real(self.iteration, self._next_real_idx)
+        self.schedule_real(self.iteration, self.state.next_real_idx)
         W.barrier()  # every rank validated its inputs (and read the checkpoint) before rank 0 writes
         if out_dir and not resume and W.is_main:
             rundir.claim_out_dir(out_dir)
 
     # ---------------------------------------------------------------- setup
     def _resolve_real_epilogue(self) -> Optional[str]:
-        """The fused real side (real_side.py) this run uses: ``"cpu"`` (C++), ``"triton"`` or None.
+        """The fused real side (:mod:`.real_side`) this run uses: ``"cpu"`` (C++), ``"triton"`` or None.
 
         ``auto``: the C++ kernels on CPU for float32 real passes (they replace the compiled real
         pass too: a first layer convolved per sample in L2 beats oneDNN + inductor's epilogue,
@@ -139,23 +159,43 @@ class Distiller:
         return MethodPasses(template, self.method, real_dtype=REAL_DTYPES[self.cfg.real_dtype],
                             mode=self.cfg.compile_mode)
 
+    # ---------------------------------------------------------------- the run state's parts
+    @property
+    def syn(self) -> torch.Tensor:
+        return self.state.syn
+
+    @property
+    def opt(self) -> torch.optim.Optimizer:
+        return self.state.opt
+
+    @property
+    def gen(self) -> torch.Generator:
+        return self.state.gen
+
+    @property
+    def iteration(self) -> int:
+        return self.state.iteration
+
+    @property
+    def fused_real(self) -> Optional[str]:
+        """The fused real-side implementation in use (``"cpu"``, ``"triton"``) or None."""
+        return self.real_side.fused
+
+    # ---------------------------------------------------------------- the data side
     def layout(self, x: torch.Tensor) -> torch.Tensor:
         return x.contiguous(memory_format=torch.channels_last) if self.cfg.channels_last else x
 
-    # the names these helpers had before the step moved to step.py
-    _layout = layout
-
-    def _load_rows(self, idx: torch.Tensor) -> torch.Tensor:
+    def load_rows(self, idx: torch.Tensor) -> torch.Tensor:
         """Real rows for the prefetcher thread: normalised on CPU; pinned uint8 for a GPU."""
         ds = self.train_set
         if self.device.type == "cuda":
-            return ds._rows_uint8(idx).pin_memory()
+            return ds.rows_uint8(idx).pin_memory()
         return self.layout(ds.batch(idx, device="cpu"))
 
-    def _real_rows(self, idx: torch.Tensor) -> torch.Tensor:
+    def real_rows(self, idx: torch.Tensor) -> torch.Tensor:
         if self.real_all is not None:
             return self.real_all[idx.to(self.real_all.device)]
-        return self.finish_rows(self._load_rows(idx))
+        return self.finish_rows(self.load_rows(idx))
 
     def finish_rows(self, rows: torch.Tensor) -> torch.Tensor:
         if rows.dtype == torch.uint8:
@@ -163,7 +203,7 @@ class Distiller:
             return self.layout(rows)
         return rows.to(self.device)
 
-    def _init_syn(self) -> None:
+    def _initial_synthetic(self, gen: torch.Generator) -> torch.Tensor:
         """Initial images of this rank's classes. Draws are made for every class in class order
         (one ``randperm`` or one ``randn`` per class), so every world size draws the same."""
         c, ds = self.cfg, self.train_set
@@ -171,19 +211,22 @@ class Distiller:
         parts = []
         for k, ix in enumerate(self.class_idx):
             if c.init == "real":
-                pick = ix[torch.randperm(len(ix), generator=self.gen)[:c.ipc]]
+                pick = ix[torch.randperm(len(ix), generator=gen)[:c.ipc]]
                 if self.k_lo <= k < self.k_hi:
-                    parts.append(self._real_rows(pick).detach().float().contiguous())
+                    parts.append(self.real_rows(pick).detach().float().contiguous())
             else:
-                noise = torch.randn(shape, generator=self.gen)
+                noise = torch.randn(shape, generator=gen)
                 if self.k_lo <= k < self.k_hi:
                     parts.append(noise.to(self.device))
-        self.syn = torch.cat(parts).to(self.device).contiguous().requires_grad_(True)
+        return torch.cat(parts).to(self.device).contiguous().requires_grad_(True)
+
+    def _draw_real_indices(self, gen: torch.Generator) -> torch.Tensor:
+        B = self.batch_real
+        return torch.cat([ix[torch.randperm(len(ix), generator=gen)[:B]] for ix in self.class_idx])
 
     def draw_real_indices(self) -> torch.Tensor:
         """``batch_real`` indices of every class (all classes drawn on every rank, in order)."""
-        B = self.batch_real
-        return torch.cat([ix[torch.randperm(len(ix), generator=self.gen)[:B]] for ix in self.class_idx])
+        return self._draw_real_indices(self.state.gen)
 
     def real_chunks(self) -> List[Tuple[int, int]]:
         """(first, last) local class of each real chunk."""
@@ -201,9 +244,6 @@ class Distiller:
         for j, (a, b) in enumerate(self.real_chunks()):
             rows = idx[(self.k_lo + a) * B:(self.k_lo + b) * B]
             self.prefetcher.schedule((iteration, j), rows)
-
-    _real_chunks, _syn_chunks, _schedule_real = real_chunks, syn_chunks, schedule_real
-    _draw_real_indices, _finish_rows = draw_real_indices, finish_rows
 
     def new_network(self, gen: Optional[torch.Generator] = None):
         from ..models.networks import get_network
@@ -241,7 +281,7 @@ class Distiller:
             self._test_set = load_dataset(self.cfg.dataset, root=self.cfg.data_root, split="test",
                                           **dict(self.cfg.data_opts))
             if self.cfg.zca:  # test images through the training set's transform
-                from ..zca import whiten_like
+                from ..data.zca import whiten_like
                 self._test_set = whiten_like(self._test_set, self.train_set.zca)
         return self._test_set
 
@@ -263,6 +303,12 @@ class Distiller:
     def close(self) -> None:
         self.prefetcher.close()
 
+    def __enter__(self) -> "Distiller":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
 
 def distill(cfg: DistillConfig, out_dir: Optional[str] = None, *, resume: bool = False, overwrite: bool = False,
             progress: bool = True, method: Union[Method, str, None] = None, world: Optional[World] = None) -> Dict:
@@ -272,8 +318,6 @@ def distill(cfg: DistillConfig, out_dir: Optional[str] = None, *, resume: bool =
     if isinstance(method, str):
         import dataclasses
         cfg, method = dataclasses.replace(cfg, method=method), None
-    d = Distiller(cfg, out_dir, resume=resume, overwrite=overwrite, progress=progress, method=method, world=world)
-    try:
+    with Distiller(cfg, out_dir, resume=resume, overwrite=overwrite, progress=progress, method=method,
+                   world=world) as d:
         return d.run()
-    finally:
-        d.close()

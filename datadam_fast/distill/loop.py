@@ -30,7 +30,7 @@ def should_eval(d, it: int) -> bool:
 def evaluate(d) -> Dict:
     """Evaluation networks trained on the whole synthetic set; the runs are split over ranks
     (run r on rank r mod world size, seeded by r alone, so any world size gives the same)."""
-    from ..evaluate import EvalConfig, evaluate_synthetic
+    from ..evaluation.evaluate import EvalConfig, evaluate_synthetic
     c = d.cfg
     images, labels = rundir.full_synthetic(d, to_all=True)
     same = c.eval_model == c.model
@@ -89,11 +89,10 @@ def run(d, *, stop_after: Optional[int] = None) -> Dict:
     c = d.cfg
     rundir.truncate_metrics(d)
     if d.out_dir and d.world.is_main:  # the fully resolved config.toml: `distill --config RUN/config.toml` repeats the run
-        from ..config_file import write_run_config
-        write_run_config(d.out_dir, c, getattr(d, "run_flags", None))
+        rundir.write_run_config(d.out_dir, c, d.run_flags)
     prof = None
     if c.profile:  # a torch.profiler window over c.profile iterations after warm-up
-        from ..profiler import ProfileSession
+        from .trace import ProfileSession
         prof = ProfileSession(c.profile, c.iterations - d.iteration, d.device,
                               d.out_dir if d.world.is_main else None, lambda msg: say(d, msg))
     plan = {**d.plan.as_dict(), "world_size": d.world.size, "device": str(d.device),

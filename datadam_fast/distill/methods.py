@@ -25,7 +25,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from .._constants import NORM_EPS
+from ..loss.reference import attention_maps_and_norms
 
 
 def class_sums(x: torch.Tensor, classes: int) -> torch.Tensor:
@@ -40,12 +40,23 @@ class Method:
     """
 
     name: str = "method"
+    #: the method's name in the official code's file names (``res_<official_name>_...pt``, what
+    #: ``export --format official`` writes); None: :attr:`name`
+    official_name: Optional[str] = None
+    #: one line for ``distill --help`` (a built-in method's entry of ``--method``)
+    summary: str = ""
     #: the engine may ``torch.compile`` :meth:`compiled_real` / :meth:`compiled_synthetic`
     compilable: bool = True
     #: the engine may use :meth:`fused_real_sums` (the fused ConvNet real side)
     fused_real: bool = False
 
     # ------------------------------------------------------------------ run settings
+    @classmethod
+    def from_config(cls, cfg) -> "Method":
+        """The instance a run of ``cfg`` uses when the method is named (``cfg.method``, a key of
+        :data:`METHODS`) rather than passed as an instance. Default: ``cls()``."""
+        return cls()
+
     @classmethod
     def defaults(cls, cfg) -> Dict:
         """Values for the config fields the user left unset (``None``): ``batch_real``, ``lr_img``,
@@ -106,10 +117,36 @@ class Method:
 
 
 def _normalised_maps(f: torch.Tensor, power: float) -> torch.Tensor:
-    """Spatial attention in plain tensor ops (what inductor fuses into the network's epilogue)."""
-    f = f.float().abs()  # bf16/fp16 activations: the power and the sums in fp32 (fused, no copy)
-    a = (f if power == 1.0 else f.pow(power)).sum(1).flatten(1)
-    return a / a.norm(dim=1, keepdim=True).clamp_min(NORM_EPS)
+    """Spatial attention of ``f`` in fp32 (bf16/fp16 activations: the power and the sums in fp32;
+    inside a compiled pass inductor fuses it into the network's epilogue, no copy)."""
+    return attention_maps_and_norms(f.float(), power)[0]
+
+
+def _matching_loss(feats, emb, targets, classes: int, *, power: float, attention_weight: float,
+                   embedding_weight: float, backend: str):
+    """The attention-matching loss of one synthetic chunk against its classes' targets (the last
+    target is the embedding mean): ``(loss, {"attention", "embedding"})``."""
+    from ..loss.matching import attention_matching_loss
+    from ..loss.targets import ClassTargets
+    loss, terms = attention_matching_loss(
+        ClassTargets(list(targets[:-1]), targets[-1], power), feats, None, emb, num_classes=classes,
+        power=power, attention_weight=attention_weight, embedding_weight=embedding_weight,
+        backend=backend, return_terms=True)
+    zero = torch.zeros((), device=loss.device)
+    return loss, {"attention": terms.get("attention", zero), "embedding": terms.get("embedding", zero)}
+
+
+def _compiled_matching_loss(feats, emb, targets, classes: int, *, power: float, attention_weight: float,
+                            embedding_weight: float):
+    """:func:`_matching_loss` in plain tensor ops, for ``torch.compile`` to trace."""
+    att = emb.new_zeros((), dtype=torch.float32)
+    if attention_weight:
+        for f, t in zip(feats, targets[:-1]):
+            m = class_sums(_normalised_maps(f, power), classes) / (f.shape[0] // classes)
+            att = att + attention_weight * ((t - m) ** 2).sum()
+    e = class_sums(emb.float(), classes) / (emb.shape[0] // classes)
+    emb_term = embedding_weight * ((targets[-1] - e) ** 2).sum()
+    return att + emb_term, {"attention": att, "embedding": emb_term}
 
 
 class DataDAM(Method):
@@ -120,8 +157,8 @@ class DataDAM(Method):
 
     name = "datadam"
     official_name = "DataDAM"  # res_DataDAM_<dataset>_<model>_<ipc>ipc.pt (export --format official)
+    summary = "attention matching + embedding MMD"
     fused_real = True
-    attention = True  # the fused real side evaluates the tapped maps
 
     def __init__(self, *, power: float = 4.0, attention_weight: float = 100.0, embedding_weight: float = 1.0,
                  backend: str = "auto"):
@@ -135,65 +172,50 @@ class DataDAM(Method):
         return cls(power=cfg.power, attention_weight=cfg.attention_factor,
                    embedding_weight=cfg.attention_factor * cfg.task_balance, backend=cfg.backend)
 
-    def _features(self, net, x):
-        return net.features_and_embedding(x)
-
     def real_statistics(self, net, x):
-        from ..loss.ops import _run, prepare_backend
-        feats, emb = self._features(net, x)
-        maps = []
-        if feats:
-            prepare_backend(self.backend, x.device)
-            maps = list(_run(feats, self.power, self.backend))  # the registered spatial-attention op
+        from ..loss.ops import spatial_attention_maps
+        feats, emb = net.features_and_embedding(x)
+        maps = list(spatial_attention_maps(feats, self.power, self.backend)) if feats else []
         return maps + [emb.float()]
 
     def synthetic_features(self, net, x):
-        return self._features(net, x)
+        return net.features_and_embedding(x)
 
     def features_loss(self, features, targets, classes):
-        from ..loss.matching import attention_matching_loss
-        from ..loss.targets import ClassTargets
         feats, emb = features
-        loss, terms = attention_matching_loss(
-            ClassTargets(list(targets[:-1]), targets[-1], self.power), feats, None, emb, num_classes=classes,
-            power=self.power, attention_weight=self.attention_weight, embedding_weight=self.embedding_weight,
-            backend=self.backend, return_terms=True)
-        zero = torch.zeros((), device=loss.device)
-        return loss, {"attention": terms.get("attention", zero), "embedding": terms.get("embedding", zero)}
+        return _matching_loss(feats, emb, targets, classes, power=self.power, attention_weight=self.attention_weight,
+                              embedding_weight=self.embedding_weight, backend=self.backend)
 
     def fused_real_sums(self, net, x, classes, impl):
         from .real_side import real_class_sums
-        att, emb = real_class_sums(net, x, classes, self.power, attention=self.attention, impl=impl)
+        att, emb = real_class_sums(net, x, classes, self.power, attention=True, impl=impl)
         return list(att) + [emb]
 
     def compiled_real(self, net, x, classes):
-        feats, emb = self._features(net, x)
+        feats, emb = net.features_and_embedding(x)
         return [class_sums(_normalised_maps(f, self.power), classes) for f in feats] + \
             [class_sums(emb.float(), classes)]
 
     def compiled_synthetic(self, net, x, targets, classes):
-        feats, emb = self._features(net, x)
-        att = x.new_zeros((), dtype=torch.float32)
-        if self.attention_weight:
-            for f, t in zip(feats, targets[:-1]):
-                m = class_sums(_normalised_maps(f, self.power), classes) / (f.shape[0] // classes)
-                att = att + self.attention_weight * ((t - m) ** 2).sum()
-        e = class_sums(emb.float(), classes) / (emb.shape[0] // classes)
-        emb_term = self.embedding_weight * ((targets[-1] - e) ** 2).sum()
-        return att + emb_term, {"attention": att, "embedding": emb_term}
+        feats, emb = net.features_and_embedding(x)
+        return _compiled_matching_loss(feats, emb, targets, classes, power=self.power,
+                                       attention_weight=self.attention_weight, embedding_weight=self.embedding_weight)
 
 
-class DM(DataDAM):
+class DM(Method):
     """Distribution Matching (Zhao & Bilen, WACV 2023) as ``main_DM.py`` runs it: per-class mean
     embeddings only (weight 1), ``batch_real`` 256, ``lr_img`` 1, 20000 iterations. Statistics:
-    the ``[N, D]`` embedding; the attention terms are absent (no taps are evaluated)."""
+    the ``[N, D]`` embedding (no taps are evaluated); the loss is DataDAM's embedding term alone."""
 
     name = "dm"
     official_name = "DM"
-    attention = False
+    summary = ("Distribution Matching as main_DM.py runs it (per-class mean embeddings only, lr-img 1, "
+               "batch-real 256, 20000 iterations by default)")
+    fused_real = True
+    _POWER = 1.0  # no attention maps: the loss's power argument has nothing to act on
 
-    def __init__(self, *, backend: str = "auto", power: float = 4.0):
-        super().__init__(power=power, attention_weight=0.0, embedding_weight=1.0, backend=backend)
+    def __init__(self, *, backend: str = "auto"):
+        self.backend = backend
 
     @classmethod
     def defaults(cls, cfg) -> Dict:
@@ -201,10 +223,26 @@ class DM(DataDAM):
 
     @classmethod
     def from_config(cls, cfg) -> "DM":
-        return cls(backend=cfg.backend, power=cfg.power)
+        return cls(backend=cfg.backend)
 
-    def _features(self, net, x):
-        return [], net.embed(x)
+    def real_statistics(self, net, x):
+        return [net.embed(x).float()]
+
+    def synthetic_features(self, net, x):
+        return net.embed(x)
+
+    def features_loss(self, emb, targets, classes):
+        return _matching_loss([], emb, targets, classes, power=self._POWER, attention_weight=0.0,
+                              embedding_weight=1.0, backend=self.backend)
+
+    def fused_real_sums(self, net, x, classes, impl):
+        from .real_side import real_class_sums
+        _, emb = real_class_sums(net, x, classes, self._POWER, attention=False, impl=impl)
+        return [emb]
+
+    def compiled_synthetic(self, net, x, targets, classes):
+        return _compiled_matching_loss([], net.embed(x), targets, classes, power=self._POWER, attention_weight=0.0,
+                                       embedding_weight=1.0)
 
 
 #: the methods ``--method`` names (a user's own :class:`Method` is passed as an instance instead)

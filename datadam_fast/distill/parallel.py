@@ -138,7 +138,7 @@ def init_world(device: str, timeout_s: float = 1800.0) -> World:
     # a reference to the group that destroy_process_group() does not drop: gloo's worker threads
     # then outlive close() and are torn down during interpreter exit, which intermittently aborts
     # the process ("terminate called without an active exception") after a finished run.
-    # Imported first, it takes no such reference (tests/test_scale.py checks the threads end).
+    # Imported first, it takes no such reference (tests/distill/test_scale.py checks the threads end).
     from torch import _dynamo  # noqa: F401
     dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
     cpu = None if backend == "gloo" else dist.new_group(backend="gloo")

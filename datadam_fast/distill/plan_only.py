@@ -81,7 +81,7 @@ def time_passes(d) -> Dict[str, float]:
     if d.real_all is None:
         B = min(d.batch_real, 64)
         idx = torch.cat([ix[:B] for ix in d.class_idx[:max(1, min(d.Kl, 8))]])
-        out["load_per_image"] = _timed(lambda: d.finish_rows(d._load_rows(idx)), dev) / max(len(idx), 1)
+        out["load_per_image"] = _timed(lambda: d.finish_rows(d.load_rows(idx)), dev) / max(len(idx), 1)
     return out
 
 

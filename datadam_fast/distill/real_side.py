@@ -11,8 +11,8 @@ Two implementations of the same contract:
   first layer with few input channels is convolved inside the kernel (its output never exists).
 
 The result is what the loss needs from the real side: per-class sums of the L2-normalised maps and of the embeddings, the
-same quantities as ``features_and_embedding`` followed by :class:`~datadam_fast.targets.ClassMeanAccumulator`
-(tests/test_real_epilogue.py pins them against that, for every supported norm and activation).
+same quantities as ``features_and_embedding`` followed by :class:`~datadam_fast.loss.targets.ClassMeanAccumulator`
+(tests/loss/test_real_epilogue.py pins them against that, for every supported norm and activation).
 
 Norm statistics come from per-(n, c) moments: instance norm uses them directly; group norm and
 train-mode batch norm combine them exactly (Chan et al.), in float64 on ``[N, C]`` numbers.
@@ -32,14 +32,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._constants import EPILOGUE_ACTS, EPILOGUE_POOLS, NORM_EPS
-from ..errors import describe_failure
+from ..errors import KERNEL_FAILURES, describe_failure
 
 IMPLS = ("triton", "cpu")
 
-#: (implementation, device type) -> why its kernels failed at run time; such an implementation is
-#: reported unavailable (``unavailable_reason``) for the rest of the process
-_RUNTIME_FAILED: Dict[Tuple[str, str], str] = {}
-_WARNED: set = set()
+# an implementation whose kernels failed at run time is in errors.KERNEL_FAILURES as
+# "epilogue:<impl>" and reported unavailable (``unavailable_reason``) for the rest of the process
 
 _ACT_NAMES = {nn.ReLU: "relu", nn.LeakyReLU: "leakyrelu", nn.Sigmoid: "sigmoid", nn.SiLU: "swish"}
 
@@ -113,8 +111,9 @@ def unavailable_reason(net: nn.Module, device, impl: Optional[str] = None) -> Op
         return why
     device = torch.device(device)
     impl = impl or default_impl(device)
-    if (impl, device.type) in _RUNTIME_FAILED:
-        return _RUNTIME_FAILED[(impl, device.type)]
+    failed = KERNEL_FAILURES.reason(f"epilogue:{impl}", device.type)
+    if failed:
+        return failed
     if impl == "cpu":
         if device.type != "cpu":
             return f"the C++ epilogue runs on CPU tensors, not {device}"
@@ -141,12 +140,9 @@ def unavailable_reason(net: nn.Module, device, impl: Optional[str] = None) -> Op
 def warn_fallback(impl: str, device, why: str) -> None:
     """The one warning (per process, implementation and device type) that ``--real-epilogue auto``
     gave up the fused ``impl`` and runs the real side through the network's own forward."""
-    key = (impl, torch.device(device).type)
-    if key in _WARNED:
-        return
-    _WARNED.add(key)
-    warnings.warn(f"datadam_fast: {why}; the real side continues without the fused epilogue (the network's "
-                  "own forward, same results) for the rest of this process", RuntimeWarning, stacklevel=3)
+    KERNEL_FAILURES.warn_once(("epilogue", impl, torch.device(device).type),
+                              f"datadam_fast: {why}; the real side continues without the fused epilogue (the "
+                              "network's own forward, same results) for the rest of this process", stacklevel=3)
 
 
 def implementation_failed(impl: str, device, error: BaseException) -> None:
@@ -154,7 +150,7 @@ def implementation_failed(impl: str, device, error: BaseException) -> None:
     (``unavailable_reason`` reports it from now on) and warn once."""
     device = torch.device(device)
     why = f"the {impl} real-side epilogue failed on {device}: {describe_failure(error)}"
-    _RUNTIME_FAILED[(impl, device.type)] = why
+    KERNEL_FAILURES.record(f"epilogue:{impl}", device.type, why)
     warn_fallback(impl, device, why)
 
 

@@ -1,5 +1,5 @@
 """The run directory: out-dir checks, the checkpoint (save, load, resume), metrics.jsonl, the
-outputs (synthetic.pt, grid.png, summary.json). Every write is atomic; under torchrun only rank 0
+outputs (synthetic.pt, grid.png as a PNG grid drawn with Pillow, summary.json). Every write is atomic; under torchrun only rank 0
 writes, and gathering the synthetic rows is collective (every rank calls)."""
 from __future__ import annotations
 
@@ -8,14 +8,16 @@ import json
 import os
 from typing import Dict, List, Optional
 
+import numpy as np
 import torch
 
-from .._io import atomic_torch_save, atomic_write_text
+from .._io import atomic_torch_save, atomic_write, atomic_write_text
 from ..errors import UserError
-from .config import _NOT_IDENTITY
+from .config import NOT_IDENTITY, config_flags, format_config
 from .parallel import class_block
 
 CHECKPOINT = "checkpoint.pt"
+CONFIG = "config.toml"
 CHECKPOINT_FORMAT = "datadam_fast.checkpoint/2"
 GRID_MAX_CLASSES = 100
 
@@ -55,7 +57,8 @@ def syn_counts(d) -> List[int]:
 
 
 def checkpoint_state(d) -> Optional[Dict]:
-    """The full run state on rank 0 (collective: every rank must call it); None elsewhere."""
+    """The run state (:class:`~.engine.RunState`: images, momentum, generator, iteration, next
+    real batch) of every rank, gathered on rank 0 (collective: every rank must call it); None elsewhere."""
     counts = syn_counts(d)
     images = d.world.gather_rows(d.syn.detach(), counts, to_all=False)
     st = d.opt.state.get(d.syn)
@@ -65,8 +68,9 @@ def checkpoint_state(d) -> Optional[Dict]:
         momentum = d.world.gather_rows(mom if mom is not None else torch.zeros_like(d.syn), counts, to_all=False)
     if not d.world.is_main:
         return None
-    return {"format": CHECKPOINT_FORMAT, "iteration": d.iteration, "images": images, "momentum": momentum,
-            "generator": d.gen.get_state(), "next_real_idx": d._next_real_idx.clone(),
+    state = d.state
+    return {"format": CHECKPOINT_FORMAT, "iteration": state.iteration, "images": images, "momentum": momentum,
+            "generator": state.gen.get_state(), "next_real_idx": state.next_real_idx.clone(),
             "config": dataclasses.asdict(d.cfg), "identity": identity(d), "world_size": d.world.size}
 
 
@@ -88,7 +92,7 @@ def load_checkpoint(d) -> None:
     if not isinstance(ck, dict) or ck.get("format") not in (CHECKPOINT_FORMAT, "datadam_fast.checkpoint/1"):
         raise UserError(f"{path} is not a datadam-fast checkpoint")
     mine = identity(d)
-    theirs = {k: v for k, v in ck.get("identity", {}).items() if k not in _NOT_IDENTITY}
+    theirs = {k: v for k, v in ck.get("identity", {}).items() if k not in NOT_IDENTITY}
     theirs.setdefault("zca", False)  # checkpoints from before the option were made without ZCA
     diff = {k: (theirs.get(k), v) for k, v in mine.items() if theirs.get(k) != v}
     if diff:
@@ -107,11 +111,12 @@ def load_checkpoint(d) -> None:
     d.opt.state.clear()
     if mom is not None:
         d.opt.state[d.syn]["momentum_buffer"] = mom[rows].to(d.device).clone()
-    d.gen.set_state(ck["generator"])
-    d.iteration = int(ck["iteration"])
+    state = d.state
+    state.gen.set_state(ck["generator"])
+    state.iteration = int(ck["iteration"])
     nxt = ck.get("next_real_idx")
     # format 1 stored the generator before the iteration's draws: draw the batch now
-    d._next_real_idx = nxt.clone() if nxt is not None else d.draw_real_indices()
+    state.next_real_idx = nxt.clone() if nxt is not None else d.draw_real_indices()
     del ck
 
 
@@ -129,14 +134,51 @@ def synthetic_state(d) -> Optional[Dict]:
         return None
     ds = d.train_set
     state = {"images": full[0].clone(), "labels": full[1], "mean": list(ds.mean), "std": list(ds.std),
-             "dataset": ds.name, "config": dataclasses.asdict(d.cfg), "iteration": d.iteration}
+             "dataset": ds.name, "config": dataclasses.asdict(d.cfg), "iteration": d.iteration,
+             "method": d.method.official_name or d.method.name}  # export names official files by it
     if d.cfg.zca:  # evaluate and export apply the recorded transform
         state["zca"] = ds.zca.state()
     return state
 
 
+def save_grid(images: torch.Tensor, path: str, nrow: int, *, pad: int = 2, min_cell: int = 32) -> None:
+    """Save ``images`` ([N, C, H, W] in [0, 1]) as a grid with ``nrow`` images per row.
+
+    Small images (e.g. 8x8 digits) are enlarged by pixel repetition to at least ``min_cell`` px.
+    Written atomically (temp file + rename).
+    """
+    from PIL import Image
+    x = images.detach().float().clamp(0, 1).cpu()
+    n, c, h, w = x.shape
+    scale = max(1, -(-min_cell // max(h, w)))
+    if scale > 1:
+        x = x.repeat_interleave(scale, 2).repeat_interleave(scale, 3)
+        h, w = h * scale, w * scale
+    rows = -(-n // nrow)
+    grid = torch.ones(c, rows * (h + pad) + pad, nrow * (w + pad) + pad)
+    for i in range(n):
+        r, col = divmod(i, nrow)
+        grid[:, pad + r * (h + pad):pad + r * (h + pad) + h, pad + col * (w + pad):pad + col * (w + pad) + w] = x[i]
+    arr = (grid.permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8)
+    img = Image.fromarray(arr[:, :, 0] if c == 1 else arr, mode="L" if c == 1 else "RGB")
+    atomic_write(path, lambda fh: img.save(fh, format="PNG"))
+
+
+def write_run_config(out_dir: str, cfg, run_flags: Optional[Dict] = None) -> str:
+    """Write ``out_dir/config.toml`` (atomically): the fully resolved config as ``distill`` flags,
+    so that ``distill --config RUN/config.toml --out NEW`` repeats the run. Where the run goes
+    (``out``, ``resume``, ``overwrite``) is given on the command line and not written."""
+    header = ("datadam-fast distill configuration, fully resolved.\n"
+              "Repeat the run: datadam-fast distill --config config.toml --out NEW_DIR")
+    extra = sorted(k for k in cfg.data_opts if k != "path")
+    if extra:
+        header += f"\nDataset options set through the Python API are not flags and are not repeated: {extra}"
+    path = os.path.join(out_dir, CONFIG)
+    atomic_write_text(path, format_config(config_flags(cfg, run_flags), header))
+    return path
+
+
 def write_outputs(d) -> None:
-    from ..visualize import save_grid
     if not d.out_dir:
         return
     state = synthetic_state(d)

@@ -5,10 +5,11 @@
     syn      synthetic chunks: forward + method loss + backward -> one pixel-gradient buffer
     update   one optimiser step on the synthetic pixels
 
-``d`` is the :class:`~datadam_fast.distill.engine.Distiller` holding the run's state (config,
-method, plan, generator, synthetic images, optimiser, prefetcher, compiled passes). Each side has
-three paths, chosen per run: the fused ConvNet real side (``real_side.py``), the compiled passes
-(``compiled.py``) and the eager network forward.
+``d`` is the :class:`~datadam_fast.distill.engine.Distiller`: the step reads its parts (config,
+method, plan, data side, compiled passes) and advances its :class:`~.engine.RunState`. The real
+side takes one of three paths, chosen once per run by :class:`RealSide`: the fused ConvNet real
+side (:mod:`.real_side`), the compiled pass (:mod:`.compiled`) or the method's eager statistics;
+the synthetic side is compiled or eager.
 """
 from __future__ import annotations
 
@@ -62,6 +63,37 @@ class ClassSums:
         return [(s / c).to(torch.float32) for s in self.sums]
 
 
+class RealSide:
+    """The path of the real side for the whole run: ``"fused"`` (the epilogue kernels, ``fused``
+    names the implementation), ``"compiled"`` (the compiled real pass) or ``"eager"`` (the method's
+    :meth:`~.methods.Method.real_statistics`), chosen once. A fused CPU epilogue replaces the
+    compiled real pass; a fused Triton one runs only where nothing is compiled (inductor fuses
+    the compiled pass itself). The fallback chain is fused -> compiled -> eager: a fused kernel
+    that fails under ``--real-epilogue auto`` (:meth:`fused_failed`) or a compiler that fails
+    (:meth:`compile_failed`) moves the rest of the run one step down, once."""
+
+    def __init__(self, fused: Optional[str], mode: str = "auto", compiled: bool = False):
+        self.fused = fused       # "cpu" / "triton" / None
+        self.mode = mode         # --real-epilogue (auto: a kernel failure falls back instead of raising)
+        self.compiled = compiled  # set once the compiled passes exist (after the memory plan)
+
+    @property
+    def path(self) -> str:
+        if self.fused and (not self.compiled or self.fused == "cpu"):
+            return "fused"
+        return "compiled" if self.compiled else "eager"
+
+    def path_without_compiled(self) -> str:
+        """The path of a pass run without compiled weights (the memory probe, the timing of --plan-only)."""
+        return "fused" if self.fused else "eager"
+
+    def fused_failed(self) -> None:
+        self.fused = None
+
+    def compile_failed(self) -> None:
+        self.compiled = False
+
+
 def real_side_copy(net, dtype):
     """``net`` in the real side's dtype: itself when it already is (the step casts once, not per chunk)."""
     p = next(net.parameters(), None)
@@ -72,7 +104,8 @@ def real_side_copy(net, dtype):
 
 def real_pass(d, net, x, labels, params, sums: ClassSums, local_cpu, mark=None, weights=None) -> None:
     """One real chunk (no_grad; class-major rows, equal counts) into the per-class sums.
-    ``weights``: run the compiled pass with these weights."""
+    ``weights``: the network's weights for the compiled pass (None: a pass without them)."""
+    path = d.real_side.path if weights is not None else d.real_side.path_without_compiled()
     with torch.no_grad():
         if params is not None:
             with nvtx_range("datadam_fast.step.augment_real"):
@@ -83,14 +116,13 @@ def real_pass(d, net, x, labels, params, sums: ClassSums, local_cpu, mark=None, 
             dtype = REAL_DTYPES[d.cfg.real_dtype]
             first = int(local_cpu[0])
             classes = int(local_cpu[-1]) - first + 1
-            if weights is None or d.fused_real == "cpu":
+            if path != "compiled":
                 net = real_side_copy(net, dtype)
-            fused = d.fused_real and (weights is None or d.fused_real == "cpu")
             # (a fused pass whose kernels fail under auto returns False: this chunk and the rest of
-            # the run take the pass below)
-            if fused and _fused_real_pass(d, net, x.to(dtype), classes, first, sums):
+            # the run take the next path of the chain)
+            if path == "fused" and _fused_real_pass(d, net, x.to(dtype), classes, first, sums):
                 pass
-            elif weights is not None:
+            elif weights is not None and d.real_side.path == "compiled":
                 sums.add_class_sums(d.passes.real(weights, x, classes), first, x.shape[0] // classes)
             else:
                 sums.add(d.method.real_statistics(net, x.to(dtype)), local_cpu)
@@ -100,21 +132,22 @@ def real_pass(d, net, x, labels, params, sums: ClassSums, local_cpu, mark=None, 
 
 def _fused_real_pass(d, net, x, classes: int, first: int, sums: ClassSums) -> bool:
     """One real chunk through the fused epilogue into ``sums``. False when the epilogue's kernels
-    failed to compile or launch here under ``--real-epilogue auto``: then ``d.fused_real`` is off
-    from now on (one warning) and the caller runs the other pass; nothing was added to ``sums``
-    (and no BatchNorm statistics were updated)."""
+    failed to compile or launch here under ``--real-epilogue auto``: then the real side leaves
+    the fused path for the rest of the run (one warning) and the caller runs the next path;
+    nothing was added to ``sums`` (and no BatchNorm statistics were updated)."""
     from ..errors import BackendUnavailable, describe_failure, is_kernel_failure
     from .real_side import implementation_failed
+    side = d.real_side
     try:
-        stats = d.method.fused_real_sums(net, x, classes, d.fused_real)
+        stats = d.method.fused_real_sums(net, x, classes, side.fused)
     except Exception as e:
         if not is_kernel_failure(e):
             raise
-        if d.cfg.real_epilogue != "auto":
-            raise BackendUnavailable(f"--real-epilogue {d.cfg.real_epilogue}: its kernels failed on "
+        if side.mode != "auto":
+            raise BackendUnavailable(f"--real-epilogue {side.mode}: its kernels failed on "
                                      f"{d.device}: {describe_failure(e, limit=20000)}") from e
-        implementation_failed(d.fused_real, d.device, e)
-        d.fused_real = None
+        implementation_failed(side.fused, d.device, e)
+        side.fused_failed()
         return False
     sums.add_class_sums(stats, first, x.shape[0] // classes)
     return True
@@ -167,10 +200,11 @@ def step(d, timings: Optional[Dict[str, float]] = None) -> Dict[str, torch.Tenso
     with nvtx_range("datadam_fast.step.sample"):
         net = d.new_network()
         params = d.dsa.sample(d.K, d.gen, d.device, tuple(d.train_set.image_size)) if d.dsa else None
-        real_idx = d._next_real_idx
+        state = d.state
+        real_idx = state.next_real_idx
         # the next iteration's real batch is drawn now, so that it loads while this one computes
-        d._next_real_idx = d.draw_real_indices()
-        d.schedule_real(d.iteration + 1, d._next_real_idx)
+        state.next_real_idx = d.draw_real_indices()
+        d.schedule_real(state.iteration + 1, state.next_real_idx)
     mark("sample")
     mark = mark if timings is not None else None
     if d.passes is not None:
@@ -179,11 +213,11 @@ def step(d, timings: Optional[Dict[str, float]] = None) -> Dict[str, torch.Tenso
 
 
 def _step_compiled(d, net, params, real_idx, mark):
-    from .compiled import CompiledPasses
+    from .compiled import weights_of
     d.passes.step_begin()
-    weights = CompiledPasses.weights_of(net)
+    weights = weights_of(net)
     dtype = REAL_DTYPES[d.cfg.real_dtype]
-    real_weights = weights if dtype == torch.float32 else CompiledPasses.weights_of(net, dtype)
+    real_weights = weights if dtype == torch.float32 else weights_of(net, dtype)
     if d.compile_seconds is not None:
         return _finish(d, net, params, real_idx, mark, weights, real_weights)
     # first compiled step: it compiles (timed); a toolchain without a working compiler falls
@@ -199,12 +233,13 @@ def _step_compiled(d, net, params, real_idx, mark):
         warnings.warn(f"torch.compile of the network passes failed ({type(e).__name__}: {str(e)[:200]}); "
                       f"running eagerly (pass --no-compile to skip trying)")
         d.passes = None
+        d.real_side.compile_failed()
         with torch.no_grad():
             d.syn.copy_(state[0])
         d.opt.state[d.syn] = state[1]
         d.prefetcher.clear()  # the failed attempt consumed this iteration's chunks: load them again
         d.schedule_real(d.iteration, real_idx)
-        d.schedule_real(d.iteration + 1, d._next_real_idx)
+        d.schedule_real(d.iteration + 1, d.state.next_real_idx)
         return _finish(d, net, params, real_idx, mark, None, None)
     d.compile_seconds = time.perf_counter() - t0
     return out
@@ -214,7 +249,7 @@ def real_targets(d, net, params, real_idx, mark, weights) -> List[torch.Tensor]:
     """The real side: only per-class means enter the loss, so it is reduced chunk by chunk."""
     B = d.batch_real
     sums = ClassSums(d.Kl)
-    if weights is None or d.fused_real == "cpu":
+    if weights is None or d.real_side.path != "compiled":
         net = real_side_copy(net, REAL_DTYPES[d.cfg.real_dtype])  # once per step, not per chunk
     for j, (a, b) in enumerate(d.real_chunks()):
         with nvtx_range("datadam_fast.step.load"):
@@ -251,6 +286,6 @@ def _finish(d, net, params, real_idx, mark, weights, real_weights):
         d.opt.step()
     if mark:
         mark("update")
-    d.iteration += 1
+    d.state.iteration += 1
     loss = sum(totals.values()) if totals else torch.zeros((), device=d.device)
     return {"loss": loss, **{f"loss_{k}": v for k, v in totals.items()}}

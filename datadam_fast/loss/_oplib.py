@@ -17,9 +17,7 @@ from typing import Callable, List, Sequence
 
 import torch
 
-
-def acc_dtype(t: torch.Tensor) -> torch.dtype:
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
+from .reference import acc_dtype
 
 
 def grad_memory_format(f: torch.Tensor) -> torch.memory_format:

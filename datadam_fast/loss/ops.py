@@ -21,7 +21,7 @@ first call so that errors and the build message come at a predictable point.
 Forward reads each feature map once and returns L2-normalised ``[N, H*W]`` maps (float32; float64
 for float64 input). ``norms`` (``[N]``) are saved state for the backward, not a differentiable
 output. Every op has a fake kernel (shapes for meta/FakeTensor inputs) and the forward ops an
-autograd formula (:mod:`datadam_fast._oplib`).
+autograd formula (:mod:`datadam_fast.loss._oplib`).
 """
 from __future__ import annotations
 
@@ -91,6 +91,15 @@ def _run(feats: List[Tensor], power: float, backend: str) -> List[Tensor]:
     if not feats:
         return []
     return list(torch.ops.datadam_fast.spatial_attention_fwd(list(feats), float(power), backend)[0])
+
+
+def spatial_attention_maps(feats: Sequence[Tensor], power: float, backend: str = "auto") -> List[Tensor]:
+    """:func:`spatial_attention` for callers that checked their inputs already (the engine's real
+    side, every chunk of every iteration): the backend is prepared, the arguments are not re-checked."""
+    feats = list(feats)
+    if feats:
+        prepare_backend(backend, feats[0].device)
+    return _run(feats, power, backend)
 
 
 def spatial_attention(feats: Sequence[Tensor], *, power: float = 4.0,

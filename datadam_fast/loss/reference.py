@@ -7,10 +7,9 @@ in float32 (or float64 when given float64) so that bf16/fp16 inputs have a well-
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Tuple
 
 import torch
-import torch.nn.functional as F
 
 from .._constants import NORM_EPS  # F.normalize's default eps, as used by the official code
 from ..errors import UserError
@@ -21,7 +20,18 @@ def acc_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
-_acc_dtype = acc_dtype
+def attention_maps_and_norms(feat: torch.Tensor, power: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The spatial-attention formula, written once in plain tensor ops: ``a = sum_c |f_c|^p`` in the
+    accumulation dtype, returned as ``(a / max(||a||_2, 1e-12), ||a||_2)``, ``[N, H*W]`` and ``[N]``.
+
+    The reference, the reference backend and the compiled passes (where inductor fuses it into the
+    network's epilogue: a bf16 activation is read once, the power and sums taken in fp32) all call
+    this. ``power == 1`` skips the power (exact either way; one op fewer in a traced graph).
+    """
+    f = feat.to(acc_dtype(feat)).abs()
+    a = (f if power == 1.0 else f.pow(power)).sum(dim=1).flatten(1)
+    n = a.norm(dim=1, keepdim=True)
+    return a / n.clamp_min(NORM_EPS), n.squeeze(1)
 
 
 def spatial_attention(feat: torch.Tensor, power: float = 4.0) -> torch.Tensor:
@@ -30,9 +40,7 @@ def spatial_attention(feat: torch.Tensor, power: float = 4.0) -> torch.Tensor:
     ``feat`` is ``[N, C, H, W]`` (any strides); returns ``[N, H*W]`` (row-major h, w) in float32
     (float64 for float64 input).
     """
-    f = feat.to(_acc_dtype(feat))
-    a = f.abs().pow(power).sum(dim=1).flatten(1)
-    return F.normalize(a, p=2, dim=1, eps=NORM_EPS)
+    return attention_maps_and_norms(feat, power)[0]
 
 
 def class_means(x: torch.Tensor, num_classes: int, labels: Optional[torch.Tensor] = None,
@@ -88,8 +96,8 @@ def attention_matching_loss(real_feats: Sequence[torch.Tensor], syn_feats: Seque
         loss = loss + attention_weight * w * (r.detach().to(s.dtype) - s).pow(2).sum()
     if syn_emb is not None:
         if real_embedding_means is None:
-            real_embedding_means = class_means(real_emb.to(_acc_dtype(real_emb)), num_classes, real_labels)
-        s = class_means(syn_emb.to(_acc_dtype(syn_emb)), num_classes, syn_labels)
+            real_embedding_means = class_means(real_emb.to(acc_dtype(real_emb)), num_classes, real_labels)
+        s = class_means(syn_emb.to(acc_dtype(syn_emb)), num_classes, syn_labels)
         loss = loss + embedding_weight * (real_embedding_means.detach().to(s.dtype) - s).pow(2).sum()
     return loss
 

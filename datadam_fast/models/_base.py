@@ -9,7 +9,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-_NORMS = ("instancenorm", "batchnorm", "groupnorm", "layernorm", "none")
+NORMS = ("instancenorm", "batchnorm", "groupnorm", "layernorm", "none")
 _ACTS = ("relu", "leakyrelu", "sigmoid", "swish")
 TAPS = ("blocks", "official")  # see the docstring of networks.py
 _POOL_ALIASES = {"avgpool": "avgpool", "avgpooling": "avgpool", "maxpool": "maxpool",
@@ -47,7 +47,7 @@ def _norm2d(norm: str, c: int, h: int, w: int) -> nn.Module:
         return nn.GroupNorm(4, c, affine=True)
     if norm == "layernorm":
         return nn.LayerNorm([c, h, w], elementwise_affine=True)
-    raise ValueError(f"unknown norm {norm!r}; choose from {_NORMS}")
+    raise ValueError(f"unknown norm {norm!r}; choose from {NORMS}")
 
 
 def _act(act: str) -> nn.Module:

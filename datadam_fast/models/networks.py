@@ -52,7 +52,7 @@ from torch import nn
 import torch.nn.functional as F
 
 from ._base import (  # noqa: F401 - re-exported: networks is the models' public module
-    _NORMS, _ACTS, TAPS, _POOL_ALIASES, _conv_out, _check_spatial, _check_taps, _im_size, _norm2d, _act, _FeatureNet, _SequentialTapNet)
+    NORMS, _ACTS, TAPS, _POOL_ALIASES, _conv_out, _check_spatial, _check_taps, _im_size, _norm2d, _act, _FeatureNet, _SequentialTapNet)
 from .resnet import BasicBlock, BasicBlockAP, ResNet, ResNetAP, _norm_res, _PoolFlatten  # noqa: F401
 
 __all__ = [
@@ -77,8 +77,8 @@ class ConvNet(_SequentialTapNet):
         super().__init__()
         # one activation per block: the official hook set equals the per-block set
         self.taps = _check_taps(taps, "ConvNet")
-        if norm not in _NORMS:
-            raise ValueError(f"unknown norm {norm!r}; choose from {_NORMS}")
+        if norm not in NORMS:
+            raise ValueError(f"unknown norm {norm!r}; choose from {NORMS}")
         if act not in _ACTS:
             raise ValueError(f"unknown activation {act!r}; choose from {_ACTS}")
         if pooling not in _POOL_ALIASES:

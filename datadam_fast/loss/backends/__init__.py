@@ -1,4 +1,4 @@
-"""Backend registry.
+"""Backend registry: which implementation runs, loaded on first use, and the fallback of ``auto``.
 
 A backend computes the per-sample spatial attention maps of several layers at once and their
 vector-Jacobian product. That is the only part of the loss that touches ``[N, C, H, W]`` data;
@@ -21,101 +21,12 @@ Contract (every backend implements both, for a list of layers in one call):
 from __future__ import annotations
 
 import os
-import warnings
-from typing import Callable, Dict, List, Sequence, Tuple, Union
+from typing import Callable, Dict, List, Tuple, Union
 
 import torch
 
-from ...errors import BackendUnavailable, UserError, describe_failure
-
-BACKEND_NAMES = ("reference", "triton", "cuda", "cpu")
-#: device types each fused backend's kernels can run on, known without loading it (so that a tool
-#: never builds one device's extension only to skip it); Triton takes CPU tensors only under its
-#: interpreter, which its ``supports`` answers once loaded
-DEVICE_TYPES = {"triton": ("cuda", "cpu"), "cuda": ("cuda",), "cpu": ("cpu",)}
-
-
-class Backend:
-    name = "abstract"
-
-    def supports(self, device: torch.device) -> bool:  # pragma: no cover - interface
-        raise NotImplementedError
-
-    def forward(self, feats: Sequence[torch.Tensor], power: float
-                ) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:  # pragma: no cover
-        raise NotImplementedError
-
-    def backward(self, feats: Sequence[torch.Tensor], maps: Sequence[torch.Tensor],
-                 norms: Sequence[torch.Tensor], grad_maps: Sequence[torch.Tensor],
-                 power: float) -> List[torch.Tensor]:  # pragma: no cover
-        raise NotImplementedError
-
-
-class ReferenceBackend(Backend):
-    """Plain PyTorch; the oracle, and the fallback on any device."""
-    name = "reference"
-
-    def supports(self, device):
-        return True
-
-    def forward(self, feats, power):
-        from ..reference import NORM_EPS, acc_dtype
-        maps, norms = [], []
-        for f in feats:
-            a = f.to(acc_dtype(f)).abs().pow(power).sum(dim=1).flatten(1)
-            n = a.norm(dim=1)
-            maps.append((a / n.clamp_min(NORM_EPS).unsqueeze(1)).contiguous())
-            norms.append(n)
-        return maps, norms
-
-    def backward(self, feats, maps, norms, grad_maps, power):
-        from ..reference import spatial_attention_backward
-        from .._oplib import grad_memory_format
-        out = []
-        for f, m, n, g in zip(feats, maps, norms, grad_maps):
-            grad = spatial_attention_backward(f, m, n, g, power)
-            out.append(grad.contiguous(memory_format=grad_memory_format(f)))
-        return out
-
-
-class NativeOpBackend(Backend):
-    """A backend whose kernels are dispatcher ops ``torch.ops.datadam_fast.<name>_fwd`` / ``_bwd``
-    registered by a compiled extension (``TORCH_LIBRARY_IMPL``), over lists of layers."""
-
-    #: the device type its kernels are registered for ("cpu" / "cuda"; set by each backend)
-    device_type = ""
-    _DEVICE_WORDS = {"cpu": "CPU", "cuda": "CUDA"}
-
-    def supports(self, device) -> bool:
-        return torch.device(device).type == self.device_type
-
-    def _bwd_extra_args(self) -> tuple:
-        return ()
-
-    def _check_devices(self, groups) -> None:
-        """Every tensor on this backend's device type, checked here: the dispatcher would
-        otherwise answer first with "Could not run ... with arguments from the 'CPU' backend"."""
-        want = self.device_type
-        for what, tensors in groups:
-            for i, t in enumerate(tensors):
-                if isinstance(t, torch.Tensor) and t.device.type != want:
-                    word = self._DEVICE_WORDS.get(want, want)
-                    raise UserError(f"backend {self.name!r} takes {word} tensors, but {what}[{i}] is on "
-                                    f"{t.device} (move it with .to({want!r}), or pass backend='auto' to pick the "
-                                    f"backend from the tensors' device)")
-
-    def forward(self, feats, power):
-        self._check_devices((("feats", feats),))
-        op = getattr(torch.ops.datadam_fast, f"{self.name}_fwd")
-        maps, norms = op([f.detach() for f in feats], float(power))
-        return list(maps), list(norms)
-
-    def backward(self, feats, maps, norms, grad_maps, power):
-        self._check_devices((("feats", feats), ("maps", maps), ("norms", norms), ("grad_maps", grad_maps)))
-        op = getattr(torch.ops.datadam_fast, f"{self.name}_bwd")
-        return list(op([f.detach() for f in feats], [m.detach() for m in maps],
-                       [n.detach() for n in norms], [g.detach() for g in grad_maps],
-                       float(power), *self._bwd_extra_args()))
+from ...errors import KERNEL_FAILURES, BackendUnavailable, UserError, describe_failure
+from .base import BACKEND_NAMES, DEVICE_TYPES, Backend, NativeOpBackend, ReferenceBackend
 
 
 def _load_cpu() -> Backend:
@@ -140,11 +51,9 @@ _FACTORIES: Dict[str, Callable[[], Backend]] = {
     "triton": _load_triton,
 }
 _CACHE: Dict[str, Backend] = {}
-_FAILED: Dict[str, str] = {}
-#: (backend, device type) -> why its kernels failed at run time (compile / launch); ``auto`` skips
-#: such a backend on that device type for the rest of the process
-_RUNTIME_FAILED: Dict[Tuple[str, str], str] = {}
-_WARNED: set = set()
+_FAILED: Dict[str, str] = {}  # backends that could not be loaded (no compiler, no triton ...)
+# backends whose kernels failed at run time (compile / launch) are in errors.KERNEL_FAILURES as
+# "backend:<name>"; ``auto`` skips such a backend on that device type for the rest of the process
 
 
 def get_backend(name: str) -> Backend:
@@ -203,11 +112,9 @@ def resolve_backend(name: str, device: torch.device) -> Backend:
                    if name == "triton" else ""))
         return backend
     backend, reasons = _auto_pick(device)
-    key = (device.type, tuple(reasons))
-    if backend.name == "reference" and reasons and key not in _WARNED:
-        _WARNED.add(key)
-        warnings.warn("datadam_fast: falling back to the reference backend on "
-                      f"{device.type}: " + "; ".join(reasons), RuntimeWarning, stacklevel=3)
+    if backend.name == "reference" and reasons:
+        KERNEL_FAILURES.warn_once((device.type, tuple(reasons)), "datadam_fast: falling back to the reference "
+                                  f"backend on {device.type}: " + "; ".join(reasons), stacklevel=3)
     return backend
 
 
@@ -216,7 +123,7 @@ def _auto_pick(device: torch.device) -> Tuple[Backend, List[str]]:
     on it, else the reference; and why each one before it was passed over."""
     reasons = []
     for cand in _auto_order(device):
-        failed = _RUNTIME_FAILED.get((cand, device.type))
+        failed = KERNEL_FAILURES.reason(f"backend:{cand}", device.type)
         if failed:
             reasons.append(failed)
             continue
@@ -236,16 +143,14 @@ def kernel_failed(name: str, device: torch.device, error: BaseException) -> Back
     remember it (``auto`` skips that backend on this device type from now on), warn once per
     process naming the error, and return the backend to continue with."""
     msg = f"backend {name!r} failed on {device}: {describe_failure(error)}"
-    _RUNTIME_FAILED[(name, device.type)] = msg
+    KERNEL_FAILURES.record(f"backend:{name}", device.type, msg)
     backend, reasons = _auto_pick(device)
     # one warning: the fallback's own "falling back to the reference" notice is folded in here
-    _WARNED.add((device.type, tuple(reasons)))
-    key = ("kernel failure", name, device.type)
-    if key not in _WARNED:
-        _WARNED.add(key)
-        others = [r for r in reasons if r != msg]
-        warnings.warn(f"datadam_fast: {msg}; continuing with backend {backend.name!r} for the rest of this "
-                      "process" + (f" ({'; '.join(others)})" if others else ""), RuntimeWarning, stacklevel=4)
+    KERNEL_FAILURES.mark_warned((device.type, tuple(reasons)))
+    others = [r for r in reasons if r != msg]
+    KERNEL_FAILURES.warn_once(("kernel failure", name, device.type),
+                              f"datadam_fast: {msg}; continuing with backend {backend.name!r} for the rest of this "
+                              "process" + (f" ({'; '.join(others)})" if others else ""), stacklevel=4)
     return backend
 
 

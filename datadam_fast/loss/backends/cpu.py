@@ -2,9 +2,9 @@
 
 The extension registers the dispatcher ops ``torch.ops.datadam_fast.cpu_fwd`` / ``cpu_bwd``
 (``TORCH_LIBRARY_FRAGMENT`` + ``TORCH_LIBRARY_IMPL(datadam_fast, CPU, ...)``); loading it here adds
-their fake kernels and autograd formula (:mod:`datadam_fast._oplib`). It is imported prebuilt
+their fake kernels and autograd formula (:mod:`datadam_fast.loss._oplib`). It is imported prebuilt
 (``DATADAM_FAST_BUILD_EXT=1 pip install -e .``: portable flags) or JIT-built on first use (cached,
-see :mod:`datadam_fast._build`). The JIT build adds ``-march=native`` so that the inner loops
+see :mod:`datadam_fast.loss._build`). The JIT build adds ``-march=native`` so that the inner loops
 auto-vectorise for the host (AVX2/AVX-512 ...), and keys its cache by a fingerprint of the host
 CPU so that a cache directory shared between machines never hands an AVX-512 build to a CPU
 without it; if the compiler rejects ``-march=native`` the build is retried with the portable
@@ -26,7 +26,7 @@ import torch
 
 from ... import _constants
 from ...errors import BackendUnavailable
-from . import NativeOpBackend
+from .base import NativeOpBackend
 
 _EXT_NAME = "_C_cpu"
 _SOURCES = ["spatial_attention_cpu.cpp", "real_epilogue_cpu.cpp"]
@@ -49,7 +49,7 @@ def _host_fingerprint() -> str:
 
 
 def _load_extension():
-    from ..._build import load_extension
+    from .._build import load_extension
     native = os.environ.get("DATADAM_FAST_CPU_NATIVE", "1") != "0"
     portable = [*_constants.CPU_CFLAGS, *_constants.native_defines()]
     attempts = []

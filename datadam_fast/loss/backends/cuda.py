@@ -3,7 +3,7 @@
 The kernels live in ``csrc/spatial_attention_kernels.cuh`` (torch-free CUDA C++ templates, see the
 design notes at its top); ``spatial_attention_cuda.cu`` is the PyTorch glue. The extension
 ``_C_cuda`` is imported prebuilt (``DATADAM_FAST_BUILD_EXT=1 DATADAM_FAST_BUILD_CUDA=1 pip install
--e .``) or JIT-built with nvcc on first use (cached, see :mod:`datadam_fast._build`). The JIT cache
+-e .``) or JIT-built with nvcc on first use (cached, see :mod:`datadam_fast.loss._build`). The JIT cache
 key covers the ``.cu`` file; a fingerprint of the kernel header is passed as a define so that
 editing the header also triggers a rebuild. Architectures follow PyTorch's rule
 (``TORCH_CUDA_ARCH_LIST``, else the visible GPUs); compute capability >= 7.0 is required.
@@ -22,7 +22,7 @@ import torch
 
 from ... import _constants
 from ...errors import BackendUnavailable
-from . import NativeOpBackend
+from .base import NativeOpBackend
 
 _EXT_NAME = "_C_cuda"
 _SOURCES = ["spatial_attention_cuda.cu"]
@@ -32,7 +32,7 @@ _REGISTERED = []
 
 def _header_tag() -> str:
     """``-D`` flag carrying a hash of the headers the .cu includes (part of the JIT cache key)."""
-    from ..._build import csrc_dir
+    from .._build import csrc_dir
     h = hashlib.sha1()
     for name in _HEADERS:
         path = csrc_dir() / name
@@ -43,7 +43,7 @@ def _header_tag() -> str:
 
 
 def _load_extension():
-    from ..._build import load_extension
+    from .._build import load_extension
     defines = _constants.native_defines()
     return load_extension(_EXT_NAME, _SOURCES, cuda=True, extra_cflags=[*_constants.CUDA_CXX_FLAGS, *defines],
                           extra_cuda_cflags=[*_constants.CUDA_NVCC_FLAGS, *defines, _header_tag()])

@@ -11,7 +11,7 @@ and gradients); they are a debugging path, not a performance path.
 
 The kernels are reached through the dispatcher ops ``torch.ops.datadam_fast.triton_fwd`` /
 ``triton_bwd`` (``torch.library.custom_op``, CUDA and CPU kernels, fake kernels and autograd from
-:mod:`datadam_fast._oplib`), registered when the backend is first loaded.
+:mod:`datadam_fast.loss._oplib`), registered when the backend is first loaded.
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from ...errors import BackendUnavailable
-from . import Backend, ReferenceBackend
+from .base import Backend, ReferenceBackend
 
 _OPS: list = []
 

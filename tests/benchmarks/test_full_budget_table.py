@@ -1,0 +1,80 @@
+"""benchmarks/full_budget_table.py at a tiny budget on digits: cells, skip, resume, --method fallback."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPT = ROOT / "benchmarks" / "full_budget_table.py"
+
+
+def _run(tmp_path, *extra):
+    cmd = [sys.executable, str(SCRIPT), "--tiny", "--datasets", "digits", "--ipcs", "1", "--iterations", "2",
+           "--eval-epochs", "2", "--runs", "1", "--width", "8", "--checkpoint-every", "1",
+           "--runs-dir", str(tmp_path / "runs"), "--results-dir", str(tmp_path / "results"), *extra]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr
+    return p.stdout
+
+
+def test_full_budget_driver_tiny(tmp_path):
+    out = _run(tmp_path, "--methods", "datadam-paper", "datadam-official", "random", "random-official", "dm")
+    res = tmp_path / "results"
+    for m, norm in (("datadam-paper", "instancenorm"), ("datadam-official", "batchnorm"), ("random", "instancenorm"),
+                    ("random-official", "batchnorm")):
+        cell = json.loads((res / f"digits_ipc1_{m}.json").read_text())
+        assert cell["method"] == m and 0 <= cell["mean"] <= 100 and len(cell["accuracies"]) == 1
+        assert cell["network"]["norm"] == norm and cell["network"]["width"] == 8 and cell["eval_epochs"] == 2
+        assert cell["iterations"] == (0 if m.startswith("random") else 2)
+    # both random baselines are the same real images (the subset every run starts from), on two networks
+    sets = [torch.load(tmp_path / "runs" / f"digits_ipc1_{m}" / "synthetic.pt", weights_only=True)["images"]
+            for m in ("random", "random-official")]
+    assert torch.equal(*sets)
+    dm = res / "digits_ipc1_dm.json"
+    if not dm.exists():  # distill without --method: a clear skip, not a crash
+        assert "[digits_ipc1_dm] SKIPPED" in out and "--method" in out
+    table = (res / "table.md").read_text()
+    assert "| digits | 1 |" in table and "±" in table
+
+    # rerun: finished cells are not recomputed
+    before = {p.name: p.read_text() for p in res.glob("*.json")}
+    out = _run(tmp_path, "--methods", "datadam-paper", "datadam-official", "random")
+    assert out.count("done already") == 3 and "distill" not in out.replace("done already", "")
+    assert {p.name: p.read_text() for p in res.glob("*.json")} == before
+
+    # an unfinished cell (result and final outputs lost, checkpoint kept) is resumed, not restarted
+    run = tmp_path / "runs" / "digits_ipc1_datadam-paper"
+    images = torch.load(run / "synthetic.pt", weights_only=True)["images"]
+    for f in ("synthetic.pt", "summary.json"):
+        (run / f).unlink()
+    (res / "digits_ipc1_datadam-paper.json").unlink()
+    out = _run(tmp_path, "--methods", "datadam-paper")
+    assert "resuming from its checkpoint" in out
+    cell = json.loads((res / "digits_ipc1_datadam-paper.json").read_text())
+    assert cell["resumed"] is True
+    assert torch.equal(torch.load(run / "synthetic.pt", weights_only=True)["images"], images)
+    # the table keeps every finished cell, not only this invocation's method, baseline column first
+    header = (res / "table.md").read_text().splitlines()[2]
+    assert header.startswith("| dataset | IPC | random | datadam-paper | random-official | datadam-official |"), header
+
+
+def test_full_budget_refuses_a_small_budget_without_tiny(tmp_path):
+    p = subprocess.run([sys.executable, str(SCRIPT), "--iterations", "10", "--results-dir", str(tmp_path / "r"),
+                        "--runs-dir", str(tmp_path / "x")], capture_output=True, text=True)
+    assert p.returncode == 2 and "--tiny" in p.stderr and not (tmp_path / "r").exists()
+
+
+def test_readme_full_budget_section_is_generated_from_the_committed_cells():
+    """docs/results.md's full-budget section and the README's accuracy table are what the committed
+    cell JSONs say."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import full_budget_readme as fbr
+    doc = (ROOT / "docs" / "results.md").read_text()
+    sec = fbr.section()
+    assert doc[doc.index(fbr.START):doc.index(fbr.END)] == sec
+    readme = (ROOT / "README.md").read_text()
+    table = fbr.readme_table()
+    assert readme[readme.index(fbr.TABLE_START):readme.index(fbr.TABLE_END) + len(fbr.TABLE_END)] == table
+    assert "above its random baseline in 4 of 4" in fbr.verdict("datadam-paper")
