@@ -63,7 +63,7 @@ def measure(size: int, device: str, batch: int, repeat: int, memory_budget: floa
     params = d.dsa.sample(1, gen, dev, (size, size))
 
     def inputs(n):
-        x = d._layout(torch.randn(n, 3, size, size, generator=gen).to(dev))
+        x = d.layout(torch.randn(n, 3, size, size, generator=gen).to(dev))
         return x, torch.zeros(n, dtype=torch.long, device=dev)
 
     def real_fn(x, y):

@@ -363,4 +363,4 @@ def evaluate_synthetic(images, labels, test_set, cfg: EvalConfig, *, seed: int =
             "num_images": int(images.shape[0]), "batched": batched, "batched_reason": why}
 
 
-# testing a frozen official network (no training) lives in frozen_model.py
+# testing a frozen official network (no training): evaluation/frozen_model.py

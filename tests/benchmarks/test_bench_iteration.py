@@ -21,6 +21,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import bench_iteration  # noqa: E402
 from official_iteration import OfficialIteration, _ReluHooks, official_loss  # noqa: E402
 
+pytestmark = pytest.mark.slow  # benchmark script subprocesses
+
 
 @pytest.mark.parametrize("backend", ["reference", "auto"])
 def test_official_loss_equals_package_loss(backend):

@@ -6,6 +6,9 @@ from pathlib import Path
 
 import torch
 
+import pytest  # noqa: E402
+pytestmark = pytest.mark.slow  # benchmark script subprocesses
+
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "benchmarks" / "full_budget_table.py"
 

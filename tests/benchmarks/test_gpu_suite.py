@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # runs the GPU suite's dry run
+
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "benchmarks" / "gpu_suite.sh"
 ORDER = ["env", "install", "verify", "loss", "loss_bf16", "kernels", "iteration", "tests", "iter_imagenet", "profile"]

@@ -21,6 +21,8 @@ from pathlib import Path
 import pytest
 import torch
 
+pytestmark = pytest.mark.slow  # subprocess runs of the CLI
+
 GOLDEN = Path(__file__).resolve().parent / "golden_synthetic.json"
 
 RUNS = {

@@ -16,6 +16,8 @@ from datadam_fast.errors import UserError
 from datadam_fast.distill.memory import GB, MB, linear_fit, plan_chunks
 from conftest import SMALL_RUN, run_small
 
+pytestmark = pytest.mark.slow  # torchrun jobs and planner runs
+
 ROOT = Path(__file__).resolve().parents[2]
 SMALL = dict(SMALL_RUN, checkpoint_every=0)
 

@@ -33,6 +33,8 @@ from pathlib import Path
 import pytest
 import torch
 
+pytestmark = pytest.mark.slow  # nvcc compiles
+
 ROOT = Path(__file__).resolve().parents[2]
 CSRC = ROOT / "csrc"
 DTYPES = ("float", "double", "__half", "__nv_bfloat16")

@@ -23,6 +23,8 @@ from datadam_fast.kernels import codegen as CG  # noqa: E402
 from datadam_fast.kernels import real_epilogue as RE  # noqa: E402
 from datadam_fast.kernels import spatial_attention as SA  # noqa: E402
 
+pytestmark = pytest.mark.slow  # GPU code generation, about a minute per triton version
+
 STREAMING = ("fwd_accum", "bwd_grad", "real_epilogue_apply")
 
 

@@ -149,7 +149,7 @@ def test_profiling_records_ranges_when_enabled(monkeypatch):
     finally:
         profiling.disable()
     names = [c[1] for c in calls if c[0] == "push"]
-    assert "datadam_fast.loss.reference.forward" in names and "datadam_fast.loss.reference.backward" in names
+    assert "datadam_fast.reference.forward" in names and "datadam_fast.reference.backward" in names
     assert sum(c[0] == "push" for c in calls) == sum(c[0] == "pop" for c in calls)
 
 

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from datadam_fast.loss import backends as B
-from datadam_fast.distill import real_side, verify
+from datadam_fast.distill import real_side
+from datadam_fast.loss import verify
 from datadam_fast.cli import main
 
 
