@@ -18,7 +18,8 @@ from .errors import UserError
 AUTO = "auto"
 
 
-def _world_size() -> int:
+def env_world_size() -> int:
+    """``WORLD_SIZE`` of a ``torchrun`` job (1 outside one, or when it is not a number)."""
     try:
         return int(os.environ.get("WORLD_SIZE", "1"))
     except ValueError:
@@ -31,7 +32,7 @@ def resolve_device(spec: str = AUTO) -> Tuple[str, str]:
     if spec.lower() == AUTO:
         if torch.cuda.is_available():
             name = torch.cuda.get_device_name()
-            if _world_size() > 1:
+            if env_world_size() > 1:
                 rank = os.environ.get("LOCAL_RANK", "0")
                 return "cuda", f"--device auto: CUDA is available, the local rank's GPU cuda:{rank} ({name})"
             return "cuda", f"--device auto: CUDA is available ({name})"

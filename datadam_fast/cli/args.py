@@ -3,7 +3,8 @@ themselves are in :mod:`.main`).
 
 The ``distill`` flags are the fields of :class:`~datadam_fast.distill.DistillConfig` (their
 defaults come from it, :func:`distill_config` maps them back), and every ``choices=`` is a
-registry of the code (methods, presets, norms, dtypes, backends, compile modes, export formats),
+registry of the code (methods, presets, norms, dtypes, backends, compile modes, export formats;
+the dataset names in the help),
 so a new built-in method or backend is one registry entry.
 """
 from __future__ import annotations
@@ -12,6 +13,7 @@ import argparse
 
 from ..distill.config import (COMPILE_MODES, DEFAULT_PRESET, INITS, PRESETS, REAL_DTYPES, REAL_EPILOGUES, DistillConfig,
                               flag_fields)
+from ..data import DATASET_NAMES
 from ..distill.methods import METHODS
 from ..evaluation.export import FORMATS
 from ..loss.backends import BACKEND_NAMES
@@ -39,8 +41,7 @@ def _add_distill(sub) -> None:
         description="Distill a dataset into IPC synthetic images per class by attention matching. With no "
                     "arguments it distills the bundled scikit-learn digits (no data, no network needed).")
     p.add_argument("--dataset", default="digits",
-                   help="digits (bundled default), mnist, fashion_mnist, cifar10, cifar100, tinyimagenet, "
-                        "imagenet64, or folder (see --folder)")
+                   help=f"{', '.join(DATASET_NAMES)} (digits: the bundled default; folder: see --folder)")
     p.add_argument("--data-root", default=None,
                    help="where datasets live (<root>/mnist/raw/*.gz, <root>/cifar10/cifar-10-batches-py, ...); "
                         "default $DATADAM_FAST_DATA, else ~/.cache/datadam_fast/data")

@@ -178,7 +178,7 @@ def _cmd_backends(args) -> int:
 
 def _peer_gone(e: BaseException) -> bool:
     """A collective failed because another rank's process is gone (gloo / NCCL wording)."""
-    from ..distill.parallel import env_world_size
+    from ..devices import env_world_size
     text = str(e)
     return env_world_size() > 1 and any(k in text for k in ("Connection closed by peer", "Connection reset by peer",
                                                                 "Broken pipe", "NCCL communicator was aborted"))
@@ -186,7 +186,7 @@ def _peer_gone(e: BaseException) -> bool:
 
 def _rank_tag() -> str:
     """' (rank N)' inside a torchrun job, so that the failing rank is named."""
-    from ..distill.parallel import env_world_size
+    from ..devices import env_world_size
     return f" (rank {os.environ.get('RANK', '?')})" if env_world_size() > 1 else ""
 
 
@@ -244,7 +244,7 @@ def entry(argv: Optional[List[str]] = None) -> None:
     interpreter is being torn down aborts the process ("terminate called without an active
     exception"), turning a finished rank into a failed job. A single process exits normally.
     """
-    from ..distill.parallel import env_world_size
+    from ..devices import env_world_size
     try:
         rc = main(argv)
     except SystemExit as e:  # argparse --help / usage errors

@@ -17,6 +17,7 @@ from typing import List, Optional, Tuple
 
 import torch
 
+from ..devices import env_world_size
 from ..errors import UserError
 
 
@@ -105,13 +106,6 @@ class World:
 def class_block(num_classes: int, rank: int, size: int) -> Tuple[int, int]:
     """Classes ``[lo, hi)`` of ``rank``: contiguous, sizes differing by at most one."""
     return num_classes * rank // size, num_classes * (rank + 1) // size
-
-
-def env_world_size() -> int:
-    try:
-        return int(os.environ.get("WORLD_SIZE", "1"))
-    except ValueError:
-        return 1
 
 
 def init_world(device: str, timeout_s: float = 1800.0) -> World:

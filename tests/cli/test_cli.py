@@ -93,6 +93,7 @@ def test_resume_equals_uninterrupted(tmp_path):
     assert its == list(range(1, 8))  # nothing duplicated or lost in the log
 
 
+@pytest.mark.slow
 def test_kill_and_resume_subprocess(tmp_path, capsys):
     flags = ["--ipc", "2", "--iterations", "40", "--batch-real", "32", "--width", "64", "--eval-every", "-1",
              "--checkpoint-every", "2", "--no-progress"]

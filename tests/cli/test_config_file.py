@@ -72,3 +72,22 @@ def test_plan_only_writes_nothing(tmp_path, capsys):
     assert plan["predicted"]["sec_per_it"] > 0
     assert plan["predicted_hours"] == pytest.approx(plan["predicted"]["sec_per_it"] * 100 / 3600)
     assert "predicted peak" in cap.err and "s/iteration" in cap.err and "hours" in cap.err
+
+
+def test_the_config_is_the_flag_schema():
+    """Every DistillConfig field that is a flag exists on the distill parser with the field's default;
+    what the parser has beyond them is the CLI's own (where and how to run)."""
+    import dataclasses
+    from datadam_fast.cli import build_parser
+    from datadam_fast.distill.config import DistillConfig, flag_fields
+    parser = build_parser().distill_parser
+    actions = {a.dest: a for a in parser._actions}
+    base = DistillConfig()
+    for flag, (name, negated) in flag_fields().items():
+        action = actions[flag.replace("-", "_")]
+        assert action.default == ((not getattr(base, name)) if negated else getattr(base, name)), flag
+    api_only = {f.name for f in dataclasses.fields(DistillConfig)} - {n for n, _ in flag_fields().values()}
+    assert api_only == {"taps", "attention_factor", "momentum", "dsa_strategy", "eval_batch", "data_opts"}
+    cli_only = set(actions) - {f.replace("-", "_") for f in flag_fields()}
+    assert cli_only == {"help", "folder", "download", "threads", "out", "resume", "overwrite", "nvtx", "no_progress",
+                        "config", "plan_only"}

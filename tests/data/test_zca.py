@@ -73,6 +73,7 @@ def test_digits_end_to_end_and_evaluate_applies_it(tmp_path, capsys):
     assert (tmp_path / "f" / "zca.pt").exists()
 
 
+@pytest.mark.slow
 def test_mnist_end_to_end(tmp_path, datasets_root, capsys):
     out = tmp_path / "m"
     assert cli.main(["distill", "--dataset", "mnist", "--data-root", str(datasets_root), "--zca", "--ipc", "1",

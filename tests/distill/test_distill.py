@@ -39,6 +39,7 @@ def test_step_timings_cover_the_phases(tmp_path):
     assert abs(terms["loss"] - terms["loss_attention"] - terms["loss_embedding"]) < 1e-3 * max(1, terms["loss"])
 
 
+@pytest.mark.slow
 def test_benchmark_scripts_smoke(tmp_path):
     """The benchmark scripts run end to end (tiny shapes; timing is not asserted)."""
     import json
@@ -68,7 +69,7 @@ def test_dm_method_is_the_main_DM_loss():
     gen = torch.Generator()
     gen.set_state(d.gen.get_state())
     net = d.new_network(gen)  # the network step() will draw
-    real = d.real_all[d._next_real_idx]
+    real = d.real_all[d.state.next_real_idx]
     B = d.batch_real
     with torch.no_grad():
         syn = d.syn.detach().clone()

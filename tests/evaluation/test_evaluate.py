@@ -83,6 +83,7 @@ def test_training_steps_with_the_scheduled_lr(digits_small, batched):
 
 
 # --------------------------------------------------------------------------- batched
+@pytest.mark.slow
 @pytest.mark.parametrize("model", ["ConvNet", "ConvNetBN"])
 def test_batched_equals_sequential_and_runs_differ(digits_small, model):
     x, y = digits_small
@@ -279,6 +280,7 @@ def test_preset_task_balance_and_taps():
     assert given.task_balance == 0.05 and given.taps == "blocks"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", ["ConvNetBN", "ResNet18BN_AP"])
 def test_batched_testing_equals_per_network_testing(digits_small, model):
     from datadam_fast.evaluation.evaluate import accuracies_batched, accuracy

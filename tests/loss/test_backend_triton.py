@@ -338,6 +338,7 @@ print("\n".join(out))
 '''
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not K.interpreter_active(), reason="compile check is for CPU-only machines")
 def test_kernels_compile_for_sm90_with_vectorised_access(tmp_path):
     """Compile (no GPU needed) every kernel variant for sm_90 in a fresh process without the

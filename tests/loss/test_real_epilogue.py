@@ -187,6 +187,7 @@ def test_bad_input_is_a_clear_error():
     assert blocks is None and "LayerNorm" in why
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["triton", "cpu"])
 def test_distiller_with_fused_real_side_equals_eager(tmp_path, mode):
     from datadam_fast.distill import DistillConfig, Distiller

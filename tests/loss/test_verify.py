@@ -18,6 +18,7 @@ def _cpu_or_skip():
         pytest.skip(f"the C++ backend is unavailable here: {e}")
 
 
+@pytest.mark.slow
 def test_verify_passes_here_and_prints_the_table(tmp_path, capsys):
     _cpu_or_skip()
     path = tmp_path / "verify.json"
@@ -86,6 +87,7 @@ def test_verify_refuses_a_missing_device(capsys):
     assert main(["backends", "--json", "x.json"]) == 2  # --json without --verify
 
 
+@pytest.mark.slow
 def test_required_but_unavailable_fails(tmp_path, capsys):
     """--require names what must be verified: a GPU run whose Triton cannot load is a failure,
     not a table of the rest."""

@@ -1,3 +1,4 @@
+import pytest
 """The README is a short front door whose code runs, and the product text never cites the tracker."""
 import re
 import subprocess
@@ -44,6 +45,7 @@ def test_readme_links_resolve():
     assert not missing, f"README links to missing files: {missing}"
 
 
+@pytest.mark.slow
 def test_readme_drop_in_snippet_runs(tmp_path):
     readme = (ROOT / "README.md").read_text()
     blocks = re.findall(r"```python\n(.*?)```", readme, re.S)

@@ -89,6 +89,13 @@ def test_the_import_graph_has_no_cycle():
     assert cycle is None, "import circle: " + " -> ".join(cycle)
 
 
+def test_the_engine_never_imports_the_cli():
+    graph = import_graph()
+    for mod, deps in graph.items():
+        if not mod.startswith("datadam_fast.cli") and mod != "datadam_fast.__main__":  # python -m datadam_fast
+            assert not any(d.startswith("datadam_fast.cli") for d in deps), (mod, sorted(deps))
+
+
 def test_the_cycle_finder_finds_a_lazy_import_circle():
     graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}
     assert find_cycle(graph) == ["a", "b", "c", "a"]
