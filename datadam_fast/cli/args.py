@@ -174,8 +174,11 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--norm", default=None, choices=NORMS, help="override the network's normalisation layer")
     p.add_argument("--width", type=int, default=None, help="override a ConvNet's width")
     p.add_argument("--depth", type=int, default=None, help="override a ConvNet's depth")
-    p.add_argument("--runs", type=int, default=3, help="independent training runs")
-    p.add_argument("--epochs", type=int, default=300, help="training epochs per run (the official code trains epochs+1)")
+    p.add_argument("--runs", type=int, default=None,
+                   help="independent training runs (default: the run's --eval-runs recorded in the file, else 3)")
+    p.add_argument("--epochs", type=int, default=None,
+                   help="training epochs per run, the official code trains epochs+1 (default: the run's --eval-epochs "
+                        "recorded in the file, else 1000 as the DM protocol)")
     p.add_argument("--batch", type=int, default=256, help="training batch size")
     p.add_argument("--lr", type=float, default=0.01, help="network learning rate")
     p.add_argument("--no-dsa", action="store_true", help="no augmentation while training")
@@ -188,11 +191,14 @@ def _add_evaluate(sub) -> None:
                    help="official {'net_parameters': state_dict} file: test it without training (like "
                         "distill_test_model.py); the network (BatchNorm or not, width, depth) is read from the state "
                         "dict unless --model is given")
-    p.add_argument("--seed", type=int, default=0, help="seed")
+    p.add_argument("--seed", type=int, default=None,
+                   help="seed of the training runs (default: the seed of the run's own final evaluation, recorded in "
+                        "the file, so that the same --epochs and --runs give its summary's accuracy; else 0)")
     p.add_argument("--device", default="auto", help="auto (cuda when available, else cpu), cpu, cuda or cuda:N")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
     p.add_argument("--json", default=None,
-                   help="write {'accuracies': [...], 'mean', 'std', 'network': {model, norm, width, depth}, ...} here")
+                   help="also write the result as JSON here: {'accuracies': [...], 'mean', 'std', 'network': {model, "
+                        "norm, width, depth}, 'seed', ...} (the folder must exist)")
 
 
 def _add_report(sub) -> None:

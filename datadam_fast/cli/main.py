@@ -3,6 +3,7 @@ in :mod:`datadam_fast.cli.args`)."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import time
@@ -14,7 +15,13 @@ EXIT_USAGE = 2
 
 
 def _cmd_export(args) -> int:
+    from ..distill.rundir import check_writable_dir
     from ..evaluation.export import export
+    target = args.out
+    if args.format == "official" and target.endswith(".pt") and not os.path.isdir(target):
+        _check_output_file(target, "export --out")
+    else:
+        check_writable_dir(target, "export --out")
     for line in export(args.source, args.format, args.out):
         print(line)
     return 0
@@ -79,8 +86,14 @@ def _cmd_evaluate(args) -> int:
     for flag, v in (("--runs", args.runs), ("--batch", args.batch), ("--width", args.width), ("--depth", args.depth)):
         if v is not None and v < 1:
             raise UserError(f"{flag} must be >= 1, got {v}")
-    if args.epochs < 0:
-        raise UserError(f"--epochs must be >= 0, got {args.epochs}")
+    if args.epochs is not None and args.epochs < 0:
+        raise UserError(f"--epochs must be >= 0 (the official schedule trains epochs+1), got {args.epochs}")
+    if args.seed is not None and args.seed < 0:
+        raise UserError(f"--seed must be >= 0, got {args.seed}")
+    if not (math.isfinite(args.lr) and args.lr > 0):
+        raise UserError(f"--lr must be a finite number > 0, got {args.lr}")
+    if args.json:
+        _check_output_file(args.json, "--json")
     if args.model is not None:
         from ..models.networks import check_model_name
         check_model_name(args.model)
@@ -88,6 +101,11 @@ def _cmd_evaluate(args) -> int:
     args.device, line = device_line(args.device)  # --device auto
     print(line, flush=True)  # stdout, with evaluate's other log lines (stderr holds errors only)
     images, labels, meta = load_synthetic(args.synthetic)
+    from ..evaluation.evaluate import DEFAULT_EPOCHS, DEFAULT_RUNS, recorded_protocol
+    rec = recorded_protocol(meta)
+    seed = args.seed if args.seed is not None else (rec["seed"] if rec["seed"] is not None else 0)
+    args.epochs = args.epochs if args.epochs is not None else (rec["epochs"] or DEFAULT_EPOCHS)
+    args.runs = args.runs if args.runs is not None else (rec["runs"] or DEFAULT_RUNS)
     dataset = args.dataset or meta.get("dataset")
     if not dataset:
         raise UserError(f"{args.synthetic} does not record its dataset; pass --dataset")
@@ -117,7 +135,9 @@ def _cmd_evaluate(args) -> int:
         check_model_name(cfg.model, "recorded model")
         network = describe_eval_network(cfg, images.shape[1], test_set.num_classes, tuple(images.shape[2:]))
         print(f"network: {network_label(network)} ({pick['source']})", flush=True)
-        result = evaluate_synthetic(images, labels, test_set, cfg, seed=args.seed, device=args.device, progress=True)
+        if args.seed is None and rec["seed"] is not None:
+            print(f"seed {seed}: the seed of the run's final evaluation (recorded in the file; --seed to choose)")
+        result = evaluate_synthetic(images, labels, test_set, cfg, seed=seed, device=args.device, progress=True)
         result["network_source"] = pick["source"]
         mode = "batched" if result["batched"] else "sequential"
         print(f"{network_label(result['network'])} on {dataset}: {result['mean']:.2f} ± {result['std']:.2f} % over "
@@ -128,7 +148,7 @@ def _cmd_evaluate(args) -> int:
                "model": net["model"], "norm": net["norm"], "width": net["width"], "depth": net["depth"],
                "network": net, "network_source": result["network_source"], "dataset": dataset,
                "synthetic": args.synthetic, "epochs": None if args.frozen_model else args.epochs,
-               "runs": len(result["accuracies"]), "seed": args.seed,
+               "runs": len(result["accuracies"]), "seed": None if args.frozen_model else seed,
                "batched": None if args.frozen_model else result["batched"]}
         if args.frozen_model:
             out["frozen_model"] = args.frozen_model
@@ -137,8 +157,25 @@ def _cmd_evaluate(args) -> int:
     return 0
 
 
+def _check_output_file(path: str, flag: str) -> None:
+    """``path`` can be written: checked before the work whose result goes there."""
+    from ..errors import UserError
+    if os.path.isdir(path):
+        raise UserError(f"{flag} {path} is a directory; expected a file name")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise UserError(f"{flag} {path}: the folder {folder} does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise UserError(f"{flag} {path}: no write permission in {folder}")
+
+
 def _cmd_report(args) -> int:
     from ..distill.report import format_summary, report
+    from ..distill.rundir import check_writable_dir
+    if args.json:
+        _check_output_file(args.json, "--json")
+    if args.out:
+        check_writable_dir(args.out, "report --out")
     summary, paths = report(args.run_dir, args.out)
     print(format_summary(summary, args.run_dir))
     for p in paths:
@@ -199,7 +236,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not args.command:
         parser.print_help()
         return EXIT_USAGE
-    if getattr(args, "threads", None):
+    if getattr(args, "threads", None) is not None:
+        if args.threads < 1:
+            print(f"datadam-fast {args.command}: error: --threads must be >= 1, got {args.threads}", file=sys.stderr)
+            return EXIT_USAGE
         import torch
         torch.set_num_threads(args.threads)
     from ..errors import DatadamError

@@ -164,6 +164,48 @@ def coupling_reason(cfg: DistillConfig, dataset) -> Optional[str]:
     return None
 
 
+def _bad(name: str, value, expected: str) -> UserError:
+    return UserError(f"--{name.replace('_', '-')} ({name}) = {value!r}: expected {expected}")
+
+
+def check_numbers(c: DistillConfig) -> None:
+    """Every number of a resolved config finite and in its range (a NaN learning rate would
+    silently turn the synthetic set into NaN; a zero count would divide by zero mid-run)."""
+    floats = {  # name: (lowest, lowest allowed itself, highest (exclusive) or None, what)
+        "lr_img": (0.0, False, None, "a finite number > 0"),
+        "power": (1.0, True, None, "a finite number >= 1"),
+        "task_balance": (0.0, True, None, "a finite number >= 0"),
+        "attention_factor": (0.0, True, None, "a finite number >= 0"),
+        "momentum": (0.0, True, 1.0, "a number in [0, 1)"),
+        "memory_budget": (0.0, False, None, "a finite number of GB > 0"),
+    }
+    for name, (lo, inclusive, hi, what) in floats.items():
+        v = getattr(c, name)
+        if v is None:
+            continue
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or \
+                (v < lo if inclusive else v <= lo) or (hi is not None and v >= hi):
+            raise _bad(name, v, what)
+    ints = {  # name: (minimum, what 0 or -1 means when allowed)
+        "ipc": (1, ""), "batch_real": (1, ""), "width": (1, ""), "depth": (1, ""), "log_every": (1, ""),
+        "eval_epochs": (0, " (the official schedule trains eval_epochs+1)"), "iterations": (0, " (0 = evaluate the initial set)"),
+        "checkpoint_every": (0, " (0 = only at the end)"), "eval_runs": (0, " (0 = no evaluation)"),
+        "eval_every": (-1, " (0 = after the last iteration, -1 = never)"), "profile": (0, " (0 = off)"),
+        "real_chunk": (0, " (0 = chosen by the memory planner)"), "syn_chunk": (0, " (0 = chosen by the memory planner)"),
+        "eval_batch": (1, ""), "seed": (0, ""),
+    }
+    for name, (lo, meaning) in ints.items():
+        v = getattr(c, name)
+        if v is None:
+            continue
+        if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+            raise _bad(name, v, f"an integer >= {lo}{meaning}")
+
+
+def evaluation_scheduled(c: DistillConfig) -> bool:
+    return c.eval_every >= 0 and c.eval_runs > 0
+
+
 @dataclass
 class Checked:
     """A validated run: the resolved config and what validation derived from it."""
@@ -182,6 +224,7 @@ def validate(cfg: DistillConfig, dataset, world, method) -> Checked:
         if not cfg.model.startswith("ConvNet"):
             raise UserError(f"width/depth apply to ConvNet models only, not {cfg.model}")
     c = cfg.resolved(dataset.image_size, method)
+    check_numbers(c)
     if c.ipc < 1:
         raise UserError(f"ipc must be >= 1, got {c.ipc}")
     if c.iterations < 0:
@@ -214,12 +257,12 @@ def validate(cfg: DistillConfig, dataset, world, method) -> Checked:
     if single_pass:
         if world.distributed:
             raise UserError(f"class sharding over {world.size} processes needs a network that treats samples "
-                            f"independently, but {single_pass}; use norm='instancenorm' (the paper "
+                            f"independently, but {single_pass}; use --norm instancenorm / norm='instancenorm' (the paper "
                             f"preset) or run one process")
         if c.real_chunk or c.syn_chunk:
             raise UserError(f"real_chunk/syn_chunk would process the classes in chunks, but "
-                            f"{single_pass}: the loss would differ from one pass; use norm='instancenorm' "
-                            f"(or preset='paper') to chunk, or leave the chunk sizes to the planner")
+                            f"{single_pass}: the loss would differ from one pass; use --norm instancenorm / "
+                            f"norm='instancenorm' (or the paper preset) to chunk, or leave the chunk sizes to the planner")
     return Checked(c, min(c.batch_real, smallest), device, single_pass)
 
 

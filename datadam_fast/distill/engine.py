@@ -25,7 +25,7 @@ import torch
 
 from . import loop, planner, rundir, step as _step
 from .step import RealSide
-from .config import REAL_DTYPES, DistillConfig, net_overrides, validate
+from .config import REAL_DTYPES, DistillConfig, evaluation_scheduled, net_overrides, validate
 from .memory import GB, PeakMemory, parse_budget
 from .methods import Method, check_method, method_class
 from .parallel import World, class_block, init_world
@@ -81,9 +81,21 @@ class Distiller:
         self.cfg = c = checked.cfg
         self.batch_real, self.device, self.single_pass = checked.batch_real, checked.device, checked.single_pass
         self.method = (method_type.from_config(c) if method is None else method).bind(c)
+        if c.backend != "auto":  # a named loss backend that cannot run here fails now, not at the first loss
+            from ..loss.backends import resolve_backend
+            resolve_backend(c.backend, self.device)
+
         if c.zca:  # every real image the run reads comes out whitened (fit on the training set)
             from ..data.zca import whiten_train_set
             self.train_set = ds = whiten_train_set(ds, device=self.device)
+        if evaluation_scheduled(c):  # the end-of-run evaluation needs a test split: found now, not after the run
+            from ..errors import UserError
+            try:
+                self.test_set()
+            except UserError as e:
+                raise UserError(f"the run evaluates on the test split (--eval-every {c.eval_every}, --eval-runs "
+                                f"{c.eval_runs}), which cannot be read: {e}; pass --eval-every -1 to distill "
+                                f"without evaluation") from None
         self.K = ds.num_classes
         self.k_lo, self.k_hi = class_block(self.K, W.rank, W.size)
         self.Kl = self.k_hi - self.k_lo

@@ -3,6 +3,7 @@ periodic checkpoints, the final outputs and summary."""
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import sys
 import time
@@ -30,7 +31,8 @@ def should_eval(d, it: int) -> bool:
 def evaluate(d) -> Dict:
     """Evaluation networks trained on the whole synthetic set; the runs are split over ranks
     (run r on rank r mod world size, seeded by r alone, so any world size gives the same)."""
-    from ..evaluation.evaluate import EvalConfig, evaluate_synthetic
+    from ..evaluation.evaluate import EvalConfig, evaluate_synthetic, evaluation_seed
+    rundir.check_finite(d)  # never train evaluation networks on NaN images
     c = d.cfg
     images, labels = rundir.full_synthetic(d, to_all=True)
     same = c.eval_model == c.model
@@ -39,7 +41,7 @@ def evaluate(d) -> Dict:
                       width=c.width if same else None, depth=c.depth if same else None,
                       batch_size=c.eval_batch)
     mine = list(range(d.world.rank, c.eval_runs, d.world.size))
-    seed = c.seed * 7919 + d.iteration
+    seed = evaluation_seed(c.seed, d.iteration)
     res = evaluate_synthetic(images, labels, d.test_set(), ecfg, seed=seed, device=d.device,
                              run_ids=mine) if mine else {"accuracies": [], "network": None}
     parts = d.world.gather_objects(list(zip(mine, res["accuracies"])))
@@ -47,12 +49,13 @@ def evaluate(d) -> Dict:
     t = torch.tensor(accs, dtype=torch.float64)
     return {"accuracies": accs, "mean": float(t.mean()), "std": float(t.std(unbiased=False)) if len(accs) > 1
             else 0.0, "model": ecfg.model, "network": res["network"], "epochs": ecfg.epochs,
-            "num_images": int(images.shape[0])}
+            "num_images": int(images.shape[0]), "seed": seed, "runs": c.eval_runs, "batch_size": ecfg.batch_size,
+            "dsa": ecfg.dsa}
 
 
 def eval_and_log(d) -> Dict:
     res = evaluate(d)
-    short = {k: res[k] for k in ("mean", "std", "accuracies", "model", "network", "epochs")}
+    short = {k: res[k] for k in ("mean", "std", "accuracies", "model", "network", "epochs", "seed", "runs")}
     rundir.log(d, {"iteration": d.iteration, "eval": short})
     if d.progress:
         from tqdm import tqdm
@@ -75,6 +78,9 @@ def _log_iteration(d, terms, it, sec, bar) -> None:
     names = list(terms)
     vals = d.world.sum_(torch.stack([terms[k] for k in names]))  # sums over ranks
     vals = [float(v) for v in vals]
+    bad = [f"{k} = {v}" for k, v in zip(names, vals) if not math.isfinite(v)]
+    if bad:
+        raise rundir.nonfinite_error(d, f"the loss is not finite ({', '.join(bad)})")
     peak = d.world.max_int(d.mem.process_peak())
     images_per_it = d.K * (d.batch_real + d.cfg.ipc)
     rec = {"iteration": it, **dict(zip(names, vals)), "it_per_s": 1.0 / max(sec, 1e-12),

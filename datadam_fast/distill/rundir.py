@@ -31,8 +31,25 @@ def check_out_dir(out_dir: str, resume: bool, overwrite: bool) -> None:
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise UserError(f"output directory {out_dir} exists and is not a directory")
     if os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite:
-        raise UserError(f"output directory {out_dir} is not empty; pass overwrite=True to replace its results "
-                        f"or resume=True to continue its checkpoint")
+        raise UserError(f"output directory {out_dir} is not empty; choose a new one, replace its results "
+                        f"(--overwrite / overwrite=True) or continue its checkpoint (--resume / resume=True)")
+    check_writable_dir(out_dir, "output directory")
+
+
+def check_writable_dir(path: str, what: str) -> None:
+    """``path`` is a directory that exists and is writable, or can be created: checked before any work
+    (nothing is created here)."""
+    path = os.path.abspath(path)
+    probe = path
+    while not os.path.exists(probe):
+        parent = os.path.dirname(probe)
+        if parent == probe:
+            break
+        probe = parent
+    if not os.path.isdir(probe):
+        raise UserError(f"{what} {path} cannot be created: {probe} is a file, not a directory")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise UserError(f"{what} {path} cannot be written: no write permission in {probe}")
 
 
 def claim_out_dir(out_dir: str) -> None:
@@ -74,9 +91,29 @@ def checkpoint_state(d) -> Optional[Dict]:
             "config": dataclasses.asdict(d.cfg), "identity": identity(d), "world_size": d.world.size}
 
 
+class NonFiniteError(UserError):
+    """The synthetic images or the loss stopped being finite: the run stops, its last good
+    checkpoint is kept."""
+
+
+def nonfinite_error(d, what: str) -> NonFiniteError:
+    ck = os.path.join(d.out_dir, CHECKPOINT) if d.out_dir else None
+    kept = (f"the last good checkpoint {ck} is kept" if ck and os.path.isfile(ck) else "no checkpoint was written")
+    return NonFiniteError(f"iteration {d.iteration}: {what}; the run stops and {kept}. Likely causes: a learning "
+                          f"rate too high for these images (--lr-img / lr_img), or non-finite input images")
+
+
+def check_finite(d) -> None:
+    """Every rank's synthetic images finite (collective: every rank calls it), else stop the run."""
+    bad = 0 if bool(torch.isfinite(d.syn).all()) else 1
+    if d.world.max_int(bad):
+        raise nonfinite_error(d, "the synthetic images contain NaN or Inf")
+
+
 def save_checkpoint(d) -> None:
     if not d.out_dir:
         return
+    check_finite(d)  # a checkpoint is only ever written of a finite state
     state = checkpoint_state(d)
     if state is not None:
         atomic_torch_save(state, os.path.join(d.out_dir, CHECKPOINT))
@@ -191,10 +228,21 @@ def write_outputs(d) -> None:
               nrow=d.cfg.ipc if d.cfg.ipc <= 20 else 20)
 
 
+def strict_json(obj):
+    """``obj`` with every non-finite float as None: metrics.jsonl and summary.json are strict JSON."""
+    if isinstance(obj, float):
+        return obj if obj == obj and obj not in (float("inf"), float("-inf")) else None
+    if isinstance(obj, dict):
+        return {k: strict_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [strict_json(v) for v in obj]
+    return obj
+
+
 def log(d, record: Dict) -> None:
     if d.out_dir and d.world.is_main:
         with open(os.path.join(d.out_dir, "metrics.jsonl"), "a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(json.dumps(strict_json(record), allow_nan=False) + "\n")
 
 
 def truncate_metrics(d) -> None:
@@ -218,4 +266,5 @@ def truncate_metrics(d) -> None:
 
 def write_summary(d, summary: Dict) -> None:
     if d.out_dir and d.world.is_main:
-        atomic_write_text(os.path.join(d.out_dir, "summary.json"), json.dumps(summary, indent=2))
+        atomic_write_text(os.path.join(d.out_dir, "summary.json"),
+                          json.dumps(strict_json(summary), indent=2, allow_nan=False))

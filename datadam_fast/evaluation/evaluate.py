@@ -58,6 +58,27 @@ class EvalConfig:
     batched: Optional[bool] = None  # train the runs together; None = the faster one for the device
 
 
+DEFAULT_EPOCHS = 1000  # the DM protocol's; a file's recorded --eval-epochs wins
+DEFAULT_RUNS = 3
+
+
+def evaluation_seed(seed: int, iteration: int) -> int:
+    """The seed of a distillation run's evaluation after ``iteration`` iterations of a run seeded
+    with ``seed``: run ``r``'s networks are seeded from it and ``r`` (``evaluate`` of the run's
+    ``synthetic.pt`` uses it by default, so the two give the same accuracies)."""
+    return int(seed) * 7919 + int(iteration)
+
+
+def recorded_protocol(meta: Dict) -> Dict:
+    """``{"seed", "epochs", "runs"}`` of the final evaluation of the run that wrote a synthetic set
+    (None where the file records nothing: an official or exported file)."""
+    cfg = meta.get("config") if isinstance(meta.get("config"), dict) else None
+    if cfg is None or meta.get("iteration") is None:
+        return {"seed": None, "epochs": None, "runs": None}
+    return {"seed": evaluation_seed(cfg.get("seed", 0), meta["iteration"]), "epochs": cfg.get("eval_epochs"),
+            "runs": cfg.get("eval_runs") or None}
+
+
 def lr_per_epoch(epochs: int, lr: float) -> List[float]:
     """Learning rate of each of the ``epochs + 1`` training epochs, as the official code runs them.
 

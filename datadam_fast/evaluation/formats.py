@@ -119,6 +119,10 @@ def load_synthetic(path: str) -> Tuple[torch.Tensor, torch.Tensor, Dict]:
     if images.dim() != 4 or not images.is_floating_point():
         raise UserError(f"{path}: images must be a float [N, C, H, W] tensor, got {images.dtype} {tuple(images.shape)}")
     labels = _to_int_labels(labels, images.shape[0], path)
+    bad = int((~torch.isfinite(images)).sum())
+    if bad:
+        raise UserError(f"{path}: {bad} of {images.numel()} pixel values are NaN or Inf; a synthetic set must be "
+                        f"finite (networks trained on it learn nothing)")
     return images.float(), labels, meta
 
 
