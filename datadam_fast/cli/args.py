@@ -46,6 +46,9 @@ def _add_distill(sub) -> None:
                    help="where datasets live (<root>/mnist/raw/*.gz, <root>/cifar10/cifar-10-batches-py, ...); "
                         "default $DATADAM_FAST_DATA, else ~/.cache/datadam_fast/data")
     p.add_argument("--folder", default=None, help="with --dataset folder: an ImageFolder tree or a packed directory")
+    p.add_argument("--cache-dir", default=None, metavar="DIR",
+                   help="tinyimagenet / imagenet64: where their decoded copy is written on first load (default "
+                        "$DATADAM_FAST_CACHE, else beside the data); a read-only data root works with it")
     p.add_argument("--download", action="store_true", help="fetch missing official files (checksums verified)")
     p.add_argument("--ipc", type=int, default=10, help="synthetic images per class")
     p.add_argument("--iterations", type=int, default=None,
@@ -196,6 +199,7 @@ def _add_evaluate(sub) -> None:
                         "the file, so that the same --epochs and --runs give its summary's accuracy; else 0)")
     p.add_argument("--device", default="auto", help="auto (cuda when available, else cpu), cpu, cuda or cuda:N")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--json", default=None,
                    help="also write the result as JSON here: {'accuracies': [...], 'mean', 'std', 'network': {model, "
                         "norm, width, depth}, 'seed', ...} (the folder must exist)")
@@ -243,6 +247,8 @@ def _add_pack(sub) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="datadam-fast", description="Dataset distillation by attention matching.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    from .. import __version__
+    parser.add_argument("--version", action="version", version=f"datadam-fast {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="{distill,evaluate,report,export,pack,backends}")
     parser.distill_parser = _add_distill(sub)  # config_file.py reads its flags
     _add_evaluate(sub)

@@ -33,7 +33,17 @@ def _data_opts(args) -> dict:
         opts["path"] = args.folder
     if getattr(args, "download", False):
         opts["download"] = True
+    if getattr(args, "cache_dir", None):
+        from ..errors import UserError
+        dataset = getattr(args, "dataset", None)
+        if dataset not in CACHED_DATASETS:
+            raise UserError(f"--cache-dir applies to {' and '.join(CACHED_DATASETS)}, not --dataset {dataset}")
+        opts["cache_dir"] = args.cache_dir
     return opts
+
+
+#: the datasets that decode their images once into a cache (--cache-dir, $DATADAM_FAST_CACHE)
+CACHED_DATASETS = ("tinyimagenet", "imagenet64")
 
 
 def _cmd_distill(args) -> int:
@@ -137,7 +147,8 @@ def _cmd_evaluate(args) -> int:
         print(f"network: {network_label(network)} ({pick['source']})", flush=True)
         if args.seed is None and rec["seed"] is not None:
             print(f"seed {seed}: the seed of the run's final evaluation (recorded in the file; --seed to choose)")
-        result = evaluate_synthetic(images, labels, test_set, cfg, seed=seed, device=args.device, progress=True)
+        result = evaluate_synthetic(images, labels, test_set, cfg, seed=seed, device=args.device,
+                                    progress=not args.no_progress)
         result["network_source"] = pick["source"]
         mode = "batched" if result["batched"] else "sequential"
         print(f"{network_label(result['network'])} on {dataset}: {result['mean']:.2f} ± {result['std']:.2f} % over "

@@ -7,7 +7,7 @@ uint8 [n, 12288] (channel-major rows like CIFAR: 4096 R, 4096 G, 4096 B), ``labe
 
 The train split is 1.28M images, 15.7 GB as uint8, so by default the batches are streamed
 (never a whole ``data`` array in memory) into the packed format (see ``_packed``) under
-``<root>/imagenet64/packed/<split>/`` (or ``cache_dir=``) on first load — resumable — and
+``<root>/imagenet64/packed/<split>/`` (or ``cache_dir=``, ``--cache-dir``, ``$DATADAM_FAST_CACHE/imagenet64``) on first load — resumable — and
 every load memory-maps it. A packed folder that already exists is used without the npz files.
 ``in_memory=True`` reads the npz files straight into a tensor instead (fine for ``val``).
 """
@@ -112,6 +112,8 @@ def load_imagenet64(root: Path, split: str, cache_dir=None, in_memory: bool = Fa
                     progress: bool = True) -> ImageDataset:
     base = root / "imagenet64"
     split_dir = "train" if split == "train" else "val"
+    if cache_dir is None and os.environ.get("DATADAM_FAST_CACHE"):  # a read-only data root: pack elsewhere
+        cache_dir = Path(os.environ["DATADAM_FAST_CACHE"]) / "imagenet64"
     pack_dir = (Path(cache_dir).expanduser() if cache_dir is not None else base / "packed") / split_dir
     if not in_memory and is_packed(pack_dir):
         return load_packed(pack_dir, split=split, name="imagenet64")

@@ -107,6 +107,8 @@ def load_tinyimagenet(root: Path, split: str, cache_dir=None, workers: Optional[
     files, labels = _scan(base, split, wnids)
     fp = fingerprint({"wnids": wnids, "split": split, "size": [64, 64],
                       "files": [[os.path.relpath(p, base), l] for p, l in zip(files, labels)]})
+    if cache_dir is None and os.environ.get("DATADAM_FAST_CACHE"):
+        cache_dir = Path(os.environ["DATADAM_FAST_CACHE"]) / "tinyimagenet"
     if cache_dir is not None:
         cdir = Path(cache_dir).expanduser()
     else:

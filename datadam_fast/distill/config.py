@@ -279,13 +279,14 @@ def flag_fields(cls=DistillConfig) -> Dict[str, Tuple[str, bool]]:
 
 def config_flags(cfg: DistillConfig, run_flags: Optional[Dict[str, object]] = None) -> Dict[str, object]:
     """``{long flag name: value}`` of ``cfg`` (``None`` = not set), in field order, then ``folder``
-    (the folder dataset's path) and the run's CLI-only values ``run_flags`` (``{flag: value}``:
+    (the folder dataset's path), ``cache-dir`` (where a decoded copy goes) and the run's CLI-only values ``run_flags`` (``{flag: value}``:
     device as given, threads, nvtx, no-progress), which override a field of the same flag."""
     out: Dict[str, object] = {}
     for flag, (name, negated) in flag_fields(type(cfg)).items():
         v = getattr(cfg, name)
         out[flag] = (not v) if negated else v
     out["folder"] = cfg.data_opts.get("path")
+    out["cache-dir"] = cfg.data_opts.get("cache_dir")
     out.update(run_flags or {})
     return out
 

@@ -54,6 +54,9 @@ def evaluate(d) -> Dict:
 
 
 def eval_and_log(d) -> Dict:
+    c = d.cfg
+    say(d, f"iteration {d.iteration}: evaluating ({c.eval_runs} x {c.eval_model} trained for {c.eval_epochs}+1 "
+           f"epochs on the synthetic set)")
     res = evaluate(d)
     short = {k: res[k] for k in ("mean", "std", "accuracies", "model", "network", "epochs", "seed", "runs")}
     rundir.log(d, {"iteration": d.iteration, "eval": short})
@@ -105,6 +108,11 @@ def run(d, *, stop_after: Optional[int] = None) -> Dict:
             "classes_total": d.K, "real_cached_on_device": d.real_all is not None}
     say(d, f"{d.plan.summary()}" + (f"; {d.world.size} processes, {d.Kl} classes on rank 0"
                                     if d.world.distributed else ""))
+    if d.iteration >= c.iterations and d.iteration > 0:
+        say(d, f"the checkpoint is already at iteration {d.iteration} of {c.iterations}: nothing left to distill "
+               f"(raise --iterations to continue); writing the outputs again")
+    elif d.iteration > 0:
+        say(d, f"resuming from iteration {d.iteration} of {c.iterations}")
     if d.iteration == 0:
         rundir.log(d, {"iteration": 0, "event": "start", "config": dataclasses.asdict(c),
                        "batch_real": d.batch_real, "num_classes": d.K})

@@ -13,10 +13,15 @@ faster afterwards. Evaluation time is not included.
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import math
+import os
 import sys
+import tempfile
 import time
+from pathlib import Path
 from typing import Callable, Dict, List, Tuple
 
 import torch
@@ -99,28 +104,52 @@ def predict(d, t: Dict[str, float]) -> Dict[str, float]:
             "load_overlapped": overlapped, "sec_per_it": total}
 
 
+@contextlib.contextmanager
+def _nothing_written(cfg):
+    """--plan-only writes nothing beside the data: a dataset that would write its decoded copy on
+    first load (imagenet64's packed copy) decodes into a temporary folder, deleted after the plan, or
+    (tinyimagenet) decodes in memory."""
+    from ..data._base import default_data_root
+    from ..data._packed import is_packed
+    opts = dict(cfg.data_opts)
+    root = Path(cfg.data_root).expanduser() if cfg.data_root else default_data_root()
+    packed = all(is_packed(root / "imagenet64" / "packed" / s) for s in ("train", "val"))
+    if cfg.dataset in ("imagenet64", "tinyimagenet") and "cache_dir" not in opts \
+            and not os.environ.get("DATADAM_FAST_CACHE") and not (cfg.dataset == "imagenet64" and packed):
+        if cfg.dataset == "tinyimagenet":
+            yield dataclasses.replace(cfg, data_opts={**opts, "cache": False})
+            return
+        with tempfile.TemporaryDirectory(prefix="datadam_fast_plan_") as tmp:
+            print(f"--plan-only: a missing packed copy of {cfg.dataset} is decoded into {tmp} (deleted after the "
+                  f"plan; --cache-dir keeps it)", file=sys.stderr, flush=True)
+            yield dataclasses.replace(cfg, data_opts={**opts, "cache_dir": tmp})
+        return
+    yield cfg
+
+
 def make_plan(cfg, world=None) -> Dict:
     """Set up the run without an output directory, time its passes, and return the plan."""
     from .engine import Distiller
     t0 = time.perf_counter()
-    d = Distiller(cfg, None, progress=False, world=world)
-    try:
-        c, ds, p = d.cfg, d.train_set, d.plan
-        timing = time_passes(d)
-        pred = predict(d, timing)
-        hours = pred["sec_per_it"] * c.iterations / 3600.0
-        return {
-            "dataset": ds.name, "num_classes": d.K, "image_shape": [ds.channels, *ds.image_size],
-            "train_images": len(ds), "model": c.model, "norm": c.norm, "depth": c.depth, "method": d.method.name,
-            "ipc": c.ipc, "batch_real": d.batch_real, "iterations": c.iterations, "device": str(d.device),
-            "zca": c.zca, "processes": d.world.size, "classes_per_process": d.Kl,
-            "real_cached_on_device": d.real_all is not None, "compile": bool(c.compile),
-            "memory": {**p.as_dict(), "predicted_peak_gb": p.predicted_peak / GB, "budget_gb": p.budget / GB},
-            "timing": timing, "predicted": pred, "predicted_hours": hours,
-            "plan_seconds": time.perf_counter() - t0,
-        }
-    finally:
-        d.close()
+    with _nothing_written(cfg) as cfg:
+        d = Distiller(cfg, None, progress=False, world=world)
+        try:
+            c, ds, p = d.cfg, d.train_set, d.plan
+            timing = time_passes(d)
+            pred = predict(d, timing)
+            hours = pred["sec_per_it"] * c.iterations / 3600.0
+            return {
+                "dataset": ds.name, "num_classes": d.K, "image_shape": [ds.channels, *ds.image_size],
+                "train_images": len(ds), "model": c.model, "norm": c.norm, "depth": c.depth, "method": d.method.name,
+                "ipc": c.ipc, "batch_real": d.batch_real, "iterations": c.iterations, "device": str(d.device),
+                "zca": c.zca, "processes": d.world.size, "classes_per_process": d.Kl,
+                "real_cached_on_device": d.real_all is not None, "compile": bool(c.compile),
+                "memory": {**p.as_dict(), "predicted_peak_gb": p.predicted_peak / GB, "budget_gb": p.budget / GB},
+                "timing": timing, "predicted": pred, "predicted_hours": hours,
+                "plan_seconds": time.perf_counter() - t0,
+            }
+        finally:
+            d.close()
 
 
 def format_plan(pl: Dict) -> str:

@@ -207,7 +207,7 @@ def write_run_config(out_dir: str, cfg, run_flags: Optional[Dict] = None) -> str
     (``out``, ``resume``, ``overwrite``) is given on the command line and not written."""
     header = ("datadam-fast distill configuration, fully resolved.\n"
               "Repeat the run: datadam-fast distill --config config.toml --out NEW_DIR")
-    extra = sorted(k for k in cfg.data_opts if k != "path")
+    extra = sorted(k for k in cfg.data_opts if k not in ("path", "cache_dir"))
     if extra:
         header += f"\nDataset options set through the Python API are not flags and are not repeated: {extra}"
     path = os.path.join(out_dir, CONFIG)

@@ -147,3 +147,50 @@ def test_report_out_under_a_file(tmp_path, capsys, monkeypatch):
 def test_verify_on_an_unknown_device(tmp_path, capsys, monkeypatch):
     code, err = _run(["backends", "--verify", "--device", "tpu"], tmp_path, capsys, monkeypatch)
     assert code == 2 and "tpu" in err and "Traceback" not in err
+
+
+def test_evaluate_reproduces_the_runs_own_evaluation(tmp_path, capsys, monkeypatch):
+    """evaluate of a run's synthetic.pt with the run's epochs and runs and no seed gives its summary's numbers."""
+    import json
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["distill", "--ipc", "1", "--iterations", "2", "--width", "8", "--no-progress", "--eval-epochs",
+                     "1", "--eval-runs", "2", "--checkpoint-every", "0", "--out", "run"]) == 0
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())["eval"]
+    assert cli.main(["evaluate", "--synthetic", "run/synthetic.pt", "--epochs", "1", "--runs", "2",
+                     "--json", "e.json"]) == 0
+    got = json.loads((tmp_path / "e.json").read_text())
+    assert got["seed"] == summary["seed"]
+    assert got["accuracies"] == summary["accuracies"]
+    capsys.readouterr()
+
+
+def _snapshot(root: Path):
+    import hashlib
+    return sorted((str(p.relative_to(root)), hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir")
+                  for p in root.rglob("*"))
+
+
+def test_plan_only_leaves_the_data_root_and_the_working_directory_unchanged(tmp_path, capsys, monkeypatch):
+    """ImageNet-64 packs a decoded copy on first load: --plan-only decodes into a temporary folder instead."""
+    import json
+    import numpy as np
+    monkeypatch.delenv("DATADAM_FAST_CACHE", raising=False)
+    data, work = tmp_path / "data", tmp_path / "work"
+    base = data / "imagenet64"
+    base.mkdir(parents=True)
+    work.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(1, 11):  # 1000 classes, one image each, over the ten official batch files
+        labels = list(range(1 + 100 * (i - 1), 1 + 100 * i))
+        np.savez(base / f"train_data_batch_{i}.npz", data=rng.integers(0, 256, (100, 12288), dtype=np.uint8),
+                 labels=labels, mean=np.zeros(12288))
+    np.savez(base / "val_data.npz", data=rng.integers(0, 256, (4, 12288), dtype=np.uint8), labels=[1, 2, 3, 4])
+    data_before, work_before = _snapshot(data), _snapshot(work)
+    monkeypatch.chdir(work)
+    code = cli.main(["distill", "--dataset", "imagenet64", "--data-root", str(data), "--ipc", "1", "--width", "8",
+                     "--depth", "2", "--no-compile", "--plan-only"])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    assert json.loads(out.out.strip().splitlines()[-1])["plan"]["num_classes"] == 1000
+    assert "--plan-only: a missing packed copy of imagenet64 is decoded into" in out.err
+    assert _snapshot(data) == data_before and _snapshot(work) == work_before

@@ -89,5 +89,5 @@ def test_the_config_is_the_flag_schema():
     api_only = {f.name for f in dataclasses.fields(DistillConfig)} - {n for n, _ in flag_fields().values()}
     assert api_only == {"taps", "attention_factor", "momentum", "dsa_strategy", "eval_batch", "data_opts"}
     cli_only = set(actions) - {f.replace("-", "_") for f in flag_fields()}
-    assert cli_only == {"help", "folder", "download", "threads", "out", "resume", "overwrite", "nvtx", "no_progress",
+    assert cli_only == {"help", "folder", "cache_dir", "download", "threads", "out", "resume", "overwrite", "nvtx", "no_progress",
                         "config", "plan_only"}

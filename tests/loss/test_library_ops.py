@@ -334,3 +334,43 @@ def test_wheel_build_flags_are_portable_and_shared():
     assert "-march=native" not in code and "CPU_JIT_NATIVE_CFLAGS" not in code and '_c["CPU_CFLAGS"]' in code
     assert runpy.run_path(str(root / "datadam_fast" / "_constants.py"))["CPU_CFLAGS"] == _constants.CPU_CFLAGS
     assert f"-DDATADAM_FAST_NORM_EPS={_constants.NORM_EPS!r}" in _constants.native_defines()
+
+
+def test_two_clones_use_two_builds_and_neither_rebuilds_the_other(monkeypatch, tmp_path, capsys):
+    """Two checkouts of the same version on one machine (one extension cache): each gets its own
+    build folder, a warm folder is loaded without the cold-build notice, and building one clone
+    leaves the other's folder untouched (torch's build lock in each folder covers concurrent builds)."""
+    import shutil
+    from torch.utils import cpp_extension
+    from datadam_fast.loss import _build
+    monkeypatch.setenv("DATADAM_FAST_EXT_DIR", str(tmp_path / "ext"))
+    clones = []
+    for name in ("clone_a", "clone_b"):
+        src = tmp_path / name / "csrc"
+        shutil.copytree(_build.csrc_dir(), src)
+        clones.append(src)
+    builds = []
+
+    def fake_load(name, sources, build_directory, **kw):  # a build writes <tag>.so into its folder
+        builds.append((build_directory, sources[0]))
+        so = Path(build_directory) / f"{name}.so"
+        if not so.exists():
+            so.write_text(sources[0])
+        return "module"
+
+    monkeypatch.setattr(cpp_extension, "load", fake_load)
+
+    def load(src):
+        monkeypatch.setattr(_build, "csrc_dir", lambda: src)
+        assert _build.load_extension("_C_test_clones", ["spatial_attention_cpu.cpp"]) == "module"
+        return capsys.readouterr().err
+
+    assert "building the fused" in load(clones[0])
+    dir_a = Path(builds[-1][0])
+    snapshot_a = sorted((p.name, p.read_text()) for p in dir_a.iterdir())
+    assert "building the fused" in load(clones[1])
+    dir_b = Path(builds[-1][0])
+    assert dir_a != dir_b and builds[-1][1].startswith(str(clones[1]))
+    assert sorted((p.name, p.read_text()) for p in dir_a.iterdir()) == snapshot_a  # clone A's build untouched
+    assert "building the fused" not in load(clones[0])  # warm: no rebuild of A after B
+    assert Path(builds[-1][0]) == dir_a
