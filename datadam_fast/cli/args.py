@@ -109,7 +109,7 @@ def _add_distill(sub) -> None:
                    help="auto (cuda when available, the local rank's GPU under torchrun; else cpu), cpu, cuda or cuda:N")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--out", default="runs/distill", help="output directory (synthetic.pt, grid.png, metrics.jsonl, checkpoint.pt)")
-    p.add_argument("--checkpoint-every", type=int, default=100, help="write checkpoint.pt atomically every N iterations")
+    p.add_argument("--checkpoint-every", type=int, default=100, help="write checkpoint.pt atomically every N iterations (0 = only at the end of the run)")
     p.add_argument("--resume", action="store_true", help="continue the checkpoint in --out (same flags required)")
     p.add_argument("--overwrite", action="store_true", help="allow writing into a non-empty --out")
     p.add_argument("--eval-every", type=int, default=0,

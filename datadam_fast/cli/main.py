@@ -253,6 +253,10 @@ def main(argv: Optional[List[str]] = None) -> int:
             return EXIT_USAGE
         import torch
         torch.set_num_threads(args.threads)
+    import warnings
+    # a warning is one line in the CLI: "datadam-fast: warning: ..." (no source file and line)
+    warnings.formatwarning = lambda msg, cat, *a, **k: (
+        f"datadam-fast: warning: {str(msg).removeprefix('datadam_fast: ')}\n")
     from ..errors import DatadamError
     handlers = {"distill": _cmd_distill, "evaluate": _cmd_evaluate, "report": _cmd_report, "pack": _cmd_pack,
                 "backends": _cmd_backends, "export": _cmd_export}

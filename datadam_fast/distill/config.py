@@ -241,6 +241,14 @@ def validate(cfg: DistillConfig, dataset, world, method) -> Checked:
             raise UserError(f"{name} must be >= 0 (0 = chosen by the memory planner)")
     counts = [len(ix) for ix in dataset.class_indices()]
     smallest = min(counts)
+    import warnings
+    if len(counts) < 2:
+        warnings.warn(f"datadam_fast: {dataset.name} has a single class: there is nothing for the synthetic set "
+                      f"to tell apart", UserWarning, stacklevel=2)
+    if c.batch_real > smallest:
+        warnings.warn(f"datadam_fast: batch-real {c.batch_real} is larger than the smallest class of "
+                      f"{dataset.name} (class {counts.index(smallest)}: {smallest} images); every class draws "
+                      f"{smallest} real images per iteration", UserWarning, stacklevel=2)
     if c.ipc > smallest:
         raise UserError(f"ipc {c.ipc} is larger than the smallest class of {dataset.name} "
                         f"(class {counts.index(smallest)} has {smallest} images)")

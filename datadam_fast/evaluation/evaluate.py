@@ -342,6 +342,11 @@ def evaluate_synthetic(images, labels, test_set, cfg: EvalConfig, *, seed: int =
         raise UserError(f"{images.shape[0]} images but {labels.shape[0]} labels")
     if int(labels.max()) >= test_set.num_classes or int(labels.min()) < 0:
         raise UserError(f"labels must lie in [0, {test_set.num_classes}) for dataset {test_set.name}")
+    covered = int(torch.unique(labels).numel())
+    if covered < test_set.num_classes:  # likely the wrong file or dataset: say so, the test still runs
+        import warnings
+        warnings.warn(f"datadam_fast: the synthetic set has images of {covered} of the {test_set.num_classes} classes "
+                      f"of {test_set.name}; the networks cannot learn the others", UserWarning, stacklevel=2)
     if tuple(images.shape[2:]) != tuple(test_set.image_size):
         raise UserError(f"synthetic images are {tuple(images.shape[2:])} but dataset {test_set.name} "
                         f"images are {tuple(test_set.image_size)}")

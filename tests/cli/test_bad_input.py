@@ -194,3 +194,24 @@ def test_plan_only_leaves_the_data_root_and_the_working_directory_unchanged(tmp_
     assert json.loads(out.out.strip().splitlines()[-1])["plan"]["num_classes"] == 1000
     assert "--plan-only: a missing packed copy of imagenet64 is decoded into" in out.err
     assert _snapshot(data) == data_before and _snapshot(work) == work_before
+
+
+def test_likely_mistakes_are_warned_about(synthetic_file, tmp_path, capsys, monkeypatch):
+    """A synthetic set covering some classes only, a batch-real above the smallest class: one warning line each."""
+    import warnings
+    from datadam_fast.distill import DistillConfig, Distiller
+    images = torch.randn(5, 1, 8, 8)
+    part = tmp_path / "part.pt"
+    torch.save({"images": images, "labels": torch.arange(5), "dataset": "digits", "mean": [0.5], "std": [0.5]}, part)
+    monkeypatch.setattr(warnings, "formatwarning", warnings.formatwarning)  # the CLI sets its one-line form
+    with pytest.warns(UserWarning, match="images of 5 of the 10 classes of digits"):
+        code, err = _run(["evaluate", "--synthetic", str(part), "--runs", "1", "--epochs", "0", "--no-progress"],
+                         tmp_path, capsys, monkeypatch)
+    assert code == 0
+    assert warnings.formatwarning("datadam_fast: x", UserWarning, "f.py", 1) == "datadam-fast: warning: x\n"
+    folder = _folder_without_test_split(tmp_path / "f")
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        Distiller(DistillConfig(dataset="folder", data_opts={"path": str(folder)}, ipc=1, width=8, iterations=1,
+                                eval_every=-1), None, progress=False).close()
+    assert any("larger than the smallest class" in str(w.message) for w in record)
