@@ -151,6 +151,7 @@ def run(d, *, stop_after: Optional[int] = None) -> Dict:
                 _log_iteration(d, terms, it, sec, bar)
             if should_eval(d, it):
                 last_eval = eval_and_log(d)
+                t_last, it_last = time.perf_counter(), it  # it/s counts distillation only, not evaluation
             if c.checkpoint_every > 0 and (it % c.checkpoint_every == 0) and it < c.iterations:
                 rundir.save_checkpoint(d)
             if stop_after is not None and done >= stop_after:

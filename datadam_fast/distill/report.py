@@ -198,6 +198,9 @@ def plot_losses(m: RunMetrics, path: str) -> Optional[str]:
         return None
     ax.set_yscale("log")
     _integer_iterations(ax)
+    xs_all = sorted({x for key in LOSS_KEYS for x in m.series(key)[0]})
+    if len(xs_all) == 1:  # one point: a range of whole iterations, not fractional ticks around it
+        ax.set_xlim(xs_all[0] - 1, xs_all[0] + 1)
     ax.set_xlabel("iteration")
     ax.set_ylabel("loss (log scale)")
     ax.set_title(_title(m, "loss"), fontsize=10)
@@ -217,8 +220,9 @@ def plot_accuracy(m: RunMetrics, path: str) -> Optional[str]:
     mu = [float(e["mean"]) for e in m.evals]
     sd = [float(e.get("std") or 0.0) for e in m.evals]
     fig, ax = plt.subplots(figsize=(8, 4.8), dpi=100)
-    ax.fill_between(xs, [a - b for a, b in zip(mu, sd)], [a + b for a, b in zip(mu, sd)], alpha=0.25,
-                    label="± std over runs")
+    if any(v > 0 for v in sd):  # a band (and its legend entry) only where there is a spread to draw
+        ax.fill_between(xs, [a - b for a, b in zip(mu, sd)], [a + b for a, b in zip(mu, sd)], alpha=0.25,
+                        label="± std over runs")
     ax.plot(xs, mu, marker="o", ms=4, label="mean test accuracy")
     best = max(range(len(mu)), key=mu.__getitem__)
     ax.annotate(f"best {mu[best]:.2f}%", (xs[best], mu[best]), textcoords="offset points", xytext=(0, 8),
@@ -266,7 +270,8 @@ def plot_speed(m: RunMetrics, path: str) -> Optional[str]:
         ax.set_ylabel(label)
         ax.grid(True, alpha=0.3)
         lo, hi = min(py), max(py)
-        pad = 0.1 * (hi - lo) if hi > lo else max(abs(hi) * 0.1, 1e-3)
+        # at least +-2 % of the value: a wobble of 0.1 MB in 471 MB must not look like a leak
+        pad = max(0.1 * (hi - lo), 0.02 * abs(hi), 1e-3)
         ax.set_ylim(lo - pad, hi + pad)
     _integer_iterations(axes[-1, 0])
     axes[-1, 0].set_xlabel("iteration")
