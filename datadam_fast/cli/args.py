@@ -114,7 +114,7 @@ def _add_distill(sub) -> None:
     p.add_argument("--overwrite", action="store_true", help="allow writing into a non-empty --out")
     p.add_argument("--eval-every", type=int, default=0,
                    help="evaluate every N iterations (0 = only after the last iteration, -1 = never)")
-    p.add_argument("--eval-runs", type=int, default=3, help="networks trained per evaluation")
+    p.add_argument("--eval-runs", type=int, default=3, help="networks trained per evaluation (0 = no evaluation)")
     p.add_argument("--eval-epochs", type=int, default=None,
                    help="training epochs per evaluation network (default 1000 as DM, 300 for digits; official DataDAM 1800)")
     p.add_argument("--eval-model", default=None, help="network for evaluation (default: --model)")

@@ -101,6 +101,25 @@ def probe_size(path) -> Tuple[int, int]:
     return tuple(decode_image(path).shape[1:])
 
 
+def warn_mixed_sizes(files: Sequence[Path], size: Tuple[int, int]) -> None:
+    """One warning when images differ in size from the first one (they are resized and cropped to
+    it): likely a mixed folder, and the size was not chosen (``size=`` / ``pack --size``). Reads the
+    image headers only."""
+    from PIL import Image
+    differ = 0
+    for f in files:
+        try:
+            with Image.open(f) as im:
+                differ += (im.size[1], im.size[0]) != tuple(size)
+        except OSError:
+            pass  # decoding reports unreadable files with their name
+    if differ:
+        import warnings
+        warnings.warn(f"datadam_fast: {differ} of {len(files)} images differ in size from the first one "
+                      f"({size[0]}x{size[1]}) and are resized and cropped to it; choose the size with size= "
+                      f"(datadam-fast pack --size)", UserWarning, stacklevel=3)
+
+
 def decode_into(files: Sequence[Path], size: Tuple[int, int], out, start: int = 0,
                 workers: Optional[int] = None, progress: bool = True, desc: str = "decode",
                 chunk: int = 256, on_chunk=None) -> None:
@@ -195,6 +214,7 @@ def load_folder(path, split: str = "train", size=None, split_dirs: bool = True, 
         raise DatasetError(f"{split_dir}: no images ({', '.join(IMG_EXTENSIONS)})")
     if size is None:
         size = probe_size(files[0])
+        warn_mixed_sizes(files, size)
     out = np.empty((len(files), 3) + tuple(size), dtype=np.uint8)
     decode_into(files, size, out, workers=workers, progress=progress,
                 desc=f"decode {split_dir.name}")
@@ -275,6 +295,7 @@ def pack_image_folder(src, dst, size, workers: Optional[int] = None, progress: b
             raise DatasetError(f"{sdir}: no images ({', '.join(IMG_EXTENSIONS)})")
         if size is None:
             size = probe_size(files[0])
+            warn_mixed_sizes(files, size)
         _pack_files(files, labels, classes, ddir, size, workers, progress, mean, std, sdir,
                     overwrite)
     return dst

@@ -215,3 +215,16 @@ def test_likely_mistakes_are_warned_about(synthetic_file, tmp_path, capsys, monk
         Distiller(DistillConfig(dataset="folder", data_opts={"path": str(folder)}, ipc=1, width=8, iterations=1,
                                 eval_every=-1), None, progress=False).close()
     assert any("larger than the smallest class" in str(w.message) for w in record)
+    from PIL import Image
+    import numpy as np
+    Image.fromarray(np.zeros((12, 10, 3), np.uint8)).save(folder / "c0" / "odd.png")
+    from datadam_fast.data import load_dataset
+    with pytest.warns(UserWarning, match="1 of 7 images differ in size from the first one"):
+        load_dataset("folder", path=str(folder), progress=False)
+    one = tmp_path / "one" / "c0"
+    one.mkdir(parents=True)
+    for i in range(2):
+        Image.fromarray(np.full((8, 8, 3), i, np.uint8)).save(one / f"{i}.png")
+    with pytest.warns(UserWarning, match="single class"):
+        Distiller(DistillConfig(dataset="folder", data_opts={"path": str(one.parent)}, ipc=1, width=8, iterations=1,
+                                eval_every=-1), None, progress=False).close()
