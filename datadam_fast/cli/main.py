@@ -15,11 +15,11 @@ EXIT_USAGE = 2
 
 
 def _cmd_export(args) -> int:
-    from ..distill.rundir import check_writable_dir
+    from .._io import check_writable_dir, check_writable_file
     from ..evaluation.export import export
     target = args.out
     if args.format == "official" and target.endswith(".pt") and not os.path.isdir(target):
-        _check_output_file(target, "export --out")
+        check_writable_file(target, "export --out")
     else:
         check_writable_dir(target, "export --out")
     for line in export(args.source, args.format, args.out):
@@ -34,16 +34,13 @@ def _data_opts(args) -> dict:
     if getattr(args, "download", False):
         opts["download"] = True
     if getattr(args, "cache_dir", None):
+        from ..data import CACHED_DATASETS
         from ..errors import UserError
         dataset = getattr(args, "dataset", None)
         if dataset not in CACHED_DATASETS:
             raise UserError(f"--cache-dir applies to {' and '.join(CACHED_DATASETS)}, not --dataset {dataset}")
         opts["cache_dir"] = args.cache_dir
     return opts
-
-
-#: the datasets that decode their images once into a cache (--cache-dir, $DATADAM_FAST_CACHE)
-CACHED_DATASETS = ("tinyimagenet", "imagenet64")
 
 
 def _cmd_distill(args) -> int:
@@ -88,6 +85,7 @@ def _cmd_distill(args) -> int:
 
 def _cmd_evaluate(args) -> int:
     from ..data import load_dataset
+    from .._io import check_writable_file
     from ..errors import UserError
     from ..evaluation.evaluate import (EvalConfig, describe_eval_network, evaluate_synthetic, network_for_synthetic,
                                        network_label)
@@ -103,7 +101,7 @@ def _cmd_evaluate(args) -> int:
     if not (math.isfinite(args.lr) and args.lr > 0):
         raise UserError(f"--lr must be a finite number > 0, got {args.lr}")
     if args.json:
-        _check_output_file(args.json, "--json")
+        check_writable_file(args.json, "--json")
     if args.model is not None:
         from ..models.networks import check_model_name
         check_model_name(args.model)
@@ -168,23 +166,11 @@ def _cmd_evaluate(args) -> int:
     return 0
 
 
-def _check_output_file(path: str, flag: str) -> None:
-    """``path`` can be written: checked before the work whose result goes there."""
-    from ..errors import UserError
-    if os.path.isdir(path):
-        raise UserError(f"{flag} {path} is a directory; expected a file name")
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise UserError(f"{flag} {path}: the folder {folder} does not exist")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise UserError(f"{flag} {path}: no write permission in {folder}")
-
-
 def _cmd_report(args) -> int:
     from ..distill.report import format_summary, report
-    from ..distill.rundir import check_writable_dir
+    from .._io import check_writable_dir, check_writable_file
     if args.json:
-        _check_output_file(args.json, "--json")
+        check_writable_file(args.json, "--json")
     if args.out:
         check_writable_dir(args.out, "report --out")
     summary, paths = report(args.run_dir, args.out)

@@ -43,6 +43,8 @@ __all__ = ["load_dataset", "DATASET_NAMES", "default_data_root", "DatasetError",
 
 DATASET_NAMES = ("digits", "mnist", "fashion_mnist", "cifar10", "cifar100", "tinyimagenet",
                  "imagenet64", "folder")
+#: the datasets that decode their images once into a cache (``cache_dir=``, --cache-dir, $DATADAM_FAST_CACHE)
+CACHED_DATASETS = ("tinyimagenet", "imagenet64")
 DOWNLOADABLE = ("mnist", "fashion_mnist", "cifar10", "cifar100")
 
 _ALIASES = {

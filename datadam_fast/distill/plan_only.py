@@ -109,13 +109,17 @@ def _nothing_written(cfg):
     """--plan-only writes nothing beside the data: a dataset that would write its decoded copy on
     first load (imagenet64's packed copy) decodes into a temporary folder, deleted after the plan, or
     (tinyimagenet) decodes in memory."""
+    from ..data import CACHED_DATASETS
     from ..data._base import default_data_root
     from ..data._packed import is_packed
     opts = dict(cfg.data_opts)
-    root = Path(cfg.data_root).expanduser() if cfg.data_root else default_data_root()
-    packed = all(is_packed(root / "imagenet64" / "packed" / s) for s in ("train", "val"))
-    if cfg.dataset in ("imagenet64", "tinyimagenet") and "cache_dir" not in opts \
-            and not os.environ.get("DATADAM_FAST_CACHE") and not (cfg.dataset == "imagenet64" and packed):
+
+    def packed_in_root():  # imagenet64 packed beside its npz files already: nothing would be written
+        root = Path(cfg.data_root).expanduser() if cfg.data_root else default_data_root()
+        return all(is_packed(root / "imagenet64" / "packed" / s) for s in ("train", "val"))
+
+    if cfg.dataset in CACHED_DATASETS and "cache_dir" not in opts and not os.environ.get("DATADAM_FAST_CACHE") \
+            and not (cfg.dataset == "imagenet64" and packed_in_root()):
         if cfg.dataset == "tinyimagenet":
             yield dataclasses.replace(cfg, data_opts={**opts, "cache": False})
             return

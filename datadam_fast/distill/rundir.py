@@ -11,7 +11,7 @@ from typing import Dict, List, Optional
 import numpy as np
 import torch
 
-from .._io import atomic_torch_save, atomic_write, atomic_write_text
+from .._io import atomic_torch_save, atomic_write, atomic_write_text, check_writable_dir
 from ..errors import UserError
 from .config import NOT_IDENTITY, config_flags, format_config
 from .parallel import class_block
@@ -34,22 +34,6 @@ def check_out_dir(out_dir: str, resume: bool, overwrite: bool) -> None:
         raise UserError(f"output directory {out_dir} is not empty; choose a new one, replace its results "
                         f"(--overwrite / overwrite=True) or continue its checkpoint (--resume / resume=True)")
     check_writable_dir(out_dir, "output directory")
-
-
-def check_writable_dir(path: str, what: str) -> None:
-    """``path`` is a directory that exists and is writable, or can be created: checked before any work
-    (nothing is created here)."""
-    path = os.path.abspath(path)
-    probe = path
-    while not os.path.exists(probe):
-        parent = os.path.dirname(probe)
-        if parent == probe:
-            break
-        probe = parent
-    if not os.path.isdir(probe):
-        raise UserError(f"{what} {path} cannot be created: {probe} is a file, not a directory")
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise UserError(f"{what} {path} cannot be written: no write permission in {probe}")
 
 
 def claim_out_dir(out_dir: str) -> None:

@@ -40,11 +40,15 @@ BATCHED_DEFAULT = {"cpu": False, "cuda": True}
 BATCHED_TEST = {"cpu": False, "cuda": True}
 
 
+DEFAULT_EPOCHS = 1000  # the DM protocol's; evaluate of a run's file uses its recorded --eval-epochs
+DEFAULT_RUNS = 3
+
+
 @dataclass
 class EvalConfig:
     model: str = "ConvNet"
-    epochs: int = 300
-    runs: int = 3
+    epochs: int = DEFAULT_EPOCHS
+    runs: int = DEFAULT_RUNS
     lr: float = 0.01
     momentum: float = 0.9
     weight_decay: float = 5e-4
@@ -58,8 +62,6 @@ class EvalConfig:
     batched: Optional[bool] = None  # train the runs together; None = the faster one for the device
 
 
-DEFAULT_EPOCHS = 1000  # the DM protocol's; a file's recorded --eval-epochs wins
-DEFAULT_RUNS = 3
 
 
 def evaluation_seed(seed: int, iteration: int) -> int:
