@@ -125,3 +125,96 @@ def spatial_attention_backward(feat: torch.Tensor, maps: torch.Tensor, norms: to
     else:
         df = power * f.abs().pow(power - 1) * torch.sign(f)
     return (df * ga.view(N, 1, H, W)).to(feat.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# the other per-class statistics of the distribution-matching family (see loss/characteristic.py
+# and loss/channels.py for the fused operators)
+# ---------------------------------------------------------------------------------------------
+def class_rows(labels: torch.Tensor, num_classes: int):
+    """``[(k, row indices of class k)]`` for the classes that have rows (host-side, reference only)."""
+    lab = labels.detach().cpu()
+    return [(k, (lab == k).nonzero().flatten().to(labels.device)) for k in range(num_classes)
+            if bool((lab == k).any())]
+
+
+def cf_class_sums(emb: torch.Tensor, freqs: torch.Tensor, labels: torch.Tensor,
+                  num_classes: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per-class sums of ``cos(t_k . e_i)`` and ``sin(t_k . e_i)`` over the rows ``i`` of class ``k``:
+    ``[K, F]`` each, in the accumulation dtype. ``freqs``: ``[F, D]`` (shared) or ``[K, F, D]``.
+    Materialises each class's ``[n_k, F]`` projection (the oracle, not the fast path)."""
+    acc = torch.float64 if torch.float64 in (emb.dtype, freqs.dtype) else torch.float32
+    e, t = emb.to(acc), freqs.to(acc)
+    F = t.shape[-2]
+    cos_s = e.new_zeros((num_classes, F))
+    sin_s = e.new_zeros((num_classes, F))
+    for k, rows in class_rows(labels, num_classes):
+        p = e[rows] @ (t if t.dim() == 2 else t[k]).t()
+        cos_s = cos_s.index_add(0, torch.full((1,), k, device=e.device), p.cos().sum(0, keepdim=True))
+        sin_s = sin_s.index_add(0, torch.full((1,), k, device=e.device), p.sin().sum(0, keepdim=True))
+    return cos_s, sin_s
+
+
+def cf_loss(real_re: torch.Tensor, real_im: torch.Tensor, syn_re: torch.Tensor, syn_im: torch.Tensor, *,
+            alpha: float = 0.5, beta: float = 0.5, weight: float = 300.0) -> torch.Tensor:
+    """NCFM's loss (``NCFM/NCFM.py`` ``CFLossFunc`` times ``match_loss``'s 300), per class, summed over
+    classes: ``weight * mean_f sqrt(alpha * (|r| - |s|)^2 + beta * max(2 (|r||s| - Re r Re s - Im r
+    Im s), 1e-12))`` for the characteristic functions ``r`` (real) and ``s`` (synthetic), ``[K, F]``."""
+    rn = torch.sqrt(real_re * real_re + real_im * real_im)
+    sn = torch.sqrt(syn_re * syn_re + syn_im * syn_im)
+    amp = (rn - sn) ** 2
+    pha = (2 * (rn * sn - syn_re * real_re - syn_im * real_im)).clamp(min=1e-12)
+    return (weight * torch.sqrt(alpha * amp + beta * pha).mean(dim=1)).sum()
+
+
+def channel_attention_and_norms(feat: torch.Tensor, power: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Channel attention (ATOM): ``s_c = sum_hw |f_c|^p``, returned as ``(s / max(||s||_2, 1e-12),
+    ||s||_2)``, ``[N, C]`` and ``[N]``, in the accumulation dtype."""
+    f = feat.to(acc_dtype(feat)).abs()
+    s = (f if power == 1.0 else f.pow(power)).sum(dim=(2, 3))
+    n = s.norm(dim=1, keepdim=True)
+    return s / n.clamp_min(NORM_EPS), n.squeeze(1)
+
+
+def channel_attention(feat: torch.Tensor, power: float = 4.0) -> torch.Tensor:
+    return channel_attention_and_norms(feat, power)[0]
+
+
+def channel_moments(feat: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample channel means of ``f`` and ``f^2`` over ``H x W``: ``[N, C]`` each (accumulation
+    dtype). Per-class channel mean and variance follow from their class means:
+    ``mean = E[m1]``, ``var = E[m2] - mean^2`` (over the class's samples and pixels)."""
+    f = feat.to(acc_dtype(feat))
+    return f.mean(dim=(2, 3)), (f * f).mean(dim=(2, 3))
+
+
+def cf_projection(emb: torch.Tensor, freqs: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """``P[i, f] = t_{k(i)} . e_i`` (``[N, F]``, in the given dtype): what the fused paths never store."""
+    if freqs.dim() == 2:
+        return emb @ freqs.t()
+    p = emb.new_zeros((emb.shape[0], freqs.shape[1]))
+    for k, rows in class_rows(labels, num_classes):
+        p[rows] = emb[rows] @ freqs[k].t()
+    return p
+
+
+def cf_class_sums_backward(emb: torch.Tensor, freqs: torch.Tensor, labels: torch.Tensor, num_classes: int,
+                           grad_cos: torch.Tensor, grad_sin: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Closed-form VJP of :func:`cf_class_sums` (for the backends to mirror). With ``P`` the
+    projection and ``k(i)`` row i's class::
+
+        G[i, f]   = g_sin[k(i), f] * cos(P[i, f]) - g_cos[k(i), f] * sin(P[i, f])
+        dL/de_i   = sum_f G[i, f] t_{k(i), f}          (G @ t_k per class)
+        dL/dt_k   = sum_{i in k} G[i, :]^T e_i          (G_k^T @ E_k; summed over classes when shared)
+    """
+    p = cf_projection(emb, freqs, labels, num_classes)
+    lab = labels.to(emb.device)
+    g = grad_sin.to(p.dtype)[lab] * p.cos() - grad_cos.to(p.dtype)[lab] * p.sin()
+    if freqs.dim() == 2:
+        return g @ freqs, g.t() @ emb
+    ge = torch.zeros_like(emb)
+    gf = torch.zeros_like(freqs)
+    for k, rows in class_rows(labels, num_classes):
+        ge[rows] = g[rows] @ freqs[k]
+        gf[k] = g[rows].t() @ emb[rows]
+    return ge, gf
