@@ -53,7 +53,7 @@ def implementation(backend_name: str) -> str:
 
 
 def _triton():
-    from ...kernels import characteristic_function as K
+    from ..kernels import characteristic_function as K
     return K
 
 

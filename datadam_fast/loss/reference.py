@@ -218,3 +218,17 @@ def cf_class_sums_backward(emb: torch.Tensor, freqs: torch.Tensor, labels: torch
         ge[rows] = g[rows] @ freqs[k]
         gf[k] = g[rows].t() @ emb[rows]
     return ge, gf
+
+
+def channel_attention_backward(feat: torch.Tensor, att: torch.Tensor, norms: torch.Tensor,
+                               grad_att: torch.Tensor, power: float) -> torch.Tensor:
+    """Closed-form VJP of :func:`channel_attention` (the spatial formula with channels and pixels
+    exchanged): ``dL/ds = (g - a <a, g>) / n`` (``g / eps`` when ``n <= eps``), then
+    ``dL/df = p |f|^(p-1) sign(f) * dL/ds`` broadcast over ``H x W``."""
+    g = grad_att.to(att.dtype)
+    dot = (att * g).sum(dim=1, keepdim=True)
+    n = norms.to(att.dtype).unsqueeze(1)
+    gs = torch.where(n > NORM_EPS, (g - att * dot) / n.clamp_min(NORM_EPS), g / NORM_EPS)
+    f = feat.to(att.dtype)
+    df = torch.sign(f) if power == 1.0 else power * f.abs().pow(power - 1) * torch.sign(f)
+    return df * gs[:, :, None, None]
