@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..distill.config import (COMPILE_MODES, DEFAULT_PRESET, INITS, PRESETS, REAL_DTYPES, REAL_EPILOGUES, DistillConfig,
+from ..distill.config import (COMPILE_MODES, DEFAULT_PRESET, INITS, OPTIMIZERS, PRESETS, REAL_DTYPES, REAL_EPILOGUES, DistillConfig,
                               flag_fields)
 from ..data import DATASET_NAMES
 from ..distill.methods import METHODS
@@ -68,7 +68,12 @@ def _add_distill(sub) -> None:
     p.add_argument("--power", type=float, default=None, help="attention power p >= 1 (default from --preset)")
     p.add_argument("--task-balance", type=float, default=None,
                    help="embedding-term balance lambda (coefficient 100*lambda); default 0.01, 0.02 at >= 64 px")
-    p.add_argument("--lr-img", type=float, default=None, help="SGD learning rate on pixels (default 1, 10 for IPC > 50)")
+    p.add_argument("--lr-img", type=float, default=None,
+                   help="learning rate on pixels (default 1, 10 for IPC > 50; 0.001 with --method ncfm)")
+    p.add_argument("--optimizer", default=None, choices=OPTIMIZERS,
+                   help="optimiser of the pixels (default sgd with momentum 0.5; adamw with --method ncfm, as NCFM)")
+    p.add_argument("--num-freqs", type=int, default=4096,
+                   help="--method ncfm: Gaussian frequencies per class of the characteristic function")
     p.add_argument("--init", default="real", choices=INITS, help="initialise from random real images or noise")
     p.add_argument("--no-dsa", action="store_true", help="disable differentiable Siamese augmentation")
     p.add_argument("--memory-budget", type=float, default=None, metavar="GB",

@@ -26,6 +26,9 @@ PRESETS = {
     "official": {"norm": "batchnorm", "power": 1.0},
 }
 DEFAULT_PRESET = "paper"
+#: the optimisers of the synthetic pixels (``--optimizer``): SGD takes ``momentum``; AdamW torch's
+#: default weight decay 0.01, which is NCFM's
+OPTIMIZERS = ("sgd", "adam", "adamw")
 REAL_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Settings that do not change the result (within float rounding): a checkpoint made with other
 # values resumes. ``iterations`` is among them, so a finished run can be continued for longer.
@@ -59,6 +62,8 @@ class DistillConfig:
     taps: Optional[str] = field(default=None, metadata=_API_ONLY)
     attention_factor: float = field(default=100.0, metadata=_API_ONLY)
     lr_img: Optional[float] = None       # 1 for IPC <= 50, else 10
+    optimizer: Optional[str] = None      # sgd | adam | adamw on the pixels; the method's default (sgd; ncfm adamw)
+    num_freqs: int = 4096                # --method ncfm: frequencies of the characteristic function per class
     momentum: float = field(default=0.5, metadata=_API_ONLY)
     init: str = "real"
     dsa: bool = field(default=True, metadata={"flag": "no-dsa", "negated": True})
@@ -129,6 +134,10 @@ class DistillConfig:
             c.eval_model = c.model
         if c.compile is None:
             c.compile = not demo and os.environ.get("DATADAM_FAST_COMPILE", "1") != "0"
+        if c.optimizer is None:
+            c.optimizer = "sgd"
+        if c.optimizer not in OPTIMIZERS:
+            raise UserError(f"unknown optimizer {c.optimizer!r}; expected one of {', '.join(OPTIMIZERS)}")
         if c.real_dtype not in REAL_DTYPES:
             raise UserError(f"unknown real dtype {c.real_dtype!r}; expected one of {', '.join(REAL_DTYPES)}")
         if c.compile_mode not in COMPILE_MODES:
@@ -192,7 +201,7 @@ def check_numbers(c: DistillConfig) -> None:
         "checkpoint_every": (0, " (0 = only at the end)"), "eval_runs": (0, " (0 = no evaluation)"),
         "eval_every": (-1, " (0 = after the last iteration, -1 = never)"), "profile": (0, " (0 = off)"),
         "real_chunk": (0, " (0 = chosen by the memory planner)"), "syn_chunk": (0, " (0 = chosen by the memory planner)"),
-        "eval_batch": (1, ""), "seed": (0, ""),
+        "eval_batch": (1, ""), "seed": (0, ""), "num_freqs": (1, ""),
     }
     for name, (lo, meaning) in ints.items():
         v = getattr(c, name)

@@ -32,12 +32,22 @@ from .parallel import World, class_block, init_world
 from .prefetch import ChunkPrefetcher
 
 
+def make_optimizer(c, syn: torch.Tensor) -> torch.optim.Optimizer:
+    """The pixels' optimiser (``--optimizer``): SGD with ``momentum`` (DataDAM, DM), Adam, or AdamW
+    with torch's default weight decay 0.01 (NCFM's ``get_optimizer`` with its config's 0.01)."""
+    if c.optimizer == "adam":
+        return torch.optim.Adam([syn], lr=c.lr_img)
+    if c.optimizer == "adamw":
+        return torch.optim.AdamW([syn], lr=c.lr_img, weight_decay=0.01)
+    return torch.optim.SGD([syn], lr=c.lr_img, momentum=c.momentum)
+
+
 @dataclasses.dataclass
 class RunState:
     """Everything that moves from one iteration to the next, and nothing else: what
     :mod:`.rundir` checkpoints and restores (the rest of a run is rebuilt from its config)."""
     syn: torch.Tensor                   # this rank's synthetic images (the optimised leaf)
-    opt: torch.optim.Optimizer          # SGD on ``syn`` (its momentum buffer)
+    opt: torch.optim.Optimizer          # on ``syn``: SGD (its momentum buffer), Adam or AdamW (its moments)
     gen: torch.Generator                # every random draw of the run
     next_real_idx: torch.Tensor         # the next iteration's real batch, drawn one iteration ahead
     iteration: int = 0
@@ -113,7 +123,7 @@ class Distiller:
         # synthetic rows of this rank: classes [k_lo, k_hi), class-major
         self.labels_syn = torch.arange(self.k_lo, self.k_hi, device=self.device).repeat_interleave(c.ipc)
         syn = self._initial_synthetic(gen)
-        self.state = RunState(syn=syn, opt=torch.optim.SGD([syn], lr=c.lr_img, momentum=c.momentum), gen=gen,
+        self.state = RunState(syn=syn, opt=make_optimizer(c, syn), gen=gen,
                               next_real_idx=self._draw_real_indices(gen))
         if resume:
             rundir.load_checkpoint(self)

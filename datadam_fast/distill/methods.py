@@ -49,6 +49,10 @@ class Method:
     compilable: bool = True
     #: the engine may use :meth:`fused_real_sums` (the fused ConvNet real side)
     fused_real: bool = False
+    #: the statistics depend on the class (NCFM's per-class frequencies): the engine passes each
+    #: chunk's first *global* class as ``first_class=`` to :meth:`real_class_sums`,
+    #: :meth:`synthetic_loss` and :meth:`features_loss` (chunk rows are class-major, consecutive classes)
+    class_aware: bool = False
 
     # ------------------------------------------------------------------ run settings
     @classmethod
@@ -70,6 +74,12 @@ class Method:
     def identity(self) -> Dict:
         """Settings that define the result: a checkpoint resumes only with equal ones."""
         return {k: v for k, v in vars(self).items() if isinstance(v, (int, float, str, bool, type(None)))}
+
+    def start_iteration(self, seed: int) -> None:
+        """Called at the start of every iteration with a seed drawn from the run's generator (the
+        same on every rank, restored by ``--resume``), before any pass. Override it to draw the
+        iteration's own random quantities (NCFM's frequencies); the engine draws the seed only for
+        methods that override this."""
 
     # ------------------------------------------------------------------ the two sides
     def real_statistics(self, net, x: torch.Tensor) -> List[torch.Tensor]:
@@ -100,6 +110,13 @@ class Method:
     def splits_synthetic_loss(self) -> bool:
         """True when the loss comes from the :meth:`synthetic_features` / :meth:`features_loss` pair."""
         return type(self).synthetic_loss is Method.synthetic_loss
+
+    def real_class_sums(self, net, x: torch.Tensor, classes: int, **kw) -> List[torch.Tensor]:
+        """Per-class sums (``[classes, d_i]``) of the statistics of real images ``x`` (``classes``
+        classes, class-major, equal counts; under ``no_grad``). Override it when per-sample
+        statistics would be large (NCFM: ``[N, F]`` per side) and the sums can be formed directly;
+        the engine then calls it instead of :meth:`real_statistics`."""
+        return [class_sums(s, classes) for s in self.real_statistics(net, x)]
 
     # ------------------------------------------------------------------ optional capabilities
     def fused_real_sums(self, net, x: torch.Tensor, classes: int, impl: str) -> List[torch.Tensor]:
@@ -245,8 +262,111 @@ class DM(Method):
                                        embedding_weight=1.0)
 
 
+class NCFM(Method):
+    """Neural Characteristic Function Matching (Wang et al., CVPR 2025; ``gszfwsb/NCFM``), its
+    matching loss: per class, the empirical characteristic function of the L2-normalised final
+    embedding at ``num_freqs`` Gaussian frequencies ``t_k ~ N(0, I)`` drawn per class and per
+    iteration, and ``weight * mean_f sqrt(alpha * amplitude^2 + beta * phase)`` between the real
+    and synthetic ones (``NCFM/NCFM.py``). Statistics: per-class sums of ``cos(t_k . e)`` and
+    ``sin(t_k . e)`` straight from the fused operator (no ``[N, F]`` projection). Defaults from
+    NCFM's CIFAR configs: batch-real 1024, AdamW with lr 0.001 (their lr_img 0.01 x lr_scale_adam
+    0.1, weight decay 0.01), 20000 iterations. One optimiser step per iteration over all classes
+    (NCFM steps once per class); its sampling network, pretrained-model pools, calibration loss
+    and multi-formation are not part of this method (``docs/methods.md``)."""
+
+    name = "ncfm"
+    official_name = "NCFM"
+    summary = ("NCFM's characteristic-function matching of normalised embeddings (per-class Gaussian "
+               "frequencies each iteration; AdamW lr 0.001, batch-real 1024, 20000 iterations by default)")
+    compilable = False  # the fused operator is the fast path; nothing is left for inductor to fuse
+    class_aware = True
+    #: frequencies of one iteration kept between its real and synthetic passes up to this size
+    CACHE_BYTES = 512 << 20
+
+    def __init__(self, *, num_freqs: int = 4096, alpha: float = 0.5, beta: float = 0.5, weight: float = 300.0,
+                 backend: str = "auto"):
+        from ..errors import UserError
+        if isinstance(num_freqs, bool) or not isinstance(num_freqs, int) or num_freqs < 1:
+            raise UserError(f"num_freqs must be an integer >= 1, got {num_freqs!r}")
+        self.num_freqs = num_freqs
+        self.alpha, self.beta, self.weight = float(alpha), float(beta), float(weight)
+        self.backend = backend
+        self._seed = 0
+        self._freqs: Dict[int, torch.Tensor] = {}
+
+    @classmethod
+    def defaults(cls, cfg) -> Dict:
+        return {"batch_real": 1024, "lr_img": 1e-3, "iterations": 20000, "optimizer": "adamw"}
+
+    @classmethod
+    def from_config(cls, cfg) -> "NCFM":
+        return cls(num_freqs=cfg.num_freqs, backend=cfg.backend)
+
+    def identity(self) -> Dict:
+        return {"num_freqs": self.num_freqs, "alpha": self.alpha, "beta": self.beta, "weight": self.weight}
+
+    def start_iteration(self, seed: int) -> None:
+        self._seed = int(seed)
+        self._freqs.clear()
+
+    def frequencies(self, first_class: int, classes: int, width: int, device) -> torch.Tensor:
+        """``[classes, F, D]``: class ``k``'s frequencies come from a generator seeded by (iteration
+        seed, k) alone, so every chunking, shard and resumed run draws the same ones."""
+        device = torch.device(device)
+        out = []
+        keep = self.num_freqs * width * 4 * (first_class + classes) <= self.CACHE_BYTES
+        for k in range(first_class, first_class + classes):
+            t = self._freqs.get(k)
+            if t is None or t.shape[1] != width or t.device != device:
+                g = torch.Generator(device=device).manual_seed((self._seed * 1_000_003 + k) % (1 << 63))
+                t = torch.randn(self.num_freqs, width, generator=g, device=device)
+                if keep:
+                    self._freqs[k] = t
+            out.append(t)
+        return torch.stack(out)
+
+    def _sums(self, emb, classes: int, first_class: int):
+        from ..loss.characteristic import cf_class_sums
+        e = torch.nn.functional.normalize(emb.float(), dim=1)
+        t = self.frequencies(first_class, classes, e.shape[1], e.device)
+        return cf_class_sums(e, t, classes, backend=self.backend)
+
+    def real_statistics(self, net, x):
+        # per-sample statistics against class 0's frequencies: what the memory probes size the
+        # targets with; a run forms the per-class sums directly (real_class_sums)
+        from ..loss.characteristic import cf_class_sums
+        e = torch.nn.functional.normalize(net.embed(x).float(), dim=1)
+        t = self.frequencies(0, 1, e.shape[1], e.device)
+        p = e @ t[0].t()
+        return [p.cos(), p.sin()]
+
+    def real_class_sums(self, net, x, classes, first_class: int = 0):
+        c, s = self._sums(net.embed(x), classes, first_class)
+        return [c, s]
+
+    def synthetic_features(self, net, x):
+        return net.embed(x)
+
+    def features_loss(self, emb, targets, classes, first_class: int = 0):
+        from ..loss.characteristic import cf_loss
+        c, s = self._sums(emb, classes, first_class)
+        n = emb.shape[0] // classes
+        loss = cf_loss(targets[0], targets[1], c / n, s / n, alpha=self.alpha, beta=self.beta, weight=self.weight)
+        return loss, {"cf": loss}
+
+
+def overrides(method: Method, name: str) -> bool:
+    """True when ``method``'s class overrides :class:`Method`'s ``name``."""
+    return getattr(type(method), name) is not getattr(Method, name)
+
+
+def class_kwargs(method: Method, first_class: int) -> Dict:
+    """The chunk's first global class for a :attr:`~Method.class_aware` method, else nothing."""
+    return {"first_class": int(first_class)} if method.class_aware else {}
+
+
 #: the methods ``--method`` names (a user's own :class:`Method` is passed as an instance instead)
-METHODS = {"datadam": DataDAM, "dm": DM}
+METHODS = {"datadam": DataDAM, "dm": DM, "ncfm": NCFM}
 
 
 def method_class(name: str):

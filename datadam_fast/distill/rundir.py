@@ -57,20 +57,33 @@ def syn_counts(d) -> List[int]:
     return [(b - a) * d.cfg.ipc for a, b in (class_block(d.K, r, d.world.size) for r in range(d.world.size))]
 
 
+#: Adam's per-pixel state (what AdamW keeps too)
+ADAM_BUFFERS = ("exp_avg", "exp_avg_sq")
+
+
 def checkpoint_state(d) -> Optional[Dict]:
     """The run state (:class:`~.engine.RunState`: images, momentum, generator, iteration, next
     real batch) of every rank, gathered on rank 0 (collective: every rank must call it); None elsewhere."""
     counts = syn_counts(d)
     images = d.world.gather_rows(d.syn.detach(), counts, to_all=False)
-    st = d.opt.state.get(d.syn)
-    mom = None if not st else st.get("momentum_buffer")
+    st = d.opt.state.get(d.syn) or {}
+    mom = st.get("momentum_buffer")
     momentum = None
     if d.world.max_int(0 if mom is None else 1):
         momentum = d.world.gather_rows(mom if mom is not None else torch.zeros_like(d.syn), counts, to_all=False)
+    # Adam / AdamW: the two moment buffers (rows, gathered like the images) and the step count
+    adam = {}
+    for key in ADAM_BUFFERS:
+        buf = st.get(key)
+        if d.world.max_int(0 if buf is None else 1):
+            adam[key] = d.world.gather_rows(buf if buf is not None else torch.zeros_like(d.syn), counts, to_all=False)
+    if "step" in st:
+        adam["step"] = float(st["step"])
     if not d.world.is_main:
         return None
     state = d.state
     return {"format": CHECKPOINT_FORMAT, "iteration": state.iteration, "images": images, "momentum": momentum,
+            "adam": adam or None,
             "generator": state.gen.get_state(), "next_real_idx": state.next_real_idx.clone(),
             "config": dataclasses.asdict(d.cfg), "identity": identity(d), "world_size": d.world.size}
 
@@ -132,6 +145,11 @@ def load_checkpoint(d) -> None:
     d.opt.state.clear()
     if mom is not None:
         d.opt.state[d.syn]["momentum_buffer"] = mom[rows].to(d.device).clone()
+    for key, value in (ck.get("adam") or {}).items():
+        if key == "step":
+            d.opt.state[d.syn]["step"] = torch.tensor(float(value))
+        else:
+            d.opt.state[d.syn][key] = value[rows].to(d.device).clone()
     state = d.state
     state.gen.set_state(ck["generator"])
     state.iteration = int(ck["iteration"])

@@ -22,6 +22,7 @@ import torch
 from ..errors import UserError
 from ..profiling import nvtx_range
 from .config import REAL_DTYPES
+from .methods import class_kwargs, overrides
 
 
 class ClassSums:
@@ -124,6 +125,10 @@ def real_pass(d, net, x, labels, params, sums: ClassSums, local_cpu, mark=None, 
                 pass
             elif weights is not None and d.real_side.path == "compiled":
                 sums.add_class_sums(d.passes.real(weights, x, classes), first, x.shape[0] // classes)
+            elif overrides(d.method, "real_class_sums"):
+                kw = class_kwargs(d.method, d.k_lo + first)
+                sums.add_class_sums(d.method.real_class_sums(net, x.to(dtype), classes, **kw), first,
+                                    x.shape[0] // classes)
             else:
                 sums.add(d.method.real_statistics(net, x.to(dtype)), local_cpu)
         if mark:
@@ -153,8 +158,11 @@ def _fused_real_pass(d, net, x, classes: int, first: int, sums: ClassSums) -> bo
     return True
 
 
-def syn_pass(d, net, rows, labels, params, targets: Sequence[torch.Tensor], classes: int, mark=None, weights=None):
-    """Forward, loss and backward of one synthetic chunk: (grad of rows, {term: detached value})."""
+def syn_pass(d, net, rows, labels, params, targets: Sequence[torch.Tensor], classes: int, mark=None, weights=None,
+             first_class: int = 0):
+    """Forward, loss and backward of one synthetic chunk: (grad of rows, {term: detached value}).
+    ``first_class``: the chunk's first global class (for class-aware methods)."""
+    kw = class_kwargs(d.method, first_class)
     leaf = rows.detach().requires_grad_(True)
     x = leaf
     if params is not None:
@@ -169,12 +177,12 @@ def syn_pass(d, net, rows, labels, params, targets: Sequence[torch.Tensor], clas
         elif split:
             features = d.method.synthetic_features(net, x)
         else:
-            loss, terms = d.method.synthetic_loss(net, x, targets, classes)
+            loss, terms = d.method.synthetic_loss(net, x, targets, classes, **kw)
     if mark:
         mark("syn_forward")
     if split:
         with nvtx_range("datadam_fast.step.loss"):
-            loss, terms = d.method.features_loss(features, targets, classes)
+            loss, terms = d.method.features_loss(features, targets, classes, **kw)
         if mark:
             mark("loss")
     with nvtx_range("datadam_fast.step.backward"):
@@ -200,6 +208,8 @@ def step(d, timings: Optional[Dict[str, float]] = None) -> Dict[str, torch.Tenso
     with nvtx_range("datadam_fast.step.sample"):
         net = d.new_network()
         params = d.dsa.sample(d.K, d.gen, d.device, tuple(d.train_set.image_size)) if d.dsa else None
+        if overrides(d.method, "start_iteration"):
+            d.method.start_iteration(int(torch.randint(0, 1 << 62, (1,), generator=d.gen)))
         state = d.state
         real_idx = state.next_real_idx
         # the next iteration's real batch is drawn now, so that it loads while this one computes
@@ -277,7 +287,7 @@ def _finish(d, net, params, real_idx, mark, weights, real_weights):
     for a, b in d.syn_chunks():
         rows = slice(a * ipc, b * ipc)
         g, terms = syn_pass(d, net, d.syn[rows], d.labels_syn[rows], params, [t[a:b] for t in targets], b - a,
-                            mark, weights)
+                            mark, weights, first_class=d.k_lo + a)
         grad[rows].copy_(g)
         for k, v in terms.items():
             totals[k] = totals[k] + v if k in totals else torch.zeros((), device=d.device) + v
