@@ -77,7 +77,37 @@ def _register_python_parts() -> None:
         return torch.ops.datadam_fast.cpu_bwd(feats, maps, norms, grad_maps, ctx.power, *ctx.extra)
 
     register_fake_and_autograd("datadam_fast::cpu_fwd", "datadam_fast::cpu_bwd", bwd)
+    _register_statistics_fakes()
     _REGISTERED.append(True)
+
+
+def _register_statistics_fakes() -> None:
+    """Fake kernels of the C++ statistics ops (``csrc/statistics_cpu.cpp``): float32/float64 in,
+    the same dtype out; gradients in the feature map's layout."""
+    from .._oplib import grad_memory_format
+    lib = "datadam_fast::"
+
+    def cf(emb, freqs, labels, num_classes, save_projection):
+        F = freqs.shape[-2]
+        return (emb.new_empty((num_classes, F)), emb.new_empty((num_classes, F)),
+                emb.new_empty((emb.shape[0], F) if save_projection else (0,)))
+
+    def cf_bwd(emb, freqs, labels, num_classes, grad_cos, grad_sin, proj, need_emb, need_freqs):
+        return (emb.new_empty(emb.shape if need_emb else (0,)), freqs.new_empty(freqs.shape if need_freqs else (0,)))
+
+    def rows(feat, *_):
+        return feat.new_empty(feat.shape[:2]), feat.new_empty(feat.shape[:2])
+
+    def att(feat, power):
+        return feat.new_empty(feat.shape[:2]), feat.new_empty(feat.shape[:1])
+
+    def grad(feat, *_):
+        return torch.empty_like(feat, memory_format=grad_memory_format(feat))
+
+    for name, fn in (("cpu_cf_class_sums", cf), ("cpu_cf_class_sums_bwd", cf_bwd), ("cpu_channel_attention", att),
+                     ("cpu_channel_attention_bwd", grad), ("cpu_channel_moments", rows),
+                     ("cpu_channel_moments_bwd", grad)):
+        torch.library.register_fake(lib + name)(fn)
 
 
 class CPUBackend(NativeOpBackend):
