@@ -1,5 +1,5 @@
 """The distillation engine: :mod:`.config` (settings, validation), :mod:`.methods` (the
-``Method`` plug-in interface; DataDAM, DM), :mod:`.step` (one iteration), :mod:`.real_side` (fused
+``Method`` plug-in interface; DataDAM, DM, NCFM), :mod:`.step` (one iteration), :mod:`.real_side` (fused
 ConvNet real side), :mod:`.compiled` (compiled passes), :mod:`.planner` + :mod:`.memory` (memory
 plan), :mod:`.parallel` (class sharding), :mod:`.prefetch`, :mod:`.rundir` (checkpoint, outputs),
 :mod:`.loop` (the run), :mod:`.engine` (:class:`Distiller`, :func:`distill`).
@@ -12,10 +12,10 @@ import types
 
 from .config import DEFAULT_PRESET, PRESETS, REAL_DTYPES, DistillConfig
 from .engine import Distiller, distill
-from .methods import DM, METHODS, DataDAM, Method, class_sums
+from .methods import DM, METHODS, NCFM, DataDAM, Method, class_sums
 from .rundir import CHECKPOINT, CHECKPOINT_FORMAT
 
-__all__ = ["distill", "DistillConfig", "Distiller", "Method", "DataDAM", "DM", "METHODS", "class_sums", "PRESETS",
+__all__ = ["distill", "DistillConfig", "Distiller", "Method", "DataDAM", "DM", "NCFM", "METHODS", "class_sums", "PRESETS",
            "DEFAULT_PRESET", "REAL_DTYPES", "CHECKPOINT", "CHECKPOINT_FORMAT"]
 
 
