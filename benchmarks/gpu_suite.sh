@@ -9,7 +9,7 @@
 # Stages, in order (cap in seconds; a stage runs for min(cap, time left before DEADLINE_S)):
 #   env            versions, TF32 switches, clocks, measured ceilings (copy GB/s, bf16 GEMM TFLOP/s)
 #   install        pip install --no-deps --no-build-isolation -e . (offline)
-#   verify         datadam-fast backends --verify --device cuda --require triton,cuda,epilogue:triton
+#   verify         datadam-fast backends --verify --device cuda --require triton,cuda,epilogue:triton,stats:triton
 #   loss           the fused loss fwd+bwd at DataDAM shapes, fp32, vs eager and torch.compile(reference)
 #   loss_bf16      the same in bf16 (CIFAR-10 and TinyImageNet shapes)
 #   kernels        each streaming kernel's bytes / time against the copy bandwidth of this run
@@ -156,7 +156,7 @@ if [ "$DRY" = 1 ]; then
     INET_ARGS=(--device cpu --shape 5,1,8 --ipc 1 --batch-real 2 --width 8 --iterations 1 --warmup 1 --no-limit
                --no-official --phase-iterations 0 --base "paper,compile=0,real_epilogue=off,memory_budget=4"
                --variants "paper,compile=0,memory_budget=4" "paper,compile=0,real_epilogue=off,memory_budget=4")
-    VERIFY_REQUIRE=cpu,triton,epilogue:cpu,epilogue:triton
+    VERIFY_REQUIRE=cpu,triton,epilogue:cpu,epilogue:triton,stats:cpu,stats:triton
     KERNEL_ENV=(TRITON_INTERPRET=1)
     VERIFY_ENV=(TRITON_INTERPRET=1)
     TEST_K="not emulated and (device_checked or registry_and_supports or bad_arguments)"
@@ -171,7 +171,7 @@ else
     INET_ARGS=(--device cuda --shape 1000,3,64 --iterations 2 --warmup 1 --no-limit --no-official --order blocks
                --phase-iterations 0 --base "paper,compile=0,real_epilogue=off,memory_budget=40"
                --variants "paper,compile=0,memory_budget=40" "paper,compile=0,real_epilogue=off,memory_budget=40")
-    VERIFY_REQUIRE=triton,cuda,epilogue:triton
+    VERIFY_REQUIRE=triton,cuda,epilogue:triton,stats:triton
     KERNEL_ENV=(TRITON_INTERPRET=0)
     VERIFY_ENV=(TRITON_INTERPRET=0)
     TEST_K="not emulated"

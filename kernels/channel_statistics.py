@@ -32,8 +32,10 @@ def ch_fwd(X, S1, S2, C, H, W, sN, sC, sH, sW, power,
     c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = c < C
     base = X + n.to(tl.int64) * sN + c[:, None].to(tl.int64) * sC
-    a1 = tl.zeros([BLOCK_C, BLOCK_HW], dtype=tl.float32)
-    a2 = tl.zeros([BLOCK_C, BLOCK_HW], dtype=tl.float32)
+    # [BLOCK_C] accumulators, each pixel block reduced as it is read: a [BLOCK_C, BLOCK_HW]
+    # accumulator pair would hold 2 x 32 registers a thread (and spill with strided addressing)
+    a1 = tl.zeros([BLOCK_C], dtype=tl.float32)
+    a2 = tl.zeros([BLOCK_C], dtype=tl.float32)
     HW = H * W
     for r0 in range(0, HW, BLOCK_HW):
         hw = r0 + tl.arange(0, BLOCK_HW)
@@ -42,14 +44,14 @@ def ch_fwd(X, S1, S2, C, H, W, sN, sC, sH, sW, power,
         w = hw - h * W
         x = tl.load(base + (h * sH + w * sW)[None, :], mask=m, other=0.0).to(tl.float32)
         if MOMENTS:
-            a1 += x
-            a2 += x * x
+            a1 += tl.sum(x, axis=1)
+            a2 += tl.sum(x * x, axis=1)
         else:
-            a1 += abs_pow(tl.abs(x), power, POWER_MODE)
+            a1 += tl.sum(abs_pow(tl.abs(x), power, POWER_MODE), axis=1)
     out = n.to(tl.int64) * C + c
-    tl.store(S1 + out, tl.sum(a1, axis=1), mask=cmask)
+    tl.store(S1 + out, a1, mask=cmask)
     if MOMENTS:
-        tl.store(S2 + out, tl.sum(a2, axis=1), mask=cmask)
+        tl.store(S2 + out, a2, mask=cmask)
 
 
 @triton.jit
@@ -92,7 +94,9 @@ def ch_bwd(X, G1, G2, OUT, C, H, W, sN, sC, sH, sW, oN, oC, oH, oW, power, inv_h
 def _blocks(C: int, HW: int, sm_count: Optional[int]):
     if sm_count is None:
         return 8, 16, 4
-    return min(32, triton.next_power_of_2(max(C, 1))), min(128, triton.next_power_of_2(max(HW, 1))), 4
+    # a [16, 128] tile: 16 elements a thread at 4 warps (with strided addressing each one carries
+    # a 64-bit address: a [32, 128] tile took ~230 registers there)
+    return min(16, triton.next_power_of_2(max(C, 1))), min(128, triton.next_power_of_2(max(HW, 1))), 4
 
 
 def forward_plan(x: torch.Tensor, moments: bool, power: float, sm_count: Optional[int]):

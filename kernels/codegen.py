@@ -27,6 +27,8 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 import torch
 import triton
 
+from . import channel_statistics as CH
+from . import characteristic_function as CF
 from . import real_epilogue as RE
 from . import spatial_attention as SA
 
@@ -36,7 +38,7 @@ SM_COUNT = 132
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 #: per-thread register budgets of every kernel, from the kernel files
-REG_BUDGET: Dict[str, int] = {**SA.REG_BUDGET, **RE.REG_BUDGET}
+REG_BUDGET: Dict[str, int] = {**SA.REG_BUDGET, **RE.REG_BUDGET, **CF.REG_BUDGET, **CH.REG_BUDGET}
 #: static + dynamic shared memory a launch may use without an opt-in (48 KB)
 SHARED_BUDGET = 48 * 1024
 
@@ -139,8 +141,43 @@ def epilogue_launches() -> Iterator[Tuple[str, SA.Launch]]:
                 yield f"{label} {dt} {fmt} {act} {pool} p={power:g}{'' if att else ' no-att'}", ln
 
 
+# NCFM's shapes: the normalised ConvNet embedding (D = 2048 at 32 px, 2048 at 64 px with depth 4:
+# 128 x 4 x 4) against F = 4096 frequencies per class; real side 256 rows per class (CIFAR-10,
+# K = 10), synthetic side IPC 10 x 100 classes; and an odd problem
+CF_CASES = [("cifar10-real", 10, 256, 2048, 4096, True), ("cifar100-syn", 100, 10, 2048, 4096, True),
+            ("shared", 10, 256, 2048, 4096, False), ("odd", 3, 7, 33, 37, True)]
+
+
+def statistics_launches() -> Iterator[Tuple[str, SA.Launch]]:
+    for label, K, n, D, F, per_class in CF_CASES:
+        N = K * n
+        e = torch.empty((N, D), dtype=torch.float32, device="meta")
+        t = torch.empty((K, F, D) if per_class else (F, D), dtype=torch.float32, device="meta")
+        order = torch.empty((N,), dtype=torch.int32, device="meta")
+        offs = torch.empty((K + 1,), dtype=torch.int32, device="meta")
+        g = torch.empty((K, F), dtype=torch.float32, device="meta")
+        for save in (False, True):
+            for ln in CF.forward_plan(e, t, order, offs, K, save, SM_COUNT)[3]:
+                yield f"cf {label} K={K} n={n} D={D} F={F}{' save' if save else ''}", ln
+            proj = torch.empty((N, F) if save else (1,), dtype=torch.float32, device="meta")
+            for ln in CF.backward_plans(e, t, order, offs, K, g, g, proj, True, True, SM_COUNT)[3]:
+                yield f"cf {label} K={K} n={n} D={D} F={F}{' saved' if save else ''}", ln
+    for shape in ((256, 128, 32, 32), (10, 128, 8, 8), (6, 13, 15, 13)):
+        for dt in ("fp32", "bf16"):
+            for fmt in ("nchw", "cl", "strided"):
+                x = _feat(shape, DTYPES[dt], fmt)
+                g = torch.empty(shape[:2], dtype=torch.float32, device="meta")
+                for moments, p in ((False, 4.0), (False, 2.5), (True, 1.0)):
+                    what = "moments" if moments else f"attention p={p:g}"
+                    for ln in CH.forward_plan(x, moments, p, SM_COUNT)[2]:
+                        yield f"channels {list(shape)} {dt} {fmt} {what}", ln
+                    out = torch.empty_like(x, memory_format=torch.channels_last if fmt == "cl" else torch.contiguous_format)
+                    for ln in CH.backward_plan(x, g, g if moments else None, out, moments, p, SM_COUNT):
+                        yield f"channels {list(shape)} {dt} {fmt} {what}", ln
+
+
 def all_launches() -> List[Tuple[str, SA.Launch]]:
-    return list(attention_launches()) + list(epilogue_launches())
+    return list(attention_launches()) + list(epilogue_launches()) + list(statistics_launches())
 
 
 # --------------------------------------------------------------------------------------------
@@ -190,12 +227,17 @@ def inspect_compiled(ck) -> Dict[str, Any]:
                 v2_loads=len(_V2_LD.findall(ptx)))
 
 
-def expectations(ln: SA.Launch, esize: int) -> Dict[str, bool]:
-    """Which vector accesses the launcher's alignment proof (VEC) promises for this launch."""
+def expectations(ln: SA.Launch, esize: int, config: str = "") -> Dict[str, bool]:
+    """Which vector accesses the launcher's alignment proof (VEC) promises for this launch; the
+    channel kernels on a dense CIFAR-sized map (H*W and C multiples of 16: Triton's own alignment
+    specialisation) read 16 bytes at a time in both layouts. (The CF kernels stage their GEMM
+    operands through ``cp.async`` into shared memory, not ``ld.global``.)"""
     c = ln.constexprs
     v16 = c.get("VEC", 1) * esize == 16
-    return dict(expect_v4_loads=v16 and ln.name in ("fwd_accum", "bwd_grad", "real_epilogue_stats",
-                                                     "real_epilogue_apply"),
+    dense_channels = ln.name in ("ch_fwd", "ch_bwd") and "[256, 128, 32, 32] fp32" in config and \
+        (" nchw " in config or " cl " in config)
+    return dict(expect_v4_loads=(v16 and ln.name in ("fwd_accum", "bwd_grad", "real_epilogue_stats",
+                                                      "real_epilogue_apply")) or dense_channels,
                 expect_v4_stores=v16 and ln.name == "bwd_grad")
 
 
@@ -238,7 +280,7 @@ def run(archs: Sequence[int] = ARCHS, log=None, shard: Tuple[int, int] = (0, 1))
             consts = {k: (v if isinstance(v, (int, float, bool, str)) else str(v)) for k, v in ln.constexprs.items()}
             records.append(dict(kernel=ln.name, config=config, arch=f"sm_{arch}", grid=list(ln.grid),
                                 num_warps=ln.num_warps, constexprs=consts, budget=REG_BUDGET[ln.name],
-                                **expectations(ln, esize), **res))
+                                **expectations(ln, esize, config), **res))
     return dict(triton=triton.__version__, torch=torch.__version__, sm_count=SM_COUNT,
                 unique_compiles=len(cache), seconds=round(time.time() - t0, 1), records=records)
 

@@ -271,5 +271,5 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --verify: write the table as JSON (rewritten after every row)")
     p.add_argument("--require", default=[], metavar="NAMES", type=lambda v: [x for x in v.split(",") if x],
                    help="with --verify: exit 1 unless these implementations were verified: 'all', or a comma list "
-                        "of cpu, cuda, triton, epilogue:cpu, epilogue:triton (default: none required)")
+                        "of cpu, cuda, triton, epilogue:cpu, epilogue:triton, stats:cpu, stats:triton (default: none required)")
     return parser

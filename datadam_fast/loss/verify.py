@@ -7,7 +7,11 @@ reference on the same inputs:
   gradient (backward), computed by the reference in float64 from the very same input values;
 * the real-side epilogue (``cpu``, ``triton``; :mod:`datadam_fast.distill.real_side`): per-class attention
   sums and embeddings of a ConvNet, against the eager network in the same dtype followed by the
-  reference maps.
+  reference maps;
+* the statistics ops (``stats:cpu``, ``stats:triton``; :mod:`datadam_fast.loss.characteristic`,
+  :mod:`datadam_fast.loss.channels`): the characteristic-function class sums and both their
+  gradients (per-class frequencies, shuffled labels), channel attention and channel moments and
+  their feature gradients, against the float64 reference of the same input values.
 
 Cases: a small odd-sized problem and a DataDAM-sized one (``[N, 128, 32, 32] + [N, 128, 16, 16]``,
 a 128-wide 3-block ConvNet on 32x32 images), float32 and bfloat16, NCHW and channels_last. N is
@@ -48,6 +52,12 @@ TOLERANCES = {
     ("loss", "backward", torch.bfloat16): 1.6e-2,
     ("epilogue", "forward", torch.float32): 2e-5,
     ("epilogue", "forward", torch.bfloat16): 4e-2,
+    # the statistics: float32 accumulation of the same values (the CF's phases t.e through a float32
+    # GEMM, then cos/sin: ~1e-6 relative per phase); bfloat16 gradients are rounded once
+    ("stats", "forward", torch.float32): 5e-5,
+    ("stats", "forward", torch.bfloat16): 5e-5,
+    ("stats", "backward", torch.float32): 1e-4,
+    ("stats", "backward", torch.bfloat16): 1.6e-2,
 }
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 LAYOUTS = ("nchw", "channels_last")
@@ -190,6 +200,76 @@ def verify_loss_backend(name: str, device: torch.device, repeat: int,
 
 
 # ------------------------------------------------------------------------------------------------
+# statistics ops
+# ------------------------------------------------------------------------------------------------
+def statistics_problems(device: torch.device):
+    """(name, CF shape (K, n per class, D, F), feature map shape): odd sizes, and NCFM's CIFAR-10
+    real side per class (D = 2048, F = 4096) scaled down on a CPU."""
+    if device.type == "cuda":
+        return [("small", (3, 7, 33, 37), (5, 7, 9, 6)), ("cifar", (10, 64, 2048, 4096), (64, 128, 32, 32))]
+    return [("small", (3, 7, 33, 37), (5, 7, 9, 6)), ("cifar-ish", (4, 16, 256, 512), (8, 32, 16, 16))]
+
+
+def verify_statistics(impl: str, device: torch.device, repeat: int,
+                      on_row: Callable[[Row], None] = lambda r: None) -> List[Row]:
+    from . import reference as R
+    name = f"stats:{impl}"
+    rows = _Rows(on_row)
+    for pname, (K, n, D, F), fshape in statistics_problems(device):
+        for dname, dtype in DTYPES.items():
+            g = torch.Generator().manual_seed(len(rows))
+            emb = torch.randn(K * n, D, generator=g).div_(D ** 0.5).to(dtype)
+            freqs = torch.randn(K, F, D, generator=g).to(dtype)
+            lab = torch.arange(K).repeat_interleave(n)[torch.randperm(K * n, generator=g)]
+            gc, gs = torch.randn(K, F, generator=g), torch.randn(K, F, generator=g)
+            e64, t64 = emb.double(), freqs.double()
+            want = R.cf_class_sums(e64, t64, lab, K)
+            wgrad = R.cf_class_sums_backward(e64, t64, lab, K, gc.double(), gs.double())
+            e, t, lb = emb.to(device), freqs.to(device), lab.to(device)
+            case = f"cf {pname} K={K} n={n} D={D} F={F} {dname}"
+            tol = TOLERANCES[("stats", "forward", dtype)]
+            try:
+                (c, s, _), us = _timed(lambda: torch.ops.datadam_fast.cf_class_sums_fwd(e, t, lb, K, False, impl),
+                                       device, repeat)
+                rows.append(_row(name, f"{case} fwd", tol, us, [(c, want[0]), (s, want[1])]))
+            except Exception as ex:  # noqa: BLE001 - every failure becomes a failing row
+                rows.append(_failed(name, f"{case} fwd", tol, ex))
+            tol = TOLERANCES[("stats", "backward", dtype)]
+            try:
+                none = e.new_empty((0,))
+                (ge, gt), us = _timed(lambda: torch.ops.datadam_fast.cf_class_sums_bwd(
+                    e, t, lb, K, gc.to(device), gs.to(device), none, True, True, impl), device, repeat)
+                rows.append(_row(name, f"{case} bwd", tol, us, [(ge, wgrad[0]), (gt, wgrad[1])], [dtype, dtype]))
+            except Exception as ex:  # noqa: BLE001
+                rows.append(_failed(name, f"{case} bwd", tol, ex))
+            for layout in LAYOUTS:
+                f = _make_feats([fshape], dtype, layout, device, seed=len(rows))[0]
+                f64 = f.double().cpu()
+                w = torch.randn(fshape[:2], generator=g)
+                ra, rn = R.channel_attention_and_norms(f64, 4.0)
+                rga = R.channel_attention_backward(f64, ra, rn, w.double(), 4.0)
+                m1, m2 = R.channel_moments(f64)
+                rgm = (w.double()[:, :, None, None] + 2 * f64 * w.double()[:, :, None, None]) / (fshape[2] * fshape[3])
+                fcase = f"channels {pname} {list(fshape)} {dname} {layout}"
+                for what, fwd, wants, bwd, gwant in (
+                        ("attention p=4", lambda: torch.ops.datadam_fast.channel_attention_fwd(f, 4.0, impl), (ra, rn),
+                         lambda a: torch.ops.datadam_fast.channel_attention_bwd(f, a[0], a[1], w.to(device), 4.0,
+                                                                                impl), rga),
+                        ("moments", lambda: torch.ops.datadam_fast.channel_moments_fwd(f, impl), (m1, m2),
+                         lambda a: torch.ops.datadam_fast.channel_moments_bwd(f, w.to(device), w.to(device), impl),
+                         rgm)):
+                    tol_f, tol_b = TOLERANCES[("stats", "forward", dtype)], TOLERANCES[("stats", "backward", dtype)]
+                    try:
+                        out, us = _timed(fwd, device, repeat)
+                        rows.append(_row(name, f"{fcase} {what} fwd", tol_f, us, list(zip(out, wants))))
+                        grad, us = _timed(lambda: bwd(out), device, repeat)
+                        rows.append(_row(name, f"{fcase} {what} bwd", tol_b, us, [(grad, gwant)], [dtype]))
+                    except Exception as ex:  # noqa: BLE001
+                        rows.append(_failed(name, f"{fcase} {what}", tol_f, ex))
+    return list(rows)
+
+
+# ------------------------------------------------------------------------------------------------
 # real-side epilogue
 # ------------------------------------------------------------------------------------------------
 def epilogue_problems(device: torch.device) -> List[Tuple[str, dict, int, Tuple[int, int, int]]]:
@@ -259,7 +339,13 @@ def implementation_names() -> List[str]:
     """Every name ``verify`` checks: the fused loss backends, then ``epilogue:<impl>``."""
     from .backends import BACKEND_NAMES
     from ..distill.real_side import IMPLS
-    return [n for n in BACKEND_NAMES if n != "reference"] + [f"epilogue:{i}" for i in IMPLS]
+    return [n for n in BACKEND_NAMES if n != "reference"] + [f"epilogue:{i}" for i in IMPLS] + \
+        [f"stats:{i}" for i in STATS_IMPLS]
+
+
+#: the fused implementations of the statistics ops and the device types they run on
+STATS_IMPLS = ("cpu", "triton")
+_STATS_DEVICE_TYPES = {"cpu": ("cpu",), "triton": ("cuda", "cpu")}
 
 
 def verify(device="cpu", repeat: Optional[int] = None, log: Callable[[str], None] = lambda s: None,
@@ -301,6 +387,20 @@ def verify(device="cpu", repeat: Optional[int] = None, log: Callable[[str], None
             continue
         log(f"verifying the {impl} real-side epilogue on {device}")
         rows += verify_epilogue(impl, device, _repeat(impl, device, repeat), on_row)
+    for impl in STATS_IMPLS:
+        if device.type not in _STATS_DEVICE_TYPES[impl]:
+            skipped.append(f"stats:{impl}: does not run on {device.type} (not loaded)")
+            continue
+        try:
+            ok = get_backend(impl).supports(device)
+            why = "" if ok else f"does not run on {device}"
+        except BackendUnavailable as e:
+            ok, why = False, str(e).splitlines()[0][:300]
+        if not ok:
+            skipped.append(f"stats:{impl}: {why}")
+            continue
+        log(f"verifying the {impl} statistics ops on {device}")
+        rows += verify_statistics(impl, device, _repeat(impl, device, repeat), on_row)
     return rows, skipped
 
 
