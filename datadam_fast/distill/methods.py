@@ -280,6 +280,7 @@ class NCFM(Method):
                "frequencies each iteration; AdamW lr 0.001, batch-real 1024, 20000 iterations by default)")
     compilable = False  # the fused operator is the fast path; nothing is left for inductor to fuse
     class_aware = True
+    fused_real = True   # the fused ConvNet real side gives the per-sample embeddings
     #: frequencies of one iteration kept between its real and synthetic passes up to this size
     CACHE_BYTES = 512 << 20
 
@@ -342,6 +343,11 @@ class NCFM(Method):
 
     def real_class_sums(self, net, x, classes, first_class: int = 0):
         c, s = self._sums(net.embed(x), classes, first_class)
+        return [c, s]
+
+    def fused_real_sums(self, net, x, classes, impl, first_class: int = 0):
+        from .real_side import real_embeddings
+        c, s = self._sums(real_embeddings(net, x, impl), classes, first_class)
         return [c, s]
 
     def synthetic_features(self, net, x):

@@ -302,18 +302,29 @@ def real_class_sums(net: nn.Module, x: torch.Tensor, classes: int, power: float,
     ``[classes, H*W]`` each; empty when ``attention`` is False) and of the embeddings (float32
     ``[classes, D]``). ``x``: class-major rows, ``len(x) // classes`` per class. ``impl``:
     ``triton`` or ``cpu`` (default: :func:`default_impl` of ``x``'s device)."""
+    N = x.shape[0]
+    if classes <= 0 or N % classes:
+        raise ValueError(f"{N} rows do not split into {classes} classes of equal size")
+    att_sums, emb = _fused_forward(net, x, power, attention, impl, classes)
+    return att_sums, emb.view(classes, N // classes, -1).sum(1)
+
+
+def real_embeddings(net: nn.Module, x: torch.Tensor, impl: Optional[str] = None) -> torch.Tensor:
+    """The per-sample embeddings ``[N, D]`` (float32) of the fused real side: for methods whose
+    statistic is a non-linear function of each embedding (NCFM's characteristic function)."""
+    return _fused_forward(net, x, 1.0, False, impl, 1)[1]
+
+
+def _fused_forward(net, x, power: float, attention: bool, impl: Optional[str], classes: int):
     blocks, why = blocks_of(net)
     if why:
         raise ValueError(why)
     impl = impl or default_impl(x.device)
     if impl not in IMPLS:
         raise ValueError(f"unknown epilogue implementation {impl!r}; expected one of {IMPLS}")
-    N = x.shape[0]
-    if classes <= 0 or N % classes:
-        raise ValueError(f"{N} rows do not split into {classes} classes of equal size")
-    per = N // classes
     if x.dim() != 4:
         raise ValueError(f"expected images [N, C, H, W], got shape {tuple(x.shape)}")
+    per = x.shape[0] // classes
     check_batch_statistics(blocks, tuple(x.shape))
     att_sums: List[torch.Tensor] = []
     pending: list = []
@@ -326,5 +337,4 @@ def real_class_sums(net: nn.Module, x: torch.Tensor, classes: int, power: float,
             att_sums.append(a.view(classes, per, H * W).sum(1))
     for update in pending:  # BatchNorm running statistics: only once the whole pass succeeded
         update()
-    emb = h.flatten(1).float()
-    return att_sums, emb.view(classes, per, -1).sum(1)
+    return att_sums, h.flatten(1).float()

@@ -144,7 +144,7 @@ def _fused_real_pass(d, net, x, classes: int, first: int, sums: ClassSums) -> bo
     from .real_side import implementation_failed
     side = d.real_side
     try:
-        stats = d.method.fused_real_sums(net, x, classes, side.fused)
+        stats = d.method.fused_real_sums(net, x, classes, side.fused, **class_kwargs(d.method, d.k_lo + first))
     except Exception as e:
         if not is_kernel_failure(e):
             raise

@@ -135,6 +135,11 @@ def test_ncfm_targets_are_class_characteristic_functions(one_pass):
                                         backend="reference")
     torch.testing.assert_close(c / 4, re, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(s / 4, im, rtol=1e-5, atol=1e-6)
+    # the fused ConvNet real side (what the run takes) gives the same sums
+    assert d.fused_real == "cpu"
+    fc, fs = d.method.fused_real_sums(net, x, 3, "cpu", first_class=4)
+    torch.testing.assert_close(fc, c, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fs, s, rtol=1e-5, atol=1e-5)
 
 
 def test_num_freqs_and_optimizer_are_checked():
