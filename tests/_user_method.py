@@ -7,14 +7,13 @@ from pathlib import Path
 DOC = Path(__file__).resolve().parents[1] / "docs" / "methods.md"
 
 
-def load_user_method():
-    """Executes the page's ``channel_attention`` code block as a module; returns its namespace."""
+def load_user_method(block: str = "channel_attention"):
+    """Executes the page's ``block`` code block as a module; returns its namespace."""
     text = DOC.read_text()
-    m = re.search(r"<!-- begin: channel_attention -->\s*```python\n(.*?)```\s*<!-- end: channel_attention -->",
-                  text, re.S)
-    assert m, "docs/methods.md lost its channel_attention code block"
+    m = re.search(rf"<!-- begin: {block} -->\s*```python\n(.*?)```\s*<!-- end: {block} -->", text, re.S)
+    assert m, f"docs/methods.md lost its {block} code block"
     import types
-    module = types.ModuleType("docs_methods_channel_attention")
+    module = types.ModuleType(f"docs_methods_{block}")
     module.__file__ = str(DOC)
     sys.modules[module.__name__] = module  # torch.compile looks the defining module up
     exec(compile(m.group(1), str(DOC), "exec"), module.__dict__)

@@ -293,7 +293,7 @@ class NCFM(Method):
         self.alpha, self.beta, self.weight = float(alpha), float(beta), float(weight)
         self.backend = backend
         self._seed = 0
-        self._freqs: Dict[int, torch.Tensor] = {}
+        self._blocks: List[Tuple[int, torch.Tensor]] = []  # (first class, [n, F, D]) of this iteration
 
     @classmethod
     def defaults(cls, cfg) -> Dict:
@@ -308,29 +308,65 @@ class NCFM(Method):
 
     def start_iteration(self, seed: int) -> None:
         self._seed = int(seed)
-        self._freqs.clear()
+        self._blocks = []
+
+    def _class_generator(self, k: int, device: torch.device) -> torch.Generator:
+        return torch.Generator(device=device).manual_seed((self._seed * 1_000_003 + k) % (1 << 63))
 
     def frequencies(self, first_class: int, classes: int, width: int, device) -> torch.Tensor:
         """``[classes, F, D]``: class ``k``'s frequencies come from a generator seeded by (iteration
-        seed, k) alone, so every chunking, shard and resumed run draws the same ones."""
+        seed, k) alone, so every chunking, shard and resumed run draws the same ones.
+
+        Drawing them is the largest cost of the statistic after its GEMM (one ``randn`` of
+        ``F x D`` per class, which torch runs on one thread on a CPU): the classes of a request are
+        drawn in parallel threads straight into one buffer, and an iteration keeps its buffers (up
+        to :attr:`CACHE_BYTES`) so that the synthetic side reads the real side's as a view."""
         device = torch.device(device)
-        out = []
-        keep = self.num_freqs * width * 4 * (first_class + classes) <= self.CACHE_BYTES
-        for k in range(first_class, first_class + classes):
-            t = self._freqs.get(k)
-            if t is None or t.shape[1] != width or t.device != device:
-                g = torch.Generator(device=device).manual_seed((self._seed * 1_000_003 + k) % (1 << 63))
-                t = torch.randn(self.num_freqs, width, generator=g, device=device)
-                if keep:
-                    self._freqs[k] = t
-            out.append(t)
-        return torch.stack(out)
+        last = first_class + classes
+        for b_first, buf in self._blocks:  # a buffer that covers the request: a view, no copy
+            if b_first <= first_class and last <= b_first + buf.shape[0] and buf.shape[2] == width \
+                    and buf.device == device:
+                return buf[first_class - b_first:last - b_first]
+        out = torch.empty((classes, self.num_freqs, width), device=device)
+        todo = []
+        for i, k in enumerate(range(first_class, last)):
+            src = next((buf[k - b] for b, buf in self._blocks if b <= k < b + buf.shape[0]
+                        and buf.shape[2] == width and buf.device == device), None)
+            if src is not None:
+                out[i].copy_(src)
+            else:
+                todo.append((i, k))
+
+        def draw(item):
+            i, k = item
+            torch.randn(self.num_freqs, width, generator=self._class_generator(k, device), device=device, out=out[i])
+        if device.type == "cpu" and len(todo) > 1:
+            from concurrent.futures import ThreadPoolExecutor
+            with ThreadPoolExecutor(max(1, min(len(todo), torch.get_num_threads()))) as pool:
+                list(pool.map(draw, todo))
+        else:
+            for item in todo:
+                draw(item)
+        held = sum(b.numel() * 4 for _, b in self._blocks)
+        if held + out.numel() * 4 <= self.CACHE_BYTES:
+            self._blocks.append((first_class, out))
+        return out
 
     def _sums(self, emb, classes: int, first_class: int):
+        # classes in groups whose frequencies fit CACHE_BYTES: the [classes, F, D] draw of a large
+        # chunk (33.5 MB a class at F = 4096, D = 2048) stays bounded whatever the memory plan
         from ..loss.characteristic import cf_class_sums
         e = torch.nn.functional.normalize(emb.float(), dim=1)
-        t = self.frequencies(first_class, classes, e.shape[1], e.device)
-        return cf_class_sums(e, t, classes, backend=self.backend)
+        n = e.shape[0] // classes
+        group = max(1, self.CACHE_BYTES // (self.num_freqs * e.shape[1] * 4))
+        cos, sin = [], []
+        for a in range(0, classes, group):
+            b = min(classes, a + group)
+            t = self.frequencies(first_class + a, b - a, e.shape[1], e.device)
+            c, s = cf_class_sums(e[a * n:b * n], t, b - a, backend=self.backend)
+            cos.append(c)
+            sin.append(s)
+        return (cos[0], sin[0]) if len(cos) == 1 else (torch.cat(cos), torch.cat(sin))
 
     def real_statistics(self, net, x):
         # per-sample statistics against class 0's frequencies: what the memory probes size the
@@ -341,13 +377,27 @@ class NCFM(Method):
         p = e @ t[0].t()
         return [p.cos(), p.sin()]
 
+    #: on a CPU, the real side's network pass runs at most this many images at a time (whole
+    #: classes): the per-sample embeddings do not depend on the batch, and a 10240-image pass
+    #: (MNIST, batch-real 1024) ran 1.27x slower than two of 5120 for its activations' memory traffic
+    CPU_PASS_ROWS = 2048
+
+    def _embeddings(self, embed, net, x, classes: int) -> torch.Tensor:
+        per = x.shape[0] // classes
+        batch_stats = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in net.modules())
+        if x.device.type != "cpu" or x.shape[0] <= self.CPU_PASS_ROWS or batch_stats:
+            return embed(x)  # (train-mode BatchNorm: the batch's statistics need the whole batch)
+        group = max(1, self.CPU_PASS_ROWS // per)
+        return torch.cat([embed(x[a * per:min(classes, a + group) * per]) for a in range(0, classes, group)])
+
     def real_class_sums(self, net, x, classes, first_class: int = 0):
-        c, s = self._sums(net.embed(x), classes, first_class)
+        c, s = self._sums(self._embeddings(net.embed, net, x, classes), classes, first_class)
         return [c, s]
 
     def fused_real_sums(self, net, x, classes, impl, first_class: int = 0):
         from .real_side import real_embeddings
-        c, s = self._sums(real_embeddings(net, x, impl), classes, first_class)
+        emb = self._embeddings(lambda part: real_embeddings(net, part, impl), net, x, classes)
+        c, s = self._sums(emb, classes, first_class)
         return [c, s]
 
     def synthetic_features(self, net, x):

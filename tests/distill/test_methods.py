@@ -107,6 +107,17 @@ def test_user_method_two_gloo_processes_equal_one(one_pass, tmp_path):
     assert (_images(two) - _images(out)).abs().max() < 1e-5
 
 
+def test_moments_method_of_the_page_chunked_equals_one_pass(tmp_path):
+    """The channel-moments method of docs/methods.md (on the fused channel_moments operator)."""
+    ChannelMoments = load_user_method("channel_moments")["ChannelMoments"]
+    one = _run(tmp_path / "one", method=ChannelMoments())
+    assert one.plan.real_chunks == 1
+    rows = [json.loads(x) for x in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
+    assert any("loss_moments" in r for r in rows)
+    _run(tmp_path / "chunked", method=ChannelMoments(), real_chunk=3, syn_chunk=4)
+    assert (_images(tmp_path / "chunked") - _images(tmp_path / "one")).abs().max() < 1e-5
+
+
 def test_distill_function_and_callable_package_take_a_method(tmp_path):
     import datadam_fast as dd
     cfg = DistillConfig(iterations=1, checkpoint_every=0, **SMALL)
