@@ -77,6 +77,10 @@ std::vector<Tile> make_tiles(const std::vector<int64_t>& offsets, int64_t K, int
   return tiles;
 }
 
+// the tile's rows E[order[a..a+n)]: a view of E when they are consecutive (class-major input, what
+// the engine passes: no copy), else gathered into Et
+at::Tensor tile_rows_of(const at::Tensor& E, const std::vector<int64_t>& order, int64_t a, int64_t n, at::Tensor& Et);
+
 // Et[0..n) = E[order[a..a+n)]
 void gather_rows(const at::Tensor& E, const std::vector<int64_t>& order, int64_t a, int64_t n, at::Tensor& Et) {
   const int64_t D = E.size(1);
@@ -86,6 +90,13 @@ void gather_rows(const at::Tensor& E, const std::vector<int64_t>& order, int64_t
   at::parallel_for(0, n, 16, [&](int64_t lo, int64_t hi) {
     for (int64_t i = lo; i < hi; ++i) std::memcpy(dst + i * bytes, src + order[a + i] * bytes, bytes);
   });
+}
+
+at::Tensor tile_rows_of(const at::Tensor& E, const std::vector<int64_t>& order, int64_t a, int64_t n, at::Tensor& Et) {
+  // order is increasing inside a class (a stable counting sort), so consecutive <=> span n - 1
+  if (n > 0 && order[a + n - 1] - order[a] == n - 1) return E.narrow(0, order[a], n);
+  gather_rows(E, order, a, n, Et);
+  return Et.narrow(0, 0, n);
 }
 
 // the class segments [s, e) of tile rows (indices into the tile) and their class
@@ -138,8 +149,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cpu_cf_class_sums(const at::Tenso
   const size_t row_bytes = size_t(F) * E.element_size();
   for (const Tile& t : make_tiles(offsets, K, TM, per_class)) {
     const int64_t n = t.b - t.a;
-    auto et = Et.narrow(0, 0, n), p = P.narrow(0, 0, n), c = C.narrow(0, 0, n), s = S.narrow(0, 0, n);
-    gather_rows(E, order, t.a, n, Et);
+    auto p = P.narrow(0, 0, n), c = C.narrow(0, 0, n), s = S.narrow(0, 0, n);
+    auto et = tile_rows_of(E, order, t.a, n, Et);
     at::mm_out(p, et, freq_of(T, t.k >= 0 ? t.k : 0).t());
     if (save_projection) {
       const char* src = static_cast<const char*>(P.data_ptr());
@@ -184,9 +195,9 @@ std::tuple<at::Tensor, at::Tensor> cpu_cf_class_sums_bwd(const at::Tensor& emb_i
   const size_t row_bytes = size_t(F) * E.element_size(), emb_bytes = size_t(D) * E.element_size();
   for (const Tile& t : make_tiles(offsets, K, TM, per_class)) {
     const int64_t n = t.b - t.a;
-    auto et = Et.narrow(0, 0, n), p = P.narrow(0, 0, n), s = S.narrow(0, 0, n);
+    auto p = P.narrow(0, 0, n), s = S.narrow(0, 0, n);
     auto Tk = freq_of(T, t.k >= 0 ? t.k : 0);
-    gather_rows(E, order, t.a, n, Et);
+    auto et = tile_rows_of(E, order, t.a, n, Et);
     if (saved) {
       const char* src = static_cast<const char*>(Pc.data_ptr());
       char* dst = static_cast<char*>(P.data_ptr());

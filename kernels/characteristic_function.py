@@ -63,6 +63,22 @@ def sincos(x):
 
 
 @triton.jit
+def projection_tile(E, t_base, idx, rmask, fo, fmask, D, sE0, sE1, sTf, sTd,
+                    BLOCK_M: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
+    # P[rows, fo] = E[idx] @ t_k[fo]^T, over D in BLOCK_D steps (the forward and the recomputing
+    # backward share it)
+    dd = tl.arange(0, BLOCK_D)
+    p = tl.zeros([BLOCK_M, BLOCK_F], dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        do = d0 + dd
+        dmask = do < D
+        e = tl.load(E + idx[:, None] * sE0 + do[None, :] * sE1, mask=rmask[:, None] & dmask[None, :], other=0.0)
+        t = tl.load(t_base + fo[None, :] * sTf + do[:, None] * sTd, mask=dmask[:, None] & fmask[None, :], other=0.0)
+        p = tl.dot(e, t, acc=p, input_precision=PRECISION)
+    return p
+
+
+@triton.jit
 def cf_fwd(E, T, ORDER, OFFS, PART_C, PART_S, PROJ, K, D, F, sE0, sE1, sTk, sTf, sTd,
            SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr,
            SAVE: tl.constexpr, PRECISION: tl.constexpr):
@@ -74,7 +90,6 @@ def cf_fwd(E, T, ORDER, OFFS, PART_C, PART_S, PROJ, K, D, F, sE0, sE1, sTk, sTf,
     fo = pid_f * BLOCK_F + tl.arange(0, BLOCK_F)
     fmask = fo < F
     m = tl.arange(0, BLOCK_M)
-    dd = tl.arange(0, BLOCK_D)
     acc_c = tl.zeros([BLOCK_F], dtype=tl.float32)
     acc_s = tl.zeros([BLOCK_F], dtype=tl.float32)
     t_base = T + k.to(tl.int64) * sTk
@@ -83,14 +98,8 @@ def cf_fwd(E, T, ORDER, OFFS, PART_C, PART_S, PROJ, K, D, F, sE0, sE1, sTk, sTf,
         rows = start + j * BLOCK_M + m
         rmask = rows < end
         idx = tl.load(ORDER + rows, mask=rmask, other=0).to(tl.int64)
-        p = tl.zeros([BLOCK_M, BLOCK_F], dtype=tl.float32)
-        for d0 in range(0, D, BLOCK_D):
-            do = d0 + dd
-            dmask = do < D
-            e = tl.load(E + idx[:, None] * sE0 + do[None, :] * sE1, mask=rmask[:, None] & dmask[None, :], other=0.0)
-            t = tl.load(t_base + fo[None, :] * sTf + do[:, None] * sTd, mask=dmask[:, None] & fmask[None, :],
-                        other=0.0)
-            p = tl.dot(e, t, acc=p, input_precision=PRECISION)
+        p = projection_tile(E, t_base, idx, rmask, fo, fmask, D, sE0, sE1, sTf, sTd,
+                            BLOCK_M, BLOCK_F, BLOCK_D, PRECISION)
         if SAVE:
             tl.store(PROJ + idx[:, None] * F + fo[None, :], p, mask=rmask[:, None] & fmask[None, :])
         sn, cs = sincos(p)
@@ -113,7 +122,6 @@ def cf_bwd_g(E, T, ORDER, OFFS, GC, GS, PROJ, G, D, F, sE0, sE1, sTk, sTf, sTd,
     fo = pid_f * BLOCK_F + tl.arange(0, BLOCK_F)
     fmask = fo < F
     m = tl.arange(0, BLOCK_M)
-    dd = tl.arange(0, BLOCK_D)
     gc = tl.load(GC + k.to(tl.int64) * F + fo, mask=fmask, other=0.0)
     gs = tl.load(GS + k.to(tl.int64) * F + fo, mask=fmask, other=0.0)
     t_base = T + k.to(tl.int64) * sTk
@@ -126,15 +134,8 @@ def cf_bwd_g(E, T, ORDER, OFFS, GC, GS, PROJ, G, D, F, sE0, sE1, sTk, sTf, sTd,
         if SAVED:
             p = tl.load(PROJ + idx[:, None] * F + fo[None, :], mask=mask2, other=0.0)
         else:
-            p = tl.zeros([BLOCK_M, BLOCK_F], dtype=tl.float32)
-            for d0 in range(0, D, BLOCK_D):
-                do = d0 + dd
-                dmask = do < D
-                e = tl.load(E + idx[:, None] * sE0 + do[None, :] * sE1, mask=rmask[:, None] & dmask[None, :],
-                            other=0.0)
-                t = tl.load(t_base + fo[None, :] * sTf + do[:, None] * sTd, mask=dmask[:, None] & fmask[None, :],
-                            other=0.0)
-                p = tl.dot(e, t, acc=p, input_precision=PRECISION)
+            p = projection_tile(E, t_base, idx, rmask, fo, fmask, D, sE0, sE1, sTf, sTd,
+                                BLOCK_M, BLOCK_F, BLOCK_D, PRECISION)
         sn, cs = sincos(p)
         g = gs[None, :] * cs - gc[None, :] * sn
         tl.store(G + idx[:, None] * F + fo[None, :], g, mask=mask2)

@@ -371,7 +371,6 @@ class NCFM(Method):
     def real_statistics(self, net, x):
         # per-sample statistics against class 0's frequencies: what the memory probes size the
         # targets with; a run forms the per-class sums directly (real_class_sums)
-        from ..loss.characteristic import cf_class_sums
         e = torch.nn.functional.normalize(net.embed(x).float(), dim=1)
         t = self.frequencies(0, 1, e.shape[1], e.device)
         p = e @ t[0].t()
