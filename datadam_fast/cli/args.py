@@ -60,7 +60,7 @@ def _add_distill(sub) -> None:
     p.add_argument("--preset", default=DEFAULT_PRESET, choices=sorted(PRESETS),
                    help="paper: InstanceNorm ConvNet, power 4; official: what the official code runs "
                         "(BatchNorm ConvNet, power 1). Flags below override single values")
-    p.add_argument("--model", default="ConvNet", help="network used for distillation (fresh random init every iteration)")
+    p.add_argument("--model", default="ConvNet", help="network used for distillation (fresh random init every iteration, or trained: --networks)")
     p.add_argument("--norm", default=None, choices=NORMS,
                    help="normalisation layer of the ConvNet (default from --preset)")
     p.add_argument("--depth", type=int, default=None, help="ConvNet depth (default from image size: 3 for 32px, 4 for 64px)")
@@ -74,7 +74,22 @@ def _add_distill(sub) -> None:
                    help="optimiser of the pixels (default sgd with momentum 0.5; adamw with --method ncfm, as NCFM)")
     p.add_argument("--num-freqs", type=int, default=4096,
                    help="--method ncfm: Gaussian frequencies per class of the characteristic function")
-    p.add_argument("--init", default="real", choices=INITS, help="initialise from random real images or noise")
+    p.add_argument("--init", default="real", choices=INITS,
+                   help="initialise from random real images (with --factor F: F x F downsampled real images per "
+                        "stored image) or noise")
+    p.add_argument("--factor", type=int, default=1, metavar="F",
+                   help="multi-formation (IDC): each stored H x W image holds F x F images of H/F x W/F, each "
+                        "upsampled (bilinear) to H x W for matching and evaluation; IPC counts stored images, so "
+                        "the set trains on F^2 x IPC images per class. IDC, IDM, DANCE and NCFM use 2")
+    p.add_argument("--networks", default="random", metavar="random|pool:N[:EPOCHS]",
+                   help="the networks whose features are matched: random (a freshly initialised one every "
+                        "iteration) or pool:N[:EPOCHS] (N networks of --model trained EPOCHS epochs, default 1, "
+                        "fractions allowed, on the real training set with the evaluation protocol's optimiser; built "
+                        "once, cached under --pool-dir and reused by every later run with the same settings; each "
+                        "iteration draws one from the run's generator)")
+    p.add_argument("--pool-dir", default=None, metavar="DIR",
+                   help="where trained network pools are cached (default $DATADAM_FAST_CACHE/pools, else "
+                        "~/.cache/datadam_fast/pools); shared by every process of a torchrun job")
     p.add_argument("--no-dsa", action="store_true", help="disable differentiable Siamese augmentation")
     p.add_argument("--memory-budget", type=float, default=None, metavar="GB",
                    help="peak memory of the whole process in GB (RSS on CPU, device memory on GPU; per process "

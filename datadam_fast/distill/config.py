@@ -35,7 +35,8 @@ REAL_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.floa
 NOT_IDENTITY = ("device", "eval_every", "eval_runs", "eval_epochs", "eval_model", "eval_batch", "log_every",
                  "checkpoint_every", "data_root", "backend", "iterations", "real_chunk", "syn_chunk",
                  "memory_budget", "prefetch", "compile", "compile_mode", "real_epilogue",
-                 "profile")  # profiling (trace.py) does not change the result
+                 "profile",  # profiling (trace.py) does not change the result
+                 "pool_dir")  # where a pool is cached, not what it is
 REAL_EPILOGUES = ("auto", "cpu", "triton", "off")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 INITS = ("real", "noise")
@@ -66,6 +67,10 @@ class DistillConfig:
     num_freqs: int = 4096                # --method ncfm: frequencies of the characteristic function per class
     momentum: float = field(default=0.5, metadata=_API_ONLY)
     init: str = "real"
+    factor: int = 1                      # multi-formation (IDC): each stored image holds factor x factor images
+    # the matching networks: "random" (a fresh one per iteration) or "pool:N[:EPOCHS]" (networks.py)
+    networks: str = "random"
+    pool_dir: Optional[str] = None       # where trained pools are cached; None: $DATADAM_FAST_CACHE or ~/.cache
     dsa: bool = field(default=True, metadata={"flag": "no-dsa", "negated": True})
     dsa_strategy: str = field(default="color_crop_cutout_flip_scale_rotate", metadata=_API_ONLY)
     real_chunk: int = 0                  # classes per real chunk; 0 = chosen by the memory planner
@@ -201,7 +206,7 @@ def check_numbers(c: DistillConfig) -> None:
         "checkpoint_every": (0, " (0 = only at the end)"), "eval_runs": (0, " (0 = no evaluation)"),
         "eval_every": (-1, " (0 = after the last iteration, -1 = never)"), "profile": (0, " (0 = off)"),
         "real_chunk": (0, " (0 = chosen by the memory planner)"), "syn_chunk": (0, " (0 = chosen by the memory planner)"),
-        "eval_batch": (1, ""), "seed": (0, ""), "num_freqs": (1, ""),
+        "eval_batch": (1, ""), "seed": (0, ""), "num_freqs": (1, ""), "factor": (1, ""),
     }
     for name, (lo, meaning) in ints.items():
         v = getattr(c, name)
@@ -248,6 +253,10 @@ def validate(cfg: DistillConfig, dataset, world, method) -> Checked:
     for name in ("real_chunk", "syn_chunk"):
         if getattr(c, name) < 0:
             raise UserError(f"{name} must be >= 0 (0 = chosen by the memory planner)")
+    from ..data.formation import check_factor
+    check_factor(c.factor, dataset.image_size)
+    from .networks import parse_networks
+    parse_networks(c.networks)
     counts = [len(ix) for ix in dataset.class_indices()]
     smallest = min(counts)
     import warnings
@@ -261,6 +270,10 @@ def validate(cfg: DistillConfig, dataset, world, method) -> Checked:
     if c.ipc > smallest:
         raise UserError(f"ipc {c.ipc} is larger than the smallest class of {dataset.name} "
                         f"(class {counts.index(smallest)} has {smallest} images)")
+    if c.init == "real" and c.ipc * c.factor ** 2 > smallest:
+        raise UserError(f"ipc {c.ipc} x factor {c.factor}^2 = {c.ipc * c.factor ** 2} real images per class initialise "
+                        f"the cells, more than the smallest class of {dataset.name} (class "
+                        f"{counts.index(smallest)} has {smallest} images); lower --factor or --ipc, or --init noise")
     device = torch.device(c.device)
     if device.type == "cuda":
         if not torch.cuda.is_available():

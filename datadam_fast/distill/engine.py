@@ -107,6 +107,9 @@ class Distiller:
                                 f"{c.eval_runs}), which cannot be read: {e}; pass --eval-every -1 to distill "
                                 f"without evaluation") from None
         self.K = ds.num_classes
+        self.factor = c.factor  # multi-formation: each stored image decodes to factor^2 images
+        from .networks import network_source
+        self.networks = network_source(self)  # random, or a trained pool (built at the start of run())
         self.k_lo, self.k_hi = class_block(self.K, W.rank, W.size)
         self.Kl = self.k_hi - self.k_lo
         gen = torch.Generator().manual_seed(c.seed)
@@ -227,15 +230,19 @@ class Distiller:
 
     def _initial_synthetic(self, gen: torch.Generator) -> torch.Tensor:
         """Initial images of this rank's classes. Draws are made for every class in class order
-        (one ``randperm`` or one ``randn`` per class), so every world size draws the same."""
+        (one ``randperm`` or one ``randn`` per class), so every world size draws the same. With
+        ``factor`` F, real initialisation fills each stored image's F x F cells with downsampled
+        real images of the class (``ipc * F^2`` of them)."""
+        from ..data.formation import encode
         c, ds = self.cfg, self.train_set
         shape = (c.ipc, ds.channels, *ds.image_size)
         parts = []
         for k, ix in enumerate(self.class_idx):
             if c.init == "real":
-                pick = ix[torch.randperm(len(ix), generator=gen)[:c.ipc]]
+                pick = ix[torch.randperm(len(ix), generator=gen)[:c.ipc * c.factor ** 2]]
                 if self.k_lo <= k < self.k_hi:
-                    parts.append(self.real_rows(pick).detach().float().contiguous())
+                    rows = self.real_rows(pick).detach().float().contiguous()
+                    parts.append(encode(rows, c.factor))
             else:
                 noise = torch.randn(shape, generator=gen)
                 if self.k_lo <= k < self.k_hi:

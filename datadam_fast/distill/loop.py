@@ -35,6 +35,8 @@ def evaluate(d) -> Dict:
     rundir.check_finite(d)  # never train evaluation networks on NaN images
     c = d.cfg
     images, labels = rundir.full_synthetic(d, to_all=True)
+    from ..data.formation import decode, decode_labels
+    images, labels = decode(images, d.factor), decode_labels(labels, d.factor)  # what the set trains on
     same = c.eval_model == c.model
     ecfg = EvalConfig(model=c.eval_model, epochs=c.eval_epochs, runs=c.eval_runs, dsa=c.dsa,
                       dsa_strategy=c.dsa_strategy, norm=c.norm if same else None,
@@ -85,7 +87,7 @@ def _log_iteration(d, terms, it, sec, bar) -> None:
     if bad:
         raise rundir.nonfinite_error(d, f"the loss is not finite ({', '.join(bad)})")
     peak = d.world.max_int(d.mem.process_peak())
-    images_per_it = d.K * (d.batch_real + d.cfg.ipc)
+    images_per_it = d.K * (d.batch_real + d.cfg.ipc * d.factor ** 2)
     rec = {"iteration": it, **dict(zip(names, vals)), "it_per_s": 1.0 / max(sec, 1e-12),
            "sec_per_it": sec, "images_per_s": images_per_it / max(sec, 1e-12), "peak_memory_mb": peak / MB}
     if bar is not None:
@@ -117,6 +119,7 @@ def run(d, *, stop_after: Optional[int] = None) -> Dict:
         rundir.log(d, {"iteration": 0, "event": "start", "config": dataclasses.asdict(c),
                        "batch_real": d.batch_real, "num_classes": d.K})
     rundir.log(d, {"iteration": d.iteration, "event": "plan", "plan": plan})
+    d.networks.prepare(d)  # a trained pool: built (or read from its cache) before the first iteration
     last_eval = None
     if d.iteration == 0 and should_eval(d, 0):
         last_eval = eval_and_log(d)

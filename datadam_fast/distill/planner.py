@@ -96,16 +96,26 @@ def rough_per_image(d) -> int:
 
 
 def make_plan(d) -> MemoryPlan:
+    plan = _make_plan(d)
+    if d.cfg.factor > 1:
+        plan.notes.append(f"multi-formation: each synthetic (stored) image goes through the network as "
+                          f"{d.cfg.factor ** 2} decoded images; the per-image figures are per stored image")
+    return plan
+
+
+def _make_plan(d) -> MemoryPlan:
     c, ds = d.cfg, d.train_set
     if not (c.real_chunk or c.syn_chunk):
         # Small runs skip the probe: with every activation kept ROUGH_FACTOR times over
         # (saved for backward, gradients, temporaries) one pass still uses under half the budget.
         rough = ROUGH_FACTOR * rough_per_image(d)
         syn_bytes = d.syn.numel() * d.syn.element_size()
-        bound = d.mem.current() + 3 * syn_bytes + d.Kl * (d.batch_real + c.ipc) * rough
+        syn_rough = rough * c.factor ** 2  # a stored image goes through the network as factor^2 images
+        passes = d.Kl * (d.batch_real * rough + c.ipc * syn_rough)
+        bound = d.mem.current() + 3 * syn_bytes + passes
         if bound <= d.budget // 2:
-            plan = plan_chunks(budget=d.budget, fixed=bound - d.Kl * (d.batch_real + c.ipc) * rough,
-                               real_per_image=rough, syn_per_image=rough, prefetch_per_image=0,
+            plan = plan_chunks(budget=d.budget, fixed=bound - passes,
+                               real_per_image=rough, syn_per_image=syn_rough, prefetch_per_image=0,
                                num_classes=d.Kl, batch_real=d.batch_real, ipc=c.ipc, lookahead=0,
                                real_chunk=d.Kl, syn_chunk=d.Kl)
             plan.notes.append(f"not probed: a generous bound ({ROUGH_FACTOR}x every activation) fits in half "

@@ -96,7 +96,10 @@ def summarize(m: RunMetrics) -> Dict:
     c = m.config
     if c:
         s["run"] = {k: c.get(k) for k in ("dataset", "ipc", "preset", "model", "norm", "width", "depth", "iterations",
-                                          "power", "task_balance")}
+                                          "power", "task_balance", "method", "networks")}
+        s["run"]["factor"] = int(c.get("factor") or 1)
+        # what the set trains on: factor^2 decoded images per stored one (multi-formation)
+        s["run"]["decoded_per_class"] = (c.get("ipc") or 0) * s["run"]["factor"] ** 2
     last_it = max([r["iteration"] for r in m.steps] + [e["iteration"] for e in m.evals])
     s["iterations"] = int(last_it)
     if m.steps:
@@ -129,7 +132,11 @@ def format_summary(s: Dict, run_dir: str) -> str:
         def val(k):  # None in the config means the network's own default
             return "default" if r.get(k) is None else r.get(k)
         net = f"{r.get('model')} (norm {val('norm')}, width {val('width')}, depth {val('depth')})"
-        lines.append(f"run {run_dir}: {r.get('dataset')} IPC {r.get('ipc')}, preset {r.get('preset')}, {net}")
+        form = (f" (factor {r['factor']}: {r['decoded_per_class']} decoded images per class)"
+                if r.get("factor", 1) > 1 else "")
+        nets = f", networks {r['networks']}" if r.get("networks") not in (None, "random") else ""
+        lines.append(f"run {run_dir}: {r.get('dataset')} IPC {r.get('ipc')}{form}, preset {r.get('preset')}, "
+                     f"{net}{nets}")
     else:
         lines.append(f"run {run_dir} (no start line: configuration unknown)")
     planned = r.get("iterations") if r else None

@@ -174,7 +174,8 @@ def synthetic_state(d) -> Optional[Dict]:
     ds = d.train_set
     state = {"images": full[0].clone(), "labels": full[1], "mean": list(ds.mean), "std": list(ds.std),
              "dataset": ds.name, "config": dataclasses.asdict(d.cfg), "iteration": d.iteration,
-             "method": d.method.official_name or d.method.name}  # export names official files by it
+             "method": d.method.official_name or d.method.name,  # export names official files by it
+             "factor": d.factor}  # multi-formation: the images are stored, evaluate and export decode them
     if d.cfg.zca:  # evaluate and export apply the recorded transform
         state["zca"] = ds.zca.state()
     return state
@@ -224,10 +225,13 @@ def write_outputs(d) -> None:
     if state is None:
         return
     atomic_torch_save(state, os.path.join(d.out_dir, "synthetic.pt"))
-    # one row per class; a grid of more than GRID_MAX_CLASSES classes would be unreadable
-    shown = state["images"][:GRID_MAX_CLASSES * d.cfg.ipc]
+    # one row per class (the decoded images with --factor); a grid of more than GRID_MAX_CLASSES
+    # classes would be unreadable
+    from ..data.formation import decode
+    shown = decode(state["images"][:GRID_MAX_CLASSES * d.cfg.ipc], d.factor)
+    per_class = d.cfg.ipc * d.factor ** 2
     save_grid(d.train_set.denormalize(shown), os.path.join(d.out_dir, "grid.png"),
-              nrow=d.cfg.ipc if d.cfg.ipc <= 20 else 20)
+              nrow=per_class if per_class <= 20 else 20)
 
 
 def strict_json(obj):

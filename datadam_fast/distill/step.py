@@ -165,6 +165,9 @@ def syn_pass(d, net, rows, labels, params, targets: Sequence[torch.Tensor], clas
     kw = class_kwargs(d.method, first_class)
     leaf = rows.detach().requires_grad_(True)
     x = leaf
+    if d.factor > 1:  # multi-formation: every stored image -> factor^2 full-size images, class-major
+        from ..data.formation import decode, decode_labels
+        x, labels = decode(leaf, d.factor), decode_labels(labels, d.factor)
     if params is not None:
         with nvtx_range("datadam_fast.step.augment_syn"):
             x = d.dsa.apply(x, params, labels)
@@ -206,7 +209,7 @@ def step(d, timings: Optional[Dict[str, float]] = None) -> Dict[str, torch.Tenso
             clock[0] = now
 
     with nvtx_range("datadam_fast.step.sample"):
-        net = d.new_network()
+        net = d.networks.draw(d)  # a fresh network, or one of the trained pool
         params = d.dsa.sample(d.K, d.gen, d.device, tuple(d.train_set.image_size)) if d.dsa else None
         if overrides(d.method, "start_iteration"):
             d.method.start_iteration(int(torch.randint(0, 1 << 62, (1,), generator=d.gen)))

@@ -117,7 +117,10 @@ def _meta_json(meta: Dict, images, labels, fmt: str, extra: Dict) -> Dict:
     out = {"format": f"datadam_fast.{fmt}/1", "dataset": meta.get("dataset"), "mean": meta.get("mean"),
            "std": meta.get("std"), "num_classes": K, "num_images": int(images.shape[0]),
            "image_shape": list(images.shape[1:]), "zca": ZCA_FILE if meta.get("zca") is not None else None,
-           "config": _json_safe(meta.get("config")), "iteration": meta.get("iteration")}
+           "config": _json_safe(meta.get("config")), "iteration": meta.get("iteration"),
+           # a multi-formation set is exported decoded: factor^2 full-size images per stored one
+           "factor": meta.get("factor", 1), "decoded": bool(meta.get("decoded")),
+           "stored_images": meta.get("stored_images", int(images.shape[0]))}
     out.update(extra)
     return out
 

@@ -27,7 +27,7 @@ from ..errors import UserError
 META = "meta.json"
 ZCA_FILE = "zca.pt"
 # keys of an official-format file that evaluate passes on as metadata
-OFFICIAL_EXTRAS = ("dataset", "config", "mean", "std", "zca", "method")
+OFFICIAL_EXTRAS = ("dataset", "config", "mean", "std", "zca", "method", "factor", "decoded", "stored_images")
 
 
 def _to_int_labels(labels, n: int, where: str) -> torch.Tensor:
@@ -123,7 +123,24 @@ def load_synthetic(path: str) -> Tuple[torch.Tensor, torch.Tensor, Dict]:
     if bad:
         raise UserError(f"{path}: {bad} of {images.numel()} pixel values are NaN or Inf; a synthetic set must be "
                         f"finite (networks trained on it learn nothing)")
-    return images.float(), labels, meta
+    images, labels = decoded(images.float(), labels, meta, path)
+    return images, labels, meta
+
+
+def decoded(images: torch.Tensor, labels: torch.Tensor, meta: Dict, where: str):
+    """A multi-formation set (``"factor"`` F > 1, not yet ``"decoded"``) as the ``F^2 x`` full-size
+    images it trains on; ``meta`` then says ``"decoded": True`` (what exports record)."""
+    from ..data.formation import check_factor, decode, decode_labels, recorded_factor
+    f = recorded_factor(meta)
+    if f == 1:
+        return images, labels
+    try:
+        check_factor(f, images.shape[2:])
+    except UserError as e:
+        raise UserError(f"{where}: {e}") from None
+    meta["decoded"] = True
+    meta["stored_images"] = int(images.shape[0])
+    return decode(images, f), decode_labels(labels, f)
 
 
 def load_frozen_model(path: str):
@@ -146,7 +163,8 @@ def load_export_dir(path: str) -> Tuple[torch.Tensor, torch.Tensor, Dict]:
     with open(meta_path) as f:
         m = json.load(f)
     fmt = str(m.get("format", ""))
-    meta = {k: m.get(k) for k in ("dataset", "mean", "std", "iteration") if m.get(k) is not None}
+    meta = {k: m.get(k) for k in ("dataset", "mean", "std", "iteration", "factor", "decoded", "stored_images")
+            if m.get(k) is not None}
     if isinstance(m.get("config"), dict):
         meta["config"] = m["config"]
     meta["format"] = fmt
@@ -180,4 +198,4 @@ def load_export_dir(path: str) -> Tuple[torch.Tensor, torch.Tensor, Dict]:
     return images, torch.tensor(labels, dtype=torch.int64), meta
 
 
-__all__ = ["META", "ZCA_FILE", "OFFICIAL_EXTRAS", "load_synthetic", "load_frozen_model", "load_export_dir"]
+__all__ = ["META", "ZCA_FILE", "OFFICIAL_EXTRAS", "load_synthetic", "load_frozen_model", "load_export_dir", "decoded"]

@@ -1,0 +1,317 @@
+"""The networks whose features a run matches (``--networks``).
+
+* ``random`` (default): a freshly initialised network every iteration, its weights drawn from the
+  run's generator (DataDAM, DM: ``main_DataDAM.py:232``).
+* ``pool:N[:EPOCHS]``: N networks of the run's architecture trained for EPOCHS epochs (default 1;
+  fractions allowed: ``pool:10:0.5``) on the real training set, each iteration drawing one of them
+  with the run's generator (the same draw on every rank, restored by ``--resume``). IDM, DANCE and
+  NCFM match in such trained or partly trained networks.
+
+A pool is built once and cached on disk (``--pool-dir``, default ``$DATADAM_FAST_CACHE/pools`` or
+``~/.cache/datadam_fast/pools``) under a key of everything that defines it (:func:`pool_definition`:
+dataset and its options, ZCA, architecture, norm, width, depth, taps, epochs, batch, optimiser, DSA,
+seed, format version), so a later run with the same settings reuses it and a changed setting builds
+another. Training follows the evaluation protocol's optimiser: SGD lr 0.01, momentum 0.9, weight
+decay 5e-4, batch 256, cross-entropy, DSA (non-Siamese) on the training batches, the learning rate
+x0.1 for the second half of the steps. Network ``i`` draws everything (init, batch order, DSA) from
+its own generator seeded by the run's seed and ``i``, so the pool does not depend on the world size
+or on which process trained it. A network in training is checkpointed every
+:data:`CHECKPOINT_STEPS` steps, so an interrupted build resumes where it stopped; each finished
+network is one atomically written file. Under ``torchrun`` network ``i`` is trained by rank
+``i mod world size`` and every rank waits for the others' files (the pool folder must be shared).
+
+Matching reads a pool network exactly as a fresh one: the same module (train mode, frozen
+parameters, the run's memory format) with the pool's weights loaded into it at each draw, so a
+BatchNorm network's running statistics never carry over from one iteration to the next.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import time
+from typing import Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+
+from .._io import atomic_torch_save, atomic_write_text
+from ..errors import UserError
+
+POOL_FORMAT = "datadam_fast.pool/1"
+#: training steps between two checkpoints of the network being trained
+CHECKPOINT_STEPS = 100
+#: the evaluation protocol's optimiser (evaluation/evaluate.py EvalConfig)
+POOL_LR, POOL_MOMENTUM, POOL_WEIGHT_DECAY, POOL_BATCH = 0.01, 0.9, 5e-4, 256
+#: seconds between two looks for the files other ranks train
+WAIT_POLL_S = 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class NetworkSpec:
+    kind: str                 # "random" | "pool"
+    count: int = 0
+    epochs: float = 0.0
+
+    def __str__(self) -> str:
+        if self.kind == "random":
+            return "random"
+        return f"pool:{self.count}:{self.epochs:g}"
+
+
+def parse_networks(spec) -> NetworkSpec:
+    """``random`` or ``pool:N[:EPOCHS]`` (N >= 1 networks, EPOCHS > 0 epochs, default 1)."""
+    if not isinstance(spec, str):
+        raise UserError(f"--networks (networks) = {spec!r}: expected 'random' or 'pool:N[:EPOCHS]'")
+    s = spec.strip()
+    if s == "random":
+        return NetworkSpec("random")
+    parts = s.split(":")
+    if parts[0] != "pool" or len(parts) not in (2, 3):
+        raise UserError(f"--networks {spec!r}: expected 'random' or 'pool:N[:EPOCHS]' (e.g. pool:5, pool:10:0.5)")
+    try:
+        n = int(parts[1])
+    except ValueError:
+        n = -1
+    if n < 1:
+        raise UserError(f"--networks {spec!r}: N (the number of networks) must be an integer >= 1, got {parts[1]!r}")
+    epochs = 1.0
+    if len(parts) == 3:
+        try:
+            epochs = float(parts[2])
+        except ValueError:
+            epochs = math.nan
+        if not (math.isfinite(epochs) and epochs > 0):
+            raise UserError(f"--networks {spec!r}: EPOCHS must be a finite number > 0 (fractions allowed), "
+                            f"got {parts[2]!r}")
+    return NetworkSpec("pool", n, epochs)
+
+
+def default_pool_root() -> str:
+    env = os.environ.get("DATADAM_FAST_CACHE", "").strip()
+    base = os.path.expanduser(env) if env else os.path.join(os.path.expanduser("~"), ".cache", "datadam_fast")
+    return os.path.join(base, "pools")
+
+
+def pool_definition(cfg, dataset, spec: NetworkSpec) -> Dict:
+    """Everything that defines a pool's weights (its cache key is a hash of this)."""
+    opts = {k: v for k, v in sorted(dict(cfg.data_opts).items()) if k not in ("cache_dir", "cache")}
+    return {"format": POOL_FORMAT, "dataset": dataset.name, "data_opts": opts, "train_images": len(dataset),
+            "num_classes": dataset.num_classes, "image_shape": [dataset.channels, *dataset.image_size],
+            "zca": bool(cfg.zca), "model": cfg.model, "norm": cfg.norm, "width": cfg.width, "depth": cfg.depth,
+            "taps": cfg.taps, "count": spec.count, "epochs": spec.epochs, "batch": POOL_BATCH, "lr": POOL_LR,
+            "momentum": POOL_MOMENTUM, "weight_decay": POOL_WEIGHT_DECAY, "lr_decay": "x0.1 for the second half",
+            "dsa": cfg.dsa_strategy if cfg.dsa else None, "seed": cfg.seed}
+
+
+def pool_key(defn: Dict) -> str:
+    return hashlib.sha256(json.dumps(defn, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def network_seed(seed: int, i: int) -> int:
+    """Network ``i``'s generator seed (apart from the run's own and the evaluation's seeds)."""
+    return (int(seed) * 1000003 + 7919 * (i + 1) + 104729) % (1 << 62)
+
+
+def total_steps(epochs: float, n_train: int, batch: int = POOL_BATCH) -> int:
+    """Training steps of one network: ``epochs`` times the ``ceil(n / batch)`` steps of an epoch."""
+    return max(1, math.ceil(epochs * math.ceil(n_train / batch) - 1e-9))
+
+
+class RandomNetworks:
+    """A freshly initialised network per iteration (weights from the run's generator)."""
+
+    spec = NetworkSpec("random")
+
+    def prepare(self, d) -> None:
+        pass
+
+    def draw(self, d):
+        return d.new_network()
+
+    def describe(self, d) -> Dict:
+        return {"networks": "random", "summary": "a freshly initialised network every iteration"}
+
+
+class NetworkPool:
+    """N trained networks (see the module docstring); :meth:`prepare` builds or loads them."""
+
+    def __init__(self, d, spec: NetworkSpec):
+        self.spec = spec
+        self.definition = pool_definition(d.cfg, d.train_set, spec)
+        self.key = pool_key(self.definition)
+        root = d.cfg.pool_dir or default_pool_root()
+        self.dir = os.path.join(os.path.expanduser(root), f"{d.cfg.dataset}_{d.cfg.model}_{self.key}")
+        self.steps = total_steps(spec.epochs, len(d.train_set))
+        self.states: Optional[List[Dict[str, torch.Tensor]]] = None
+        self.template = None
+        self.trained_now: List[int] = []
+        self.build_seconds = 0.0
+
+    # ------------------------------------------------------------------ files
+    def net_path(self, i: int) -> str:
+        return os.path.join(self.dir, f"net_{i}.pt")
+
+    def partial_path(self, i: int) -> str:
+        return os.path.join(self.dir, f"net_{i}.partial.pt")
+
+    def missing(self) -> List[int]:
+        return [i for i in range(self.spec.count) if not os.path.isfile(self.net_path(i))]
+
+    def describe(self, d) -> Dict:
+        missing = self.missing()
+        return {"networks": str(self.spec), "pool_dir": self.dir, "key": self.key, "count": self.spec.count,
+                "epochs": self.spec.epochs, "steps_per_network": self.steps, "cached": self.spec.count - len(missing),
+                "to_train": len(missing), "summary": (
+                    f"pool of {self.spec.count} {d.cfg.model} networks x {self.spec.epochs:g} epoch(s) "
+                    f"({self.steps} steps of {POOL_BATCH} each) in {self.dir}: "
+                    + (f"{len(missing)} to train" if missing else "cached, nothing to train"))}
+
+    # ------------------------------------------------------------------ build and load
+    def prepare(self, d) -> None:
+        """Train the missing networks (this rank's share), wait for the others', load all of them."""
+        if self.states is not None:
+            return
+        from .loop import say
+        W = d.world
+        missing = self.missing()
+        mine = [i for i in missing if i % W.size == W.rank]
+        t0 = time.perf_counter()
+        if missing:
+            os.makedirs(self.dir, exist_ok=True)
+            if W.is_main:
+                atomic_write_text(os.path.join(self.dir, "pool.json"),
+                                  json.dumps({"definition": self.definition, "key": self.key}, indent=2))
+                say(d, f"network pool: training {len(missing)} of {self.spec.count} {d.cfg.model} networks "
+                       f"({self.spec.epochs:g} epoch(s), {self.steps} steps each) into {self.dir}")
+            bar = None
+            if d.progress:
+                from tqdm import tqdm
+                bar = tqdm(total=len(mine) * self.steps, desc=f"train pool ({len(mine)} networks)", unit="step",
+                           dynamic_ncols=True)
+            try:
+                for i in mine:
+                    train_pool_network(d, i, self, bar)
+            finally:
+                if bar is not None:
+                    bar.close()
+            self._wait_for(missing, d)
+            self.trained_now = missing
+        self.build_seconds = time.perf_counter() - t0
+        self.states = [self._load(i, d.device) for i in range(self.spec.count)]
+        self.template = d.new_network(torch.Generator().manual_seed(0))
+        from . import rundir
+        if missing:
+            say(d, f"network pool: trained {len(missing)} network(s) in {self.build_seconds:.1f} s")
+        else:
+            say(d, f"network pool: reusing {self.spec.count} cached network(s) from {self.dir}")
+        rundir.log(d, {"iteration": d.iteration, "event": "network_pool", "dir": self.dir, "key": self.key,
+                       "count": self.spec.count, "epochs": self.spec.epochs, "trained": len(missing),
+                       "seconds": self.build_seconds})
+
+    def _wait_for(self, indices: List[int], d) -> None:
+        """Every network of ``indices`` on disk (other ranks train theirs; torchrun stops the job
+        if one of them fails, so the wait needs no timeout of its own)."""
+        while any(not os.path.isfile(self.net_path(i)) for i in indices):
+            time.sleep(WAIT_POLL_S)
+
+    def _load(self, i: int, device) -> Dict[str, torch.Tensor]:
+        path = self.net_path(i)
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise UserError(f"network pool file {path} is unreadable ({type(e).__name__}); delete it and it will "
+                            f"be trained again") from None
+        if not isinstance(obj, dict) or obj.get("format") != POOL_FORMAT or obj.get("key") != self.key:
+            raise UserError(f"{path} is not network {i} of pool {self.key}; delete it and it will be trained again")
+        return {k: v.to(device) for k, v in obj["state"].items()}
+
+    def draw(self, d):
+        """One network of the pool, chosen with the run's generator, its weights in the template."""
+        i = int(torch.randint(self.spec.count, (1,), generator=d.gen))
+        with torch.no_grad():
+            self.template.load_state_dict(self.states[i])
+        return self.template
+
+
+def train_pool_network(d, i: int, pool: NetworkPool, bar=None) -> None:
+    """Train network ``i`` of ``pool`` (resuming its partial checkpoint) and write ``net_i.pt``."""
+    from ..models.augment import DSA
+    from ..models.networks import get_network
+    from .config import net_overrides
+    c, ds = d.cfg, d.train_set
+    dev = d.device
+    g = torch.Generator().manual_seed(network_seed(c.seed, i))
+    net = get_network(c.model, ds.channels, ds.num_classes, tuple(ds.image_size), generator=g, taps=c.taps,
+                      **net_overrides(c.width, c.depth, c.norm)).to(dev)
+    if c.channels_last:
+        net = net.to(memory_format=torch.channels_last)
+    opt = torch.optim.SGD(net.parameters(), lr=POOL_LR, momentum=POOL_MOMENTUM, weight_decay=POOL_WEIGHT_DECAY)
+    dsa = DSA(c.dsa_strategy) if c.dsa else None
+    n = len(ds)
+    labels_all = ds.labels
+    step, perm, pos, t_spent = 0, None, 0, 0.0
+    part = pool.partial_path(i)
+    if os.path.isfile(part):
+        try:
+            ck = torch.load(part, map_location="cpu", weights_only=True)
+            if ck.get("key") == pool.key:
+                net.load_state_dict(ck["state"])
+                opt.load_state_dict(ck["optimizer"])
+                g.set_state(ck["generator"])
+                step, perm, pos, t_spent = int(ck["step"]), ck["perm"], int(ck["pos"]), float(ck["seconds"])
+        except Exception:  # a torn or foreign partial file: this network trains from the start
+            step, perm, pos = 0, None, 0
+    if bar is not None and step:
+        bar.update(step)
+    net.train()
+    t0 = time.perf_counter()
+    half = pool.steps // 2
+    loss = torch.tensor(math.nan)
+    while step < pool.steps:
+        if perm is None:  # a new epoch: a new order of the training set
+            perm, pos = torch.randperm(n, generator=g), 0
+        idx = perm[pos:pos + POOL_BATCH]
+        pos += POOL_BATCH
+        if pos >= n:
+            perm = None
+        x = d.real_rows(idx).float()
+        y = labels_all[idx].to(dev)
+        if dsa is not None:
+            x = dsa(x, g)
+        for group in opt.param_groups:
+            group["lr"] = POOL_LR if step < half or pool.steps == 1 else POOL_LR * 0.1
+        loss = F.cross_entropy(net(d.layout(x)), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        step += 1
+        if bar is not None:
+            bar.update(1)
+        if step % CHECKPOINT_STEPS == 0 and step < pool.steps:
+            atomic_torch_save({"key": pool.key, "state": net.state_dict(), "optimizer": opt.state_dict(),
+                               "generator": g.get_state(), "step": step, "perm": perm, "pos": pos,
+                               "seconds": t_spent + time.perf_counter() - t0}, part)
+    last = float(loss.detach())
+    if not math.isfinite(last):
+        raise UserError(f"network pool: network {i} diverged (loss {last}) after {step} steps")
+    state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
+    atomic_torch_save({"format": POOL_FORMAT, "key": pool.key, "index": i, "state": state, "steps": step,
+                       "final_loss": last, "seconds": t_spent + time.perf_counter() - t0,
+                       "device": str(dev), "torch": str(torch.__version__)}, pool.net_path(i))
+    try:
+        os.remove(part)
+    except OSError:
+        pass
+
+
+def network_source(d):
+    """The run's :class:`RandomNetworks` or :class:`NetworkPool` (nothing built yet)."""
+    spec = parse_networks(d.cfg.networks)
+    return RandomNetworks() if spec.kind == "random" else NetworkPool(d, spec)
+
+
+__all__ = ["NetworkSpec", "parse_networks", "pool_definition", "pool_key", "NetworkPool", "RandomNetworks",
+           "network_source", "train_pool_network", "default_pool_root", "total_steps"]
