@@ -54,12 +54,15 @@ def _add_distill(sub) -> None:
     p.add_argument("--iterations", type=int, default=None,
                    help="distillation iterations (default 8000 as in the paper, 20000 with --method dm, 100 for the digits demo; the official "
                         "code's default is 20000); 0 = evaluate the random real subset the run starts from")
-    p.add_argument("--method", default="datadam", choices=list(METHODS), help=_method_help())
+    p.add_argument("--method", default=None, choices=list(METHODS),
+                   help=_method_help() + " (default datadam, or the --preset's method)")
     p.add_argument("--batch-real", type=int, default=None,
                    help="real images per class per iteration (default 64; 256 with --method dm)")
-    p.add_argument("--preset", default=DEFAULT_PRESET, choices=sorted(PRESETS),
+    p.add_argument("--preset", default=DEFAULT_PRESET, choices=list(PRESETS),
                    help="paper: InstanceNorm ConvNet, power 4; official: what the official code runs "
-                        "(BatchNorm ConvNet, power 1). Flags below override single values")
+                        "(BatchNorm ConvNet, power 1); the field's settings on the paper's network (docs/usage.md): "
+                        "idc: --factor 2; idm: --method dm --factor 2 --networks pool:10:0.5; ncfm: --method ncfm "
+                        "--factor 2 --networks pool:10:1. Flags given explicitly override the preset's values")
     p.add_argument("--model", default="ConvNet", help="network used for distillation (fresh random init every iteration, or trained: --networks)")
     p.add_argument("--norm", default=None, choices=NORMS,
                    help="normalisation layer of the ConvNet (default from --preset)")
@@ -77,16 +80,17 @@ def _add_distill(sub) -> None:
     p.add_argument("--init", default="real", choices=INITS,
                    help="initialise from random real images (with --factor F: F x F downsampled real images per "
                         "stored image) or noise")
-    p.add_argument("--factor", type=int, default=1, metavar="F",
+    p.add_argument("--factor", type=int, default=None, metavar="F",
                    help="multi-formation (IDC): each stored H x W image holds F x F images of H/F x W/F, each "
                         "upsampled (bilinear) to H x W for matching and evaluation; IPC counts stored images, so "
-                        "the set trains on F^2 x IPC images per class. IDC, IDM, DANCE and NCFM use 2")
-    p.add_argument("--networks", default="random", metavar="random|pool:N[:EPOCHS]",
+                        "the set trains on F^2 x IPC images per class. IDC, IDM, DANCE and NCFM use 2 (default 1, or "
+                        "the --preset's)")
+    p.add_argument("--networks", default=None, metavar="random|pool:N[:EPOCHS]",
                    help="the networks whose features are matched: random (a freshly initialised one every "
                         "iteration) or pool:N[:EPOCHS] (N networks of --model trained EPOCHS epochs, default 1, "
                         "fractions allowed, on the real training set with the evaluation protocol's optimiser; built "
                         "once, cached under --pool-dir and reused by every later run with the same settings; each "
-                        "iteration draws one from the run's generator)")
+                        "iteration draws one from the run's generator). Default random, or the --preset's")
     p.add_argument("--pool-dir", default=None, metavar="DIR",
                    help="where trained network pools are cached (default $DATADAM_FAST_CACHE/pools, else "
                         "~/.cache/datadam_fast/pools); shared by every process of a torchrun job")

@@ -109,6 +109,9 @@ def _cmd_evaluate(args) -> int:
     args.device, line = device_line(args.device)  # --device auto
     print(line, flush=True)  # stdout, with evaluate's other log lines (stderr holds errors only)
     images, labels, meta = load_synthetic(args.synthetic)
+    if meta.get("factor", 1) > 1:
+        print(f"multi-formation: {meta.get('stored_images', images.shape[0])} stored images of factor {meta['factor']} "
+              f"-> {images.shape[0]} full-size images")
     from ..evaluation.evaluate import DEFAULT_EPOCHS, DEFAULT_RUNS, recorded_protocol
     rec = recorded_protocol(meta)
     seed = args.seed if args.seed is not None else (rec["seed"] if rec["seed"] is not None else 0)
@@ -158,7 +161,8 @@ def _cmd_evaluate(args) -> int:
                "network": net, "network_source": result["network_source"], "dataset": dataset,
                "synthetic": args.synthetic, "epochs": None if args.frozen_model else args.epochs,
                "runs": len(result["accuracies"]), "seed": None if args.frozen_model else seed,
-               "batched": None if args.frozen_model else result["batched"]}
+               "batched": None if args.frozen_model else result["batched"], "num_images": int(images.shape[0]),
+               "factor": int(meta.get("factor", 1)), "stored_images": int(meta.get("stored_images", images.shape[0]))}
         if args.frozen_model:
             out["frozen_model"] = args.frozen_model
         from .._io import atomic_write_text

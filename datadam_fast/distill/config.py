@@ -24,7 +24,18 @@ PRESETS = {
     "paper": {"norm": "instancenorm", "power": 4.0},
     # what the official code actually runs (get_network('ConvNet') -> batchnorm, get_attention exp=1)
     "official": {"norm": "batchnorm", "power": 1.0},
+    # the field's settings (docs/usage.md, "Presets of the field"), each on the paper's network;
+    # a flag given explicitly (--method, --factor, --networks, ...) overrides the preset's value.
+    # IDC (Kim et al., ICML 2022): multi-formation with factor 2 (its default), on the chosen method
+    "idc": {"norm": "instancenorm", "power": 4.0, "factor": 2},
+    # IDM (Zhao et al., CVPR 2023): DM's mean matching, factor 2, networks partly trained on the real data
+    "idm": {"norm": "instancenorm", "power": 4.0, "method": "dm", "factor": 2, "networks": "pool:10:0.5"},
+    # NCFM (Wang et al., CVPR 2025): characteristic-function matching (AdamW, batch_real 1024 from the
+    # method's defaults), factor 2 (its config's factor: 2), a pool of trained networks (its pretrained models)
+    "ncfm": {"norm": "instancenorm", "power": 4.0, "method": "ncfm", "factor": 2, "networks": "pool:10:1"},
 }
+#: what a field left unset takes when the preset says nothing of it
+PRESET_FALLBACK = {"method": "datadam", "factor": 1, "networks": "random"}
 DEFAULT_PRESET = "paper"
 #: the optimisers of the synthetic pixels (``--optimizer``): SGD takes ``momentum``; AdamW torch's
 #: default weight decay 0.01, which is NCFM's
@@ -50,8 +61,9 @@ class DistillConfig:
     ipc: int = 10
     iterations: Optional[int] = None     # 8000 (paper), 100 for the bundled digits demo
     batch_real: Optional[int] = None     # 64 (official DataDAM), 256 for --method dm (main_DM.py)
-    method: str = "datadam"              # a name in methods.METHODS (datadam | dm); a user's Method is passed
-                                         # to distill()/Distiller as an instance and its name lands here
+    method: Optional[str] = None         # a name in methods.METHODS (datadam | dm | ncfm); None: the preset's, else
+                                         # datadam. A user's Method is passed to distill()/Distiller as an
+                                         # instance and its name lands here
     preset: str = DEFAULT_PRESET
     model: str = "ConvNet"
     norm: Optional[str] = None           # preset default
@@ -67,9 +79,11 @@ class DistillConfig:
     num_freqs: int = 4096                # --method ncfm: frequencies of the characteristic function per class
     momentum: float = field(default=0.5, metadata=_API_ONLY)
     init: str = "real"
-    factor: int = 1                      # multi-formation (IDC): each stored image holds factor x factor images
-    # the matching networks: "random" (a fresh one per iteration) or "pool:N[:EPOCHS]" (networks.py)
-    networks: str = "random"
+    factor: Optional[int] = None         # multi-formation (IDC): each stored image holds factor x factor images;
+                                         # None: the preset's, else 1
+    # the matching networks: "random" (a fresh one per iteration) or "pool:N[:EPOCHS]" (networks.py);
+    # None: the preset's, else random
+    networks: Optional[str] = None
     pool_dir: Optional[str] = None       # where trained pools are cached; None: $DATADAM_FAST_CACHE or ~/.cache
     dsa: bool = field(default=True, metadata={"flag": "no-dsa", "negated": True})
     dsa_strategy: str = field(default="color_crop_cutout_flip_scale_rotate", metadata=_API_ONLY)
@@ -100,6 +114,17 @@ class DistillConfig:
     checkpoint_every: int = 100
     data_opts: Dict = field(default_factory=dict, metadata=_API_ONLY)
 
+    def preset_value(self, name: str):
+        """``name``'s value: the one set, else the preset's, else :data:`PRESET_FALLBACK`'s."""
+        v = getattr(self, name)
+        if v is not None:
+            return v
+        return PRESETS.get(self.preset, {}).get(name, PRESET_FALLBACK[name])
+
+    def method_name(self) -> str:
+        """The method this config runs (``method``, else the preset's, else datadam)."""
+        return self.preset_value("method")
+
     def resolved(self, image_size, method=None) -> "DistillConfig":
         """Fill preset- and method-dependent defaults (never overriding what the user set).
         ``method``: a :class:`~datadam_fast.distill.methods.Method` (instance or class) whose
@@ -108,8 +133,9 @@ class DistillConfig:
         if self.preset not in PRESETS:
             raise UserError(f"unknown preset {self.preset!r}; expected one of {sorted(PRESETS)}")
         if method is None:
-            method = method_class(self.method)
-        c = dataclasses.replace(self, method=method.name)
+            method = method_class(self.method_name())
+        c = dataclasses.replace(self, method=method.name, factor=self.preset_value("factor"),
+                                networks=self.preset_value("networks"))
         p = PRESETS[self.preset]
         plain = c.model == "ConvNet"  # named variants (ConvNetBN, ConvNetD4, ...) keep their own norm/depth
         if c.norm is None and plain:

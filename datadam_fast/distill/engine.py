@@ -83,7 +83,7 @@ class Distiller:
         if out_dir:
             rundir.check_out_dir(out_dir, resume, overwrite)  # fail fast, touch nothing yet
         self.builtin_method = method is None
-        method_type = method_class(cfg.method) if method is None else check_method(method)
+        method_type = method_class(cfg.method_name()) if method is None else check_method(method)
         self.train_set = ds = train_set or load_dataset(cfg.dataset, root=cfg.data_root, split="train",
                                                          **dict(cfg.data_opts))
         self._test_set = test_set

@@ -60,7 +60,7 @@ def eval_and_log(d) -> Dict:
     say(d, f"iteration {d.iteration}: evaluating ({c.eval_runs} x {c.eval_model} trained for {c.eval_epochs}+1 "
            f"epochs on the synthetic set)")
     res = evaluate(d)
-    short = {k: res[k] for k in ("mean", "std", "accuracies", "model", "network", "epochs", "seed", "runs")}
+    short = {k: res[k] for k in ("mean", "std", "accuracies", "model", "network", "epochs", "seed", "runs", "num_images")}
     rundir.log(d, {"iteration": d.iteration, "eval": short})
     if d.progress:
         from tqdm import tqdm

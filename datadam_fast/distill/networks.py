@@ -307,6 +307,39 @@ def train_pool_network(d, i: int, pool: NetworkPool, bar=None) -> None:
         pass
 
 
+def time_training_step(d, repeats: int = 2) -> float:
+    """Seconds of one pool training step (forward, backward, SGD step at batch :data:`POOL_BATCH`, on
+    random data, after a warm-up; best of ``repeats``): what ``--plan-only`` scales the build by."""
+    from ..models.networks import get_network
+    from .config import net_overrides
+    c, ds = d.cfg, d.train_set
+    g = torch.Generator().manual_seed(0)
+    net = get_network(c.model, ds.channels, ds.num_classes, tuple(ds.image_size), generator=g, taps=c.taps,
+                      **net_overrides(c.width, c.depth, c.norm)).to(d.device)
+    if c.channels_last:
+        net = net.to(memory_format=torch.channels_last)
+    opt = torch.optim.SGD(net.parameters(), lr=POOL_LR, momentum=POOL_MOMENTUM, weight_decay=POOL_WEIGHT_DECAY)
+    B = min(POOL_BATCH, len(ds))
+    x = d.layout(torch.randn(B, ds.channels, *ds.image_size, generator=g).to(d.device))
+    y = torch.randint(ds.num_classes, (B,), generator=g).to(d.device)
+
+    def one():
+        loss = F.cross_entropy(net(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if d.device.type == "cuda":
+            torch.cuda.synchronize(d.device)
+
+    one()
+    best = math.inf
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        one()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
 def network_source(d):
     """The run's :class:`RandomNetworks` or :class:`NetworkPool` (nothing built yet)."""
     spec = parse_networks(d.cfg.networks)

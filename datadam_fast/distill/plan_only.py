@@ -141,11 +141,19 @@ def make_plan(cfg, world=None) -> Dict:
             c, ds, p = d.cfg, d.train_set, d.plan
             timing = time_passes(d)
             pred = predict(d, timing)
+            networks = d.networks.describe(d)
+            if networks.get("to_train"):  # the pool is built before the first iteration: its cost, measured
+                from .networks import time_training_step
+                share = -(-networks["to_train"] // d.world.size)  # networks per process
+                step_s = time_training_step(d)
+                networks.update(step_seconds=step_s,
+                                build_seconds=step_s * networks["steps_per_network"] * share)
             hours = pred["sec_per_it"] * c.iterations / 3600.0
             return {
                 "dataset": ds.name, "num_classes": d.K, "image_shape": [ds.channels, *ds.image_size],
                 "train_images": len(ds), "model": c.model, "norm": c.norm, "depth": c.depth, "method": d.method.name,
-                "ipc": c.ipc, "batch_real": d.batch_real, "iterations": c.iterations, "device": str(d.device),
+                "ipc": c.ipc, "factor": c.factor, "batch_real": d.batch_real, "iterations": c.iterations,
+                "device": str(d.device), "networks": networks,
                 "zca": c.zca, "processes": d.world.size, "classes_per_process": d.Kl,
                 "real_cached_on_device": d.real_all is not None, "compile": bool(c.compile),
                 "memory": {**p.as_dict(), "predicted_peak_gb": p.predicted_peak / GB, "budget_gb": p.budget / GB},
@@ -163,8 +171,14 @@ def format_plan(pl: Dict) -> str:
         f"plan for {pl['dataset']} ({pl['num_classes']} classes, {C}x{H}x{W}, {pl['train_images']} training images), "
         f"{pl['method']} with {pl['model']} (norm {pl['norm']}, depth {pl['depth']}), ipc {pl['ipc']}, "
         f"batch_real {pl['batch_real']}, {pl['iterations']} iterations on {pl['device']}"
+        + (f", factor {pl['factor']} ({pl['ipc'] * pl['factor'] ** 2} decoded images per class)"
+           if pl["factor"] > 1 else "")
         + (", ZCA" if pl["zca"] else ""),
         f"  processes: {pl['processes']}, {pl['classes_per_process']} classes per process",
+        f"  networks: {pl['networks']['summary']}" + (
+            f"; training them takes about {pl['networks']['build_seconds'] / 60:.3g} min before the first iteration "
+            f"({pl['networks']['step_seconds']:.3g} s per step, measured)" if pl["networks"].get("build_seconds")
+            is not None else ""),
         f"  real side: {m['real_chunks']} chunk(s) of {m['real_chunk']} classes; synthetic side: {m['syn_chunks']} "
         f"chunk(s) of {m['syn_chunk']} classes; training set "
         + ("cached on the device" if pl["real_cached_on_device"] else "streamed in chunks"),

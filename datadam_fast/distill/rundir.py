@@ -128,6 +128,8 @@ def load_checkpoint(d) -> None:
     mine = identity(d)
     theirs = {k: v for k, v in ck.get("identity", {}).items() if k not in NOT_IDENTITY}
     theirs.setdefault("zca", False)  # checkpoints from before the option were made without ZCA
+    theirs.setdefault("factor", 1)  # ... and from before multi-formation and network pools
+    theirs.setdefault("networks", "random")
     diff = {k: (theirs.get(k), v) for k, v in mine.items() if theirs.get(k) != v}
     if diff:
         desc = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in list(diff.items())[:6])
