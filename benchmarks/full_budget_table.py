@@ -8,6 +8,10 @@ Cells: dataset x IPC x method, where a method is
                        version of ``distill`` has no ``--method``)
 * ``ncfm``             NCFM's characteristic-function matching, ``distill --method ncfm --batch-real 256``
                        (NCFM's own 1024 real images per class is 4x the CPU time; 256 is DM's)
+* ``<method>-f2``, ``<method>-pool``, ``<method>-f2pool`` for ``datadam-paper``, ``dm`` and ``ncfm``: the
+                       same method with multi-formation (``--factor 2``), matching in a trained network
+                       pool (``--networks`` :data:`POOL`, cached in ``--pool-dir`` and shared by every
+                       cell of a dataset) or both: the field's two ingredients (see ``docs/usage.md``)
 * ``random``           the random real subset the runs start from (``--iterations 0``), evaluated on
                        the ``paper`` preset's network (InstanceNorm ConvNet)
 * ``random-official``  the same real subset, evaluated on the ``official`` preset's network (BatchNorm
@@ -38,7 +42,10 @@ from typing import Dict, List, Optional
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from datadam_fast._io import atomic_write_text  # noqa: E402
-METHODS = {
+#: the trained network pool of the ``-pool`` cells: 5 networks trained half an epoch each (partly
+#: trained, as IDM's queue; one pool per dataset, built once and reused by all its cells)
+POOL = "pool:5:0.5"
+BASE_METHODS = {
     "datadam-paper": {"preset": "paper"},
     "datadam-official": {"preset": "official"},
     "dm": {"method": "dm"},
@@ -46,8 +53,16 @@ METHODS = {
     "random": {"iterations": 0},
     "random-official": {"preset": "official", "iterations": 0},
 }
+#: the field's ingredients on each matching method
+VARIANTS = {"f2": {"factor": 2}, "pool": {"networks": POOL}, "f2pool": {"factor": 2, "networks": POOL}}
+MATCHING = ("datadam-paper", "dm", "ncfm")
+METHODS = dict(BASE_METHODS)
+for _m in MATCHING:
+    for _v, _extra in VARIANTS.items():
+        METHODS[f"{_m}-{_v}"] = {**BASE_METHODS[_m], **_extra}
 MIN_ITERATIONS = 2000
-TABLE_ORDER = ["random", "datadam-paper", "random-official", "datadam-official", "dm", "ncfm"]  # each baseline first
+TABLE_ORDER = ["random", "datadam-paper", "random-official", "datadam-official", "dm", "ncfm"] + [
+    f"{m}-{v}" for m in MATCHING for v in VARIANTS]  # each baseline first
 
 
 def cell_name(dataset: str, ipc: int, method: str) -> str:
@@ -117,6 +132,10 @@ def run_cell(args, dataset: str, ipc: int, method: str) -> Optional[Dict]:
         flags += ["--method", spec["method"]]
     if "batch_real" in spec:
         flags += ["--batch-real", str(spec["batch_real"])]
+    if "factor" in spec:
+        flags += ["--factor", str(spec["factor"])]
+    if "networks" in spec:
+        flags += ["--networks", spec["networks"], "--pool-dir", args.pool_dir]
     state = distill_state(run_dir, iterations)
     t0 = time.time()
     if state != "done":
@@ -218,7 +237,8 @@ def main(argv=None) -> int:
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--datasets", nargs="+", default=["mnist", "fashion_mnist"])
     ap.add_argument("--ipcs", type=int, nargs="+", default=[1, 10], help="add 50 for the optional column")
-    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    ap.add_argument("--methods", nargs="+", default=list(BASE_METHODS), choices=list(METHODS),
+                    help="cells to run (the -f2 / -pool / -f2pool variants only when named)")
     ap.add_argument("--iterations", type=int, default=MIN_ITERATIONS,
                     help=f"distillation iterations (>= {MIN_ITERATIONS} for the table; less only with --tiny)")
     ap.add_argument("--eval-epochs", type=int, default=1000)
@@ -233,6 +253,9 @@ def main(argv=None) -> int:
     ap.add_argument("--log-every", type=int, default=10)
     ap.add_argument("--runs-dir", default=os.path.join(ROOT, "runs", "full_budget"))
     ap.add_argument("--results-dir", default=os.path.join(ROOT, "benchmarks", "results", "full_budget"))
+    ap.add_argument("--pool-dir", default=os.path.join(ROOT, "benchmarks", "results", "full_budget", "pools"),
+                    help="where the -pool cells' trained networks are cached (committed: the cells resume without "
+                         "training them again)")
     ap.add_argument("--tiny", action="store_true", help="allow a budget below the table's (smoke tests)")
     args = ap.parse_args(argv)
     from datadam_fast.devices import device_line

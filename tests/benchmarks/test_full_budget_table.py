@@ -81,3 +81,14 @@ def test_readme_full_budget_section_is_generated_from_the_committed_cells():
     table = fbr.readme_table()
     assert readme[readme.index(fbr.TABLE_START):readme.index(fbr.TABLE_END) + len(fbr.TABLE_END)] == table
     assert "above its random baseline in 4 of 4" in fbr.verdict("datadam-paper")
+
+
+def test_full_budget_driver_runs_the_field_variants(tmp_path):
+    """A ``-f2pool`` cell: multi-formation and a trained pool, the pool in ``--pool-dir``."""
+    _run(tmp_path, "--methods", "dm-f2pool", "--pool-dir", str(tmp_path / "pools"))
+    cell = json.loads((tmp_path / "results" / "digits_ipc1_dm-f2pool.json").read_text())
+    assert "--factor 2" in cell["distill_command"] and "--networks pool:5:0.5" in cell["distill_command"]
+    st = torch.load(tmp_path / "runs" / "digits_ipc1_dm-f2pool" / "synthetic.pt", weights_only=True)
+    assert st["factor"] == 2 and st["config"]["networks"] == "pool:5:0.5"
+    assert len(list((tmp_path / "pools").glob("*/net_*.pt"))) == 5
+    assert "dm-f2pool" in (tmp_path / "results" / "table.md").read_text()
