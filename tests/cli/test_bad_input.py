@@ -47,7 +47,9 @@ def _bad_distill_cases():
               (["--eval-epochs", "-1"], "--eval-epochs"), (["--eval-runs", "-1"], "--eval-runs"),
               (["--eval-every", "-2"], "--eval-every"), (["--checkpoint-every", "-1"], "--checkpoint-every"),
               (["--real-chunk", "-1"], "real_chunk"), (["--profile", "-1"], "profile"), (["--seed", "-1"], "--seed"),
-              (["--threads", "0"], "--threads")]
+              (["--threads", "0"], "--threads"), (["--factor", "0"], "--factor"), (["--factor", "3"], "--factor 3"),
+              (["--networks", "pool:0"], "--networks"), (["--networks", "pool:2:nan"], "EPOCHS"),
+              (["--networks", "trained"], "--networks"), (["--ipc", "40", "--factor", "2"], "--factor")]
     if not torch.cuda.is_available():
         cases.append((["--backend", "cuda"], "cuda"))
     return cases

@@ -186,7 +186,7 @@ def test_every_method_matches_in_the_drawn_pool_network(tmp_path, method):
 
 
 # ------------------------------------------------------------------------------------------ MNIST, exactness
-MNIST = dict(dataset="mnist", ipc=2, batch_real=8, width=16, networks="pool:3:0.1", eval_every=-1, log_every=1,
+MNIST = dict(dataset="mnist", ipc=2, batch_real=8, width=16, networks="pool:3:1", eval_every=-1, log_every=1,
              checkpoint_every=2, compile=False)
 
 
@@ -232,24 +232,41 @@ def test_mnist_pool_killed_and_resumed_equals_uninterrupted(mnist_pool, mnist_ro
         d.run()
     assert torch.equal(_images(cut), _images(out))
     with pytest.raises(UserError, match="different settings"):
-        Distiller(_mnist(mnist_root, base, iterations=4, networks="pool:2:0.1"), str(cut), resume=True,
+        Distiller(_mnist(mnist_root, base, iterations=4, networks="pool:2:1"), str(cut), resume=True,
                   progress=False)
 
 
-def test_mnist_pool_two_gloo_processes_build_the_same_pool_and_equal_one(mnist_pool, mnist_root, tmp_path):
-    base, out = mnist_pool
-    two = tmp_path / "two"
-    flags = ["distill", "--dataset", "mnist", "--data-root", str(mnist_root), "--ipc", "2", "--batch-real", "8",
-             "--width", "16", "--networks", "pool:3:0.1", "--pool-dir", str(tmp_path / "pools"), "--iterations", "4",
-             "--eval-every", "-1", "--log-every", "1", "--checkpoint-every", "2", "--no-compile", "--no-progress",
-             "--out", str(two)]
+def _torchrun(flags, timeout=900):
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-                        "-m", "datadam_fast", *flags], capture_output=True, text=True, timeout=900, cwd=str(ROOT),
+                        "-m", "datadam_fast", *flags], capture_output=True, text=True, timeout=timeout, cwd=str(ROOT),
                        env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
-    ours, theirs = _net_files(tmp_path / "pools"), _net_files(base / "pools")
+    return r
+
+
+def test_mnist_pool_two_gloo_processes_equal_one(mnist_pool, mnist_root, tmp_path):
+    base, out = mnist_pool
+    two = tmp_path / "two"
+    _torchrun(["distill", "--dataset", "mnist", "--data-root", str(mnist_root), "--ipc", "2", "--batch-real", "8",
+               "--width", "16", "--networks", "pool:3:1", "--pool-dir", str(base / "pools"), "--iterations", "4",
+               "--eval-every", "-1", "--log-every", "1", "--checkpoint-every", "2", "--no-compile", "--no-progress",
+               "--out", str(two)])
+    assert _pool_events(two)[0]["trained"] == 0  # the cached pool, shared by both processes
+    assert (_images(two) - _images(out)).abs().max() < 1e-5
+
+
+def test_two_gloo_processes_build_the_pool_one_process_builds(digits_pool, tmp_path):
+    """Network i trained by rank i mod 2: the pool is the one a single process trains."""
+    base, out, _ = digits_pool
+    two = tmp_path / "two"
+    _torchrun(["distill", "--dataset", "digits", "--ipc", "2", "--networks", "pool:3:1", "--pool-dir",
+               str(tmp_path / "pools"), "--iterations", "4", "--eval-runs", "1", "--eval-epochs", "1", "--no-progress",
+               "--out", str(two)])
+    assert _pool_events(two)[0]["trained"] == 3
+    ours = _net_files(tmp_path / "pools")
+    theirs = [f for f in _net_files(base / "pools") if f.parent.name == ours[0].parent.name]
     assert [f.name for f in ours] == [f.name for f in theirs] == ["net_0.pt", "net_1.pt", "net_2.pt"]
-    for a, b in zip(ours, theirs):  # networks 0 and 2 trained by rank 0, network 1 by rank 1
+    for a, b in zip(ours, theirs):
         sa, sb = torch.load(a, weights_only=True)["state"], torch.load(b, weights_only=True)["state"]
         assert all(torch.equal(sa[k], sb[k]) for k in sa), a.name
     assert (_images(two) - _images(out)).abs().max() < 1e-5
