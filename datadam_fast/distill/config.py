@@ -18,6 +18,7 @@ from typing import Dict, Optional, Tuple
 import torch
 
 from ..errors import UserError
+from .methods import method_presets
 
 PRESETS = {
     # what the paper and its hyper-parameter table describe
@@ -28,12 +29,9 @@ PRESETS = {
     # a flag given explicitly (--method, --factor, --networks, ...) overrides the preset's value.
     # IDC (Kim et al., ICML 2022): multi-formation with factor 2 (its default), on the chosen method
     "idc": {"norm": "instancenorm", "power": 4.0, "factor": 2},
-    # IDM (Zhao et al., CVPR 2023): DM's mean matching, factor 2, networks partly trained on the real data
-    "idm": {"norm": "instancenorm", "power": 4.0, "method": "dm", "factor": 2, "networks": "pool:10:0.5"},
-    # NCFM (Wang et al., CVPR 2025): characteristic-function matching (AdamW, batch_real 1024 from the
-    # method's defaults), factor 2 (its config's factor: 2), a pool of trained networks (its pretrained models)
-    "ncfm": {"norm": "instancenorm", "power": 4.0, "method": "ncfm", "factor": 2, "networks": "pool:10:1"},
 }
+# the presets a method brings (IDM on DM, NCFM on NCFM: methods.Method.presets), on the paper's network
+PRESETS.update({name: {**PRESETS["paper"], **values} for name, values in method_presets().items()})
 #: what a field left unset takes when the preset says nothing of it
 PRESET_FALLBACK = {"method": "datadam", "factor": 1, "networks": "random"}
 DEFAULT_PRESET = "paper"
@@ -185,6 +183,46 @@ class DistillConfig:
         return d
 
 
+@dataclasses.dataclass(frozen=True)
+class NetworkSpec:
+    kind: str                 # "random" | "pool"
+    count: int = 0
+    epochs: float = 0.0
+
+    def __str__(self) -> str:
+        if self.kind == "random":
+            return "random"
+        return f"pool:{self.count}:{self.epochs:g}"
+
+
+def parse_networks(spec) -> NetworkSpec:
+    """``random`` or ``pool:N[:EPOCHS]`` (N >= 1 networks, EPOCHS > 0 epochs, default 1)."""
+    if not isinstance(spec, str):
+        raise UserError(f"--networks (networks) = {spec!r}: expected 'random' or 'pool:N[:EPOCHS]'")
+    s = spec.strip()
+    if s == "random":
+        return NetworkSpec("random")
+    parts = s.split(":")
+    if parts[0] != "pool" or len(parts) not in (2, 3):
+        raise UserError(f"--networks {spec!r}: expected 'random' or 'pool:N[:EPOCHS]' (e.g. pool:5, pool:10:0.5)")
+    try:
+        n = int(parts[1])
+    except ValueError:
+        n = -1
+    if n < 1:
+        raise UserError(f"--networks {spec!r}: N (the number of networks) must be an integer >= 1, got {parts[1]!r}")
+    epochs = 1.0
+    if len(parts) == 3:
+        try:
+            epochs = float(parts[2])
+        except ValueError:
+            epochs = math.nan
+        if not (math.isfinite(epochs) and epochs > 0):
+            raise UserError(f"--networks {spec!r}: EPOCHS must be a finite number > 0 (fractions allowed), "
+                            f"got {parts[2]!r}")
+    return NetworkSpec("pool", n, epochs)
+
+
 def net_overrides(width, depth, norm) -> Dict:
     return {k: v for k, v in (("width", width), ("depth", depth), ("norm", norm)) if v is not None}
 
@@ -281,7 +319,6 @@ def validate(cfg: DistillConfig, dataset, world, method) -> Checked:
             raise UserError(f"{name} must be >= 0 (0 = chosen by the memory planner)")
     from ..data.formation import check_factor
     check_factor(c.factor, dataset.image_size)
-    from .networks import parse_networks
     parse_networks(c.networks)
     counts = [len(ix) for ix in dataset.class_indices()]
     smallest = min(counts)

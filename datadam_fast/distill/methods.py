@@ -53,6 +53,9 @@ class Method:
     #: chunk's first *global* class as ``first_class=`` to :meth:`real_class_sums`,
     #: :meth:`synthetic_loss` and :meth:`features_loss` (chunk rows are class-major, consecutive classes)
     class_aware: bool = False
+    #: the field's configurations that run this method, as ``--preset`` names: ``{name: {config
+    #: field: value}}`` on the paper's network (``config.PRESETS`` collects them; docs/usage.md)
+    presets: Dict[str, Dict] = {}
 
     # ------------------------------------------------------------------ run settings
     @classmethod
@@ -225,6 +228,8 @@ class DM(Method):
     the ``[N, D]`` embedding (no taps are evaluated); the loss is DataDAM's embedding term alone."""
 
     name = "dm"
+    # IDM (Zhao et al., CVPR 2023): DM's means, factor 2, matching in partly trained networks
+    presets = {"idm": {"factor": 2, "networks": "pool:10:0.5"}}
     official_name = "DM"
     summary = ("Distribution Matching as main_DM.py runs it (per-class mean embeddings only, lr-img 1, "
                "batch-real 256, 20000 iterations by default)")
@@ -275,6 +280,8 @@ class NCFM(Method):
     and multi-formation are not part of this method (``docs/methods.md``)."""
 
     name = "ncfm"
+    # NCFM (Wang et al., CVPR 2025): its configs' factor 2, a pool of trained networks (its pretrained models)
+    presets = {"ncfm": {"factor": 2, "networks": "pool:10:1"}}
     official_name = "NCFM"
     summary = ("NCFM's characteristic-function matching of normalised embeddings (per-class Gaussian "
                "frequencies each iteration; AdamW lr 0.001, batch-real 1024, 20000 iterations by default)")
@@ -423,6 +430,11 @@ def class_kwargs(method: Method, first_class: int) -> Dict:
 
 #: the methods ``--method`` names (a user's own :class:`Method` is passed as an instance instead)
 METHODS = {"datadam": DataDAM, "dm": DM, "ncfm": NCFM}
+
+
+def method_presets() -> Dict[str, Dict]:
+    """``{preset name: {"method": name, field: value, ...}}`` of every registered method's :attr:`Method.presets`."""
+    return {p: {"method": cls.name, **values} for cls in METHODS.values() for p, values in cls.presets.items()}
 
 
 def method_class(name: str):

@@ -26,7 +26,6 @@ BatchNorm network's running statistics never carry over from one iteration to th
 """
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import math
@@ -39,6 +38,7 @@ import torch.nn.functional as F
 
 from .._io import atomic_torch_save, atomic_write_text
 from ..errors import UserError
+from .config import NetworkSpec, parse_networks
 
 POOL_FORMAT = "datadam_fast.pool/1"
 #: training steps between two checkpoints of the network being trained
@@ -47,46 +47,6 @@ CHECKPOINT_STEPS = 100
 POOL_LR, POOL_MOMENTUM, POOL_WEIGHT_DECAY, POOL_BATCH = 0.01, 0.9, 5e-4, 256
 #: seconds between two looks for the files other ranks train
 WAIT_POLL_S = 1.0
-
-
-@dataclasses.dataclass(frozen=True)
-class NetworkSpec:
-    kind: str                 # "random" | "pool"
-    count: int = 0
-    epochs: float = 0.0
-
-    def __str__(self) -> str:
-        if self.kind == "random":
-            return "random"
-        return f"pool:{self.count}:{self.epochs:g}"
-
-
-def parse_networks(spec) -> NetworkSpec:
-    """``random`` or ``pool:N[:EPOCHS]`` (N >= 1 networks, EPOCHS > 0 epochs, default 1)."""
-    if not isinstance(spec, str):
-        raise UserError(f"--networks (networks) = {spec!r}: expected 'random' or 'pool:N[:EPOCHS]'")
-    s = spec.strip()
-    if s == "random":
-        return NetworkSpec("random")
-    parts = s.split(":")
-    if parts[0] != "pool" or len(parts) not in (2, 3):
-        raise UserError(f"--networks {spec!r}: expected 'random' or 'pool:N[:EPOCHS]' (e.g. pool:5, pool:10:0.5)")
-    try:
-        n = int(parts[1])
-    except ValueError:
-        n = -1
-    if n < 1:
-        raise UserError(f"--networks {spec!r}: N (the number of networks) must be an integer >= 1, got {parts[1]!r}")
-    epochs = 1.0
-    if len(parts) == 3:
-        try:
-            epochs = float(parts[2])
-        except ValueError:
-            epochs = math.nan
-        if not (math.isfinite(epochs) and epochs > 0):
-            raise UserError(f"--networks {spec!r}: EPOCHS must be a finite number > 0 (fractions allowed), "
-                            f"got {parts[2]!r}")
-    return NetworkSpec("pool", n, epochs)
 
 
 def default_pool_root() -> str:
@@ -236,18 +196,20 @@ class NetworkPool:
         return self.template
 
 
+def _trainable(net):
+    """A network of ``Distiller.new_network`` (frozen for matching) made trainable."""
+    for p in net.parameters():
+        p.requires_grad_(True)
+    return net.train()
+
+
 def train_pool_network(d, i: int, pool: NetworkPool, bar=None) -> None:
     """Train network ``i`` of ``pool`` (resuming its partial checkpoint) and write ``net_i.pt``."""
     from ..models.augment import DSA
-    from ..models.networks import get_network
-    from .config import net_overrides
     c, ds = d.cfg, d.train_set
     dev = d.device
     g = torch.Generator().manual_seed(network_seed(c.seed, i))
-    net = get_network(c.model, ds.channels, ds.num_classes, tuple(ds.image_size), generator=g, taps=c.taps,
-                      **net_overrides(c.width, c.depth, c.norm)).to(dev)
-    if c.channels_last:
-        net = net.to(memory_format=torch.channels_last)
+    net = _trainable(d.new_network(g))  # the run's architecture and memory format, initialised from g
     opt = torch.optim.SGD(net.parameters(), lr=POOL_LR, momentum=POOL_MOMENTUM, weight_decay=POOL_WEIGHT_DECAY)
     dsa = DSA(c.dsa_strategy) if c.dsa else None
     n = len(ds)
@@ -310,14 +272,9 @@ def train_pool_network(d, i: int, pool: NetworkPool, bar=None) -> None:
 def time_training_step(d, repeats: int = 2) -> float:
     """Seconds of one pool training step (forward, backward, SGD step at batch :data:`POOL_BATCH`, on
     random data, after a warm-up; best of ``repeats``): what ``--plan-only`` scales the build by."""
-    from ..models.networks import get_network
-    from .config import net_overrides
-    c, ds = d.cfg, d.train_set
+    ds = d.train_set
     g = torch.Generator().manual_seed(0)
-    net = get_network(c.model, ds.channels, ds.num_classes, tuple(ds.image_size), generator=g, taps=c.taps,
-                      **net_overrides(c.width, c.depth, c.norm)).to(d.device)
-    if c.channels_last:
-        net = net.to(memory_format=torch.channels_last)
+    net = _trainable(d.new_network(g))
     opt = torch.optim.SGD(net.parameters(), lr=POOL_LR, momentum=POOL_MOMENTUM, weight_decay=POOL_WEIGHT_DECAY)
     B = min(POOL_BATCH, len(ds))
     x = d.layout(torch.randn(B, ds.channels, *ds.image_size, generator=g).to(d.device))
@@ -346,5 +303,5 @@ def network_source(d):
     return RandomNetworks() if spec.kind == "random" else NetworkPool(d, spec)
 
 
-__all__ = ["NetworkSpec", "parse_networks", "pool_definition", "pool_key", "NetworkPool", "RandomNetworks",
+__all__ = ["pool_definition", "pool_key", "NetworkPool", "RandomNetworks",
            "network_source", "train_pool_network", "default_pool_root", "total_steps"]

@@ -219,3 +219,22 @@ def test_mnist_factor_2_two_gloo_processes_equal_one(mnist_one_pass, mnist_root,
     plan = next(json.loads(x)["plan"] for x in (two / "metrics.jsonl").read_text().splitlines() if "plan" in x)
     assert plan["world_size"] == 2
     assert (_images(two) - _images(out)).abs().max() < 1e-5
+
+
+def test_field_presets_set_method_factor_and_networks_and_explicit_values_win():
+    c = DistillConfig(dataset="mnist", preset="idm").resolved((28, 28))
+    assert (c.method, c.factor, c.networks, c.norm, c.power, c.batch_real) == ("dm", 2, "pool:10:0.5", "instancenorm",
+                                                                                 4.0, 256)
+    c = DistillConfig(dataset="mnist", preset="ncfm").resolved((28, 28))
+    assert (c.method, c.factor, c.networks, c.optimizer, c.batch_real) == ("ncfm", 2, "pool:10:1", "adamw", 1024)
+    c = DistillConfig(dataset="mnist", preset="idc").resolved((28, 28))
+    assert (c.method, c.factor, c.networks) == ("datadam", 2, "random")
+    c = DistillConfig(dataset="mnist", preset="idm", method="datadam", factor=1, networks="random").resolved((28, 28))
+    assert (c.method, c.factor, c.networks) == ("datadam", 1, "random")
+    c = DistillConfig(dataset="mnist").resolved((28, 28))
+    assert (c.method, c.factor, c.networks) == ("datadam", 1, "random")
+    from datadam_fast.cli import build_parser
+    from datadam_fast.cli.args import distill_config
+    args = build_parser().parse_args(["distill", "--preset", "idm", "--networks", "pool:2:1"])
+    c = distill_config(args, {}).resolved((28, 28))
+    assert (c.method, c.factor, c.networks) == ("dm", 2, "pool:2:1")

@@ -14,6 +14,7 @@ import torch
 
 from datadam_fast.distill import DistillConfig, Distiller
 from datadam_fast.distill import networks as N
+from datadam_fast.distill.config import NetworkSpec, parse_networks
 from datadam_fast.errors import UserError
 from conftest import shared_datasets
 
@@ -39,15 +40,15 @@ def _net_files(pool_root):
 
 
 def test_network_specs_parse_and_bad_ones_say_what_was_expected():
-    assert N.parse_networks("random") == N.NetworkSpec("random")
-    assert N.parse_networks("pool:3") == N.NetworkSpec("pool", 3, 1.0)
-    assert N.parse_networks("pool:10:0.5") == N.NetworkSpec("pool", 10, 0.5)
-    assert str(N.parse_networks("pool:2:0.25")) == "pool:2:0.25"
+    assert parse_networks("random") == NetworkSpec("random")
+    assert parse_networks("pool:3") == NetworkSpec("pool", 3, 1.0)
+    assert parse_networks("pool:10:0.5") == NetworkSpec("pool", 10, 0.5)
+    assert str(parse_networks("pool:2:0.25")) == "pool:2:0.25"
     for bad, match in (("pool", "pool:N"), ("pool:0", "integer >= 1"), ("pool:x", "integer >= 1"),
                        ("pool:2:0", "EPOCHS"), ("pool:2:nan", "EPOCHS"), ("pool:2:-1", "EPOCHS"),
                        ("fresh", "random"), ("pool:1:2:3", "pool:N"), (3, "random")):
         with pytest.raises(UserError, match=match):
-            N.parse_networks(bad)
+            parse_networks(bad)
     with pytest.raises(UserError, match="pool:N"):
         Distiller(DistillConfig(dataset="digits", networks="pool", iterations=1), None, progress=False)
     assert N.total_steps(1, 1437) == 6 and N.total_steps(0.5, 1437) == 3 and N.total_steps(0.01, 100) == 1
@@ -56,17 +57,17 @@ def test_network_specs_parse_and_bad_ones_say_what_was_expected():
 def test_pool_key_covers_what_defines_the_networks(tmp_path):
     d = Distiller(DistillConfig(dataset="digits", iterations=1, networks="pool:2:1", pool_dir=str(tmp_path)), None,
                   progress=False)
-    base = N.pool_key(N.pool_definition(d.cfg, d.train_set, N.parse_networks("pool:2:1")))
+    base = N.pool_key(N.pool_definition(d.cfg, d.train_set, parse_networks("pool:2:1")))
     import dataclasses
     for change in (dict(seed=1), dict(width=64), dict(norm="batchnorm"), dict(depth=2), dict(zca=True),
                    dict(dsa=False)):
         c = dataclasses.replace(d.cfg, **change)
-        assert N.pool_key(N.pool_definition(c, d.train_set, N.parse_networks("pool:2:1"))) != base, change
+        assert N.pool_key(N.pool_definition(c, d.train_set, parse_networks("pool:2:1"))) != base, change
     for spec in ("pool:3:1", "pool:2:0.5"):
-        assert N.pool_key(N.pool_definition(d.cfg, d.train_set, N.parse_networks(spec))) != base, spec
+        assert N.pool_key(N.pool_definition(d.cfg, d.train_set, parse_networks(spec))) != base, spec
     # what does not define the weights does not change the key
     c = dataclasses.replace(d.cfg, ipc=3, method="dm", factor=2, iterations=50, lr_img=0.1)
-    assert N.pool_key(N.pool_definition(c, d.train_set, N.parse_networks("pool:2:1"))) == base
+    assert N.pool_key(N.pool_definition(c, d.train_set, parse_networks("pool:2:1"))) == base
     d.close()
 
 
