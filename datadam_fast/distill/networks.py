@@ -189,7 +189,10 @@ class NetworkPool:
         return {k: v.to(device) for k, v in obj["state"].items()}
 
     def draw(self, d):
-        """One network of the pool, chosen with the run's generator, its weights in the template."""
+        """One network of the pool, chosen with the run's generator, its weights in the template
+        (a step taken outside ``run()``, e.g. ``Distiller.step()`` from the API, builds the pool first)."""
+        if self.states is None:
+            self.prepare(d)
         i = int(torch.randint(self.spec.count, (1,), generator=d.gen))
         with torch.no_grad():
             self.template.load_state_dict(self.states[i])
