@@ -187,7 +187,7 @@ def test_every_method_matches_in_the_drawn_pool_network(tmp_path, method):
 
 
 # ------------------------------------------------------------------------------------------ MNIST, exactness
-MNIST = dict(dataset="mnist", ipc=2, batch_real=8, width=16, networks="pool:3:1", eval_every=-1, log_every=1,
+MNIST = dict(dataset="mnist", ipc=2, batch_real=8, width=8, networks="pool:3:1", eval_every=-1, log_every=1,
              checkpoint_every=2, compile=False)
 
 
@@ -249,7 +249,7 @@ def test_mnist_pool_two_gloo_processes_equal_one(mnist_pool, mnist_root, tmp_pat
     base, out = mnist_pool
     two = tmp_path / "two"
     _torchrun(["distill", "--dataset", "mnist", "--data-root", str(mnist_root), "--ipc", "2", "--batch-real", "8",
-               "--width", "16", "--networks", "pool:3:1", "--pool-dir", str(base / "pools"), "--iterations", "4",
+               "--width", "8", "--networks", "pool:3:1", "--pool-dir", str(base / "pools"), "--iterations", "4",
                "--eval-every", "-1", "--log-every", "1", "--checkpoint-every", "2", "--no-compile", "--no-progress",
                "--out", str(two)])
     assert _pool_events(two)[0]["trained"] == 0  # the cached pool, shared by both processes
