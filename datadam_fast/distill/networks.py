@@ -211,6 +211,7 @@ def train_pool_network(d, i: int, pool: NetworkPool, bar=None) -> None:
     from ..models.augment import DSA
     c, ds = d.cfg, d.train_set
     dev = d.device
+    os.makedirs(pool.dir, exist_ok=True)
     g = torch.Generator().manual_seed(network_seed(c.seed, i))
     net = _trainable(d.new_network(g))  # the run's architecture and memory format, initialised from g
     opt = torch.optim.SGD(net.parameters(), lr=POOL_LR, momentum=POOL_MOMENTUM, weight_decay=POOL_WEIGHT_DECAY)
