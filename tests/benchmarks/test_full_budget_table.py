@@ -70,13 +70,14 @@ def test_full_budget_refuses_a_small_budget_without_tiny(tmp_path):
 
 
 def test_readme_full_budget_section_is_generated_from_the_committed_cells():
-    """docs/results.md's full-budget section and the README's accuracy table are what the committed
-    cell JSONs say."""
+    """docs/results.md's full-budget and field sections and the README's accuracy table are what the
+    committed cell JSONs say."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import full_budget_readme as fbr
     doc = (ROOT / "docs" / "results.md").read_text()
     sec = fbr.section()
     assert doc[doc.index(fbr.START):doc.index(fbr.END)] == sec
+    assert doc[doc.index(fbr.FIELD_START):doc.index(fbr.FIELD_END)] == fbr.field_section()
     readme = (ROOT / "README.md").read_text()
     table = fbr.readme_table()
     assert readme[readme.index(fbr.TABLE_START):readme.index(fbr.TABLE_END) + len(fbr.TABLE_END)] == table
@@ -92,3 +93,13 @@ def test_full_budget_driver_runs_the_field_variants(tmp_path):
     assert st["factor"] == 2 and st["config"]["networks"] == "pool:5:0.5"
     assert len(list((tmp_path / "pools").glob("*/net_*.pt"))) == 5
     assert "dm-f2pool" in (tmp_path / "results" / "table.md").read_text()
+
+
+def test_field_verdicts_are_computed_against_the_best_published_number():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import full_budget_readme as fbr
+    assert fbr.best_published("fashion_mnist", 1) == ("IDC", 81.0)
+    assert fbr.best_published("mnist", 10) == ("DSA", 97.8)
+    assert fbr.judge({"mean": 82.0, "std": 0.5}, "fashion_mnist", 1).startswith("above IDC (+1.00)")
+    assert fbr.judge({"mean": 80.8, "std": 0.5}, "fashion_mnist", 1).startswith("within one std of IDC")
+    assert fbr.judge({"mean": 79.0, "std": 0.5}, "fashion_mnist", 1).startswith("below IDC (-2.00)")
