@@ -88,12 +88,6 @@ def _cli(args: List[str]) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "datadam_fast", *args], capture_output=True, text=True, env=env)
 
 
-def _rejects_method(proc: subprocess.CompletedProcess) -> bool:
-    err = proc.stderr
-    return proc.returncode == 2 and ("--method" in err or "method" in err) and (
-        "unrecognized arguments" in err or "invalid choice" in err)
-
-
 def distill_state(run_dir: str, iterations: int) -> str:
     """'done' (synthetic set of the requested length), 'resume' (a checkpoint), 'fresh' or 'overwrite'."""
     summary = os.path.join(run_dir, "summary.json")
@@ -143,10 +137,6 @@ def run_cell(args, dataset: str, ipc: int, method: str) -> Optional[Dict]:
         print(f"[{name}] distill ({'resuming from its checkpoint' if state == 'resume' else state}): "
               f"{iterations} iterations", flush=True)
         proc = _cli(["distill", *flags, *extra])
-        if "method" in spec and _rejects_method(proc):
-            print(f"[{name}] SKIPPED: this datadam-fast distill does not accept --method {spec['method']} "
-                  f"({proc.stderr.strip().splitlines()[-1]})", flush=True)
-            return None
         if proc.returncode != 0:
             tail = (proc.stderr.strip().splitlines() or ["(no stderr)"])[-1]
             print(f"[{name}] FAILED: distill exited with {proc.returncode}: {tail}", flush=True)

@@ -1,4 +1,6 @@
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -10,6 +12,9 @@ import torch
 os.environ.setdefault("DATADAM_FAST_COMPILE", "0")
 # A native crash in a subprocess (torchrun ranks, the CLI) prints the Python stack of every thread.
 os.environ.setdefault("PYTHONFAULTHANDLER", "1")
+
+#: the repository root (subprocesses run from here, so ``-m datadam_fast`` is this checkout)
+ROOT = Path(__file__).resolve().parents[1]
 
 
 #: the small digits run the engine tests share: IPC 2, 6 real images per class, a width-16 ConvNet,
@@ -62,9 +67,62 @@ def _seed():
     yield
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def datasets_root():
+    """The genuine MNIST / Fashion-MNIST beside the checkout (``$DATADAM_FAST_DATA`` first)."""
     root = shared_datasets()
     if not (root / "mnist" / "raw").is_dir():
         pytest.skip(f"real datasets not found at {root}")
     return root
+
+
+def _one_thread_env(env=None):
+    # two processes (or a test beside a run) on two cores: one thread each, no oversubscription
+    return {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+
+
+def cli(*args, timeout: float = 600, env=None, **kw) -> subprocess.CompletedProcess:
+    """``python -m datadam_fast ARGS`` from the repository root, one thread, output captured."""
+    return subprocess.run([sys.executable, "-m", "datadam_fast", *map(str, args)], capture_output=True, text=True,
+                          cwd=str(ROOT), timeout=timeout, env=_one_thread_env(env), **kw)
+
+
+def torchrun(*args, nproc: int = 2, timeout: float = 600, script=None) -> subprocess.CompletedProcess:
+    """``torchrun --standalone --nproc-per-node=NPROC`` of ``-m datadam_fast ARGS`` (or of ``script
+    ARGS``), gloo on the CPU, one thread per process, output captured."""
+    target = [str(script)] if script else ["-m", "datadam_fast"]
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+                           *target, *map(str, args)], capture_output=True, text=True, timeout=timeout,
+                          cwd=str(ROOT), env=_one_thread_env())
+
+
+def synthetic_images(out):
+    """The image tensor of ``OUT/synthetic.pt`` (as stored: for ``--factor F`` the encoded images)."""
+    return torch.load(Path(out) / "synthetic.pt", weights_only=True)["images"]
+
+
+def _cuda_compile_module(session):
+    for item in session.items:
+        if item.path.name == "test_cuda_compile.py":
+            return item.getparent(pytest.Module).obj
+    return None
+
+
+def pytest_collection_finish(session):
+    # the nvcc compile check's two units start now, in the background (see test_cuda_compile.py)
+    if session.config.option.collectonly:
+        return
+    mod = _cuda_compile_module(session)
+    if mod is not None:
+        mod.start_in_background()
+
+
+def pytest_sessionfinish(session):
+    mod = _cuda_compile_module(session)
+    jobs = getattr(mod, "_BACKGROUND", {}) if mod is not None else {}
+    for name, j in jobs.items():
+        if name != "_dir" and j.proc is not None and j.proc.poll() is None:
+            j.proc.kill()  # an interrupted run leaves no nvcc behind
+    if "_dir" in jobs:
+        import shutil
+        shutil.rmtree(jobs["_dir"], ignore_errors=True)

@@ -24,7 +24,6 @@ fitted on the training set.
 """
 from __future__ import annotations
 
-import math
 from typing import Dict, Optional, Tuple
 
 import torch

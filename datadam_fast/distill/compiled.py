@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence
 
 import torch
 from torch import nn

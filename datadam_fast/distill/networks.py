@@ -107,7 +107,6 @@ class NetworkPool:
         self.steps = total_steps(spec.epochs, len(d.train_set))
         self.states: Optional[List[Dict[str, torch.Tensor]]] = None
         self.template = None
-        self.trained_now: List[int] = []
         self.build_seconds = 0.0
 
     # ------------------------------------------------------------------ files
@@ -157,8 +156,7 @@ class NetworkPool:
             finally:
                 if bar is not None:
                     bar.close()
-            self._wait_for(missing, d)
-            self.trained_now = missing
+            self._wait_for(missing)
         self.build_seconds = time.perf_counter() - t0
         self.states = [self._load(i, d.device) for i in range(self.spec.count)]
         self.template = d.new_network(torch.Generator().manual_seed(0))
@@ -171,7 +169,7 @@ class NetworkPool:
                        "count": self.spec.count, "epochs": self.spec.epochs, "trained": len(missing),
                        "seconds": self.build_seconds})
 
-    def _wait_for(self, indices: List[int], d) -> None:
+    def _wait_for(self, indices: List[int]) -> None:
         """Every network of ``indices`` on disk (other ranks train theirs; torchrun stops the job
         if one of them fails, so the wait needs no timeout of its own)."""
         while any(not os.path.isfile(self.net_path(i)) for i in indices):

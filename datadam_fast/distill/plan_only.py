@@ -57,7 +57,7 @@ def _fit(sizes: Tuple[int, int], secs: List[float]) -> Tuple[float, float]:
 def time_passes(d) -> Dict[str, float]:
     """Seconds per image and per call of the real and synthetic passes of distiller ``d`` (the
     code the step runs, on random data; the run's generator is not touched)."""
-    c, ds, dev = d.cfg, d.train_set, d.device
+    ds, dev = d.train_set, d.device
     gen = torch.Generator().manual_seed(4321)
     net = d.new_network(gen)
     params = d.dsa.sample(1, gen, dev, tuple(ds.image_size)) if d.dsa else None

@@ -23,9 +23,8 @@ Chosen by ``--real-epilogue`` in the distillation loop (see ``Distiller._resolve
 from __future__ import annotations
 
 import functools
-import warnings
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import difflib
 import warnings
-from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, List, Sequence, Tuple, Union
 
 import torch
 from torch import nn

@@ -11,7 +11,7 @@ BatchNorm (:func:`check_streaming_safe` is the same check as a function).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Optional, Sequence, Union
+from typing import List, Optional, Sequence
 
 import torch
 from torch import nn

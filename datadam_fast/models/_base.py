@@ -2,8 +2,7 @@
 layers, and the feature-tap base classes."""
 from __future__ import annotations
 
-import math
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import List, Tuple
 
 import torch
 from torch import nn

@@ -45,7 +45,7 @@ with a depth-3 ConvNet gives a 2048-d embedding, as in the official code).
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Dict, List, Mapping, Optional, Tuple
 
 import torch
 from torch import nn

@@ -1,8 +1,7 @@
 """ResNet18 (and the average-pooling variant) of the DC/DM/DataDAM benchmark code."""
 from __future__ import annotations
 
-import math
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import List, Sequence, Tuple
 
 import torch
 from torch import nn

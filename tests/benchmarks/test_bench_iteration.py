@@ -4,7 +4,6 @@ The official row is only a fair baseline if it computes the official loss: with 
 the same inputs and no DSA its loss (and pixel gradient) must be the package's
 ``attention_matching_loss`` at power 1."""
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path

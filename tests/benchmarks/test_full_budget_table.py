@@ -1,4 +1,5 @@
-"""benchmarks/full_budget_table.py at a tiny budget on digits: cells, skip, resume, --method fallback."""
+"""benchmarks/full_budget_table.py at a tiny budget on digits: cells, skip, resume, the field variants;
+the generated docs sections and verdicts."""
 import json
 import subprocess
 import sys
@@ -23,10 +24,10 @@ def _run(tmp_path, *extra):
 
 
 def test_full_budget_driver_tiny(tmp_path):
-    out = _run(tmp_path, "--methods", "datadam-paper", "datadam-official", "random", "random-official", "dm")
+    # a preset cell and a random-real cell on each network (the -f2pool test below runs a --method cell)
+    _run(tmp_path, "--methods", "datadam-paper", "random", "random-official")
     res = tmp_path / "results"
-    for m, norm in (("datadam-paper", "instancenorm"), ("datadam-official", "batchnorm"), ("random", "instancenorm"),
-                    ("random-official", "batchnorm")):
+    for m, norm in (("datadam-paper", "instancenorm"), ("random", "instancenorm"), ("random-official", "batchnorm")):
         cell = json.loads((res / f"digits_ipc1_{m}.json").read_text())
         assert cell["method"] == m and 0 <= cell["mean"] <= 100 and len(cell["accuracies"]) == 1
         assert cell["network"]["norm"] == norm and cell["network"]["width"] == 8 and cell["eval_epochs"] == 2
@@ -35,15 +36,12 @@ def test_full_budget_driver_tiny(tmp_path):
     sets = [torch.load(tmp_path / "runs" / f"digits_ipc1_{m}" / "synthetic.pt", weights_only=True)["images"]
             for m in ("random", "random-official")]
     assert torch.equal(*sets)
-    dm = res / "digits_ipc1_dm.json"
-    if not dm.exists():  # distill without --method: a clear skip, not a crash
-        assert "[digits_ipc1_dm] SKIPPED" in out and "--method" in out
     table = (res / "table.md").read_text()
     assert "| digits | 1 |" in table and "±" in table
 
     # rerun: finished cells are not recomputed
     before = {p.name: p.read_text() for p in res.glob("*.json")}
-    out = _run(tmp_path, "--methods", "datadam-paper", "datadam-official", "random")
+    out = _run(tmp_path, "--methods", "datadam-paper", "random-official", "random")
     assert out.count("done already") == 3 and "distill" not in out.replace("done already", "")
     assert {p.name: p.read_text() for p in res.glob("*.json")} == before
 
@@ -60,7 +58,7 @@ def test_full_budget_driver_tiny(tmp_path):
     assert torch.equal(torch.load(run / "synthetic.pt", weights_only=True)["images"], images)
     # the table keeps every finished cell, not only this invocation's method, baseline column first
     header = (res / "table.md").read_text().splitlines()[2]
-    assert header.startswith("| dataset | IPC | random | datadam-paper | random-official | datadam-official |"), header
+    assert header.startswith("| dataset | IPC | random | datadam-paper | random-official |"), header
 
 
 def test_full_budget_refuses_a_small_budget_without_tiny(tmp_path):

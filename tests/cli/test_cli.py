@@ -1,6 +1,5 @@
 """End-to-end: distill, kill and resume, evaluate, official formats, bad input (tiny budgets)."""
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -10,6 +9,7 @@ import pytest
 import torch
 
 from datadam_fast import cli
+from conftest import synthetic_images
 
 TINY = ["--ipc", "2", "--iterations", "6", "--batch-real", "8", "--width", "16", "--eval-runs", "1",
         "--eval-epochs", "2", "--no-progress", "--log-every", "1"]
@@ -60,10 +60,6 @@ def test_distill_digits_outputs(tmp_path, capsys):
     assert summary["iteration"] == 6
 
 
-def _images(out):
-    return torch.load(os.path.join(out, "synthetic.pt"), weights_only=True)["images"]
-
-
 def test_same_seed_same_result_and_different_seed_differs(tmp_path):
     from datadam_fast.distill import DistillConfig, Distiller
     cfg = DistillConfig(ipc=2, iterations=3, batch_real=8, width=16, eval_every=-1, seed=5)
@@ -71,10 +67,10 @@ def test_same_seed_same_result_and_different_seed_differs(tmp_path):
     a.run()
     b = Distiller(cfg, str(tmp_path / "b"), progress=False)
     b.run()
-    assert torch.equal(_images(tmp_path / "a"), _images(tmp_path / "b"))
+    assert torch.equal(synthetic_images(tmp_path / "a"), synthetic_images(tmp_path / "b"))
     cfg.seed = 6
     Distiller(cfg, str(tmp_path / "c"), progress=False).run()
-    assert not torch.equal(_images(tmp_path / "a"), _images(tmp_path / "c"))
+    assert not torch.equal(synthetic_images(tmp_path / "a"), synthetic_images(tmp_path / "c"))
 
 
 def test_resume_equals_uninterrupted(tmp_path):
@@ -87,7 +83,7 @@ def test_resume_equals_uninterrupted(tmp_path):
     r = Distiller(cfg, str(tmp_path / "cut"), resume=True, progress=False)
     assert r.iteration == 3
     r.run()
-    assert torch.equal(_images(tmp_path / "full"), _images(tmp_path / "cut"))
+    assert torch.equal(synthetic_images(tmp_path / "full"), synthetic_images(tmp_path / "cut"))
     its = [json.loads(l)["iteration"] for l in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()
            if "loss" in json.loads(l)]
     assert its == list(range(1, 8))  # nothing duplicated or lost in the log
@@ -115,7 +111,7 @@ def test_kill_and_resume_subprocess(tmp_path, capsys):
     assert torch.load(ck, weights_only=True)["iteration"] == it_killed
     assert run_cli(["distill", "--out", str(out), "--resume"] + flags, capsys)[0] == 0
     assert run_cli(["distill", "--out", str(tmp_path / "full")] + flags, capsys)[0] == 0
-    assert torch.equal(_images(out), _images(tmp_path / "full"))
+    assert torch.equal(synthetic_images(out), synthetic_images(tmp_path / "full"))
 
 
 def test_evaluate_cli_and_json(tmp_path, capsys):
@@ -136,7 +132,7 @@ def test_iterations_zero_is_random_real_subset(tmp_path):
     from datadam_fast.distill import DistillConfig, Distiller
     d = Distiller(DistillConfig(ipc=3, iterations=0, eval_every=-1), str(tmp_path / "z"), progress=False)
     d.run()
-    imgs = _images(tmp_path / "z")
+    imgs = synthetic_images(tmp_path / "z")
     real = load_dataset("digits", split="train").normalized_all("cpu")
     for k in range(10):
         for x in imgs[3 * k:3 * k + 3]:

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from conftest import shared_datasets
-from datadam_fast.data import (DATASET_NAMES, DatasetError, ImageDataset, channel_stats,
+from datadam_fast.data import (DATASET_NAMES, DatasetError, channel_stats,
                                default_data_root, load_dataset, pack_image_folder)
 from datadam_fast.data import _cifar, _digits, _download, _mnist, _packed
 

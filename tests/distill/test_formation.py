@@ -3,10 +3,7 @@ end; chunked == one pass, 2 gloo processes == 1, kill + ``--resume`` == uninterr
 reader of a set (evaluate, the three exports, the grid, report) seeing ``F^2 x IPC`` full-size
 images per class."""
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
+
 
 import pytest
 import torch
@@ -15,14 +12,7 @@ from datadam_fast.data.formation import check_factor, decode, decode_labels, enc
 from datadam_fast.distill import DistillConfig, Distiller
 from datadam_fast.errors import UserError
 from datadam_fast.evaluation.formats import load_synthetic
-from conftest import shared_datasets
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def _cli(*args, env=None, timeout=600):
-    return subprocess.run([sys.executable, "-m", "datadam_fast", *args], capture_output=True, text=True,
-                          cwd=str(ROOT), timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+from conftest import cli, synthetic_images, torchrun
 
 
 # ------------------------------------------------------------------------------------------ the pair
@@ -53,7 +43,7 @@ def test_decode_is_bilinear_upsampling_and_differentiable():
     assert decode(x, 1) is x
 
 
-def test_encode_averages_blocks_into_cells_and_inverts_decode_on_blocky_images():
+def test_encode_averages_blocks_into_cells_and_inverts_decode_on_blockysynthetic_images():
     real = torch.randn(8, 3, 8, 8)
     enc = encode(real, 2)
     assert enc.shape == (2, 3, 8, 8)
@@ -89,7 +79,7 @@ def test_factor_with_real_init_needs_enough_real_images_per_class():
 @pytest.fixture(scope="module")
 def digits_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("factor") / "run"
-    r = _cli("distill", "--dataset", "digits", "--ipc", "2", "--factor", "2", "--iterations", "4", "--eval-runs", "1",
+    r = cli("distill", "--dataset", "digits", "--ipc", "2", "--factor", "2", "--iterations", "4", "--eval-runs", "1",
              "--eval-epochs", "1", "--no-progress", "--out", str(out))
     assert r.returncode == 0, r.stderr[-3000:]
     return out
@@ -116,7 +106,7 @@ def test_digits_factor_2_evaluate_and_every_export_hold_the_decoded_set(digits_r
     st = torch.load(out / "synthetic.pt", weights_only=True)
     torch.testing.assert_close(images, decode(st["images"], 2))
     ev = tmp_path / "eval.json"
-    r = _cli("evaluate", "--synthetic", str(out / "synthetic.pt"), "--runs", "1", "--epochs", "1", "--json", str(ev),
+    r = cli("evaluate", "--synthetic", str(out / "synthetic.pt"), "--runs", "1", "--epochs", "1", "--json", str(ev),
              "--no-progress")
     assert r.returncode == 0, r.stderr[-2000:]
     assert "20 stored images of factor 2 -> 80 full-size images" in r.stdout
@@ -124,7 +114,7 @@ def test_digits_factor_2_evaluate_and_every_export_hold_the_decoded_set(digits_r
     assert (res["num_images"], res["factor"], res["stored_images"]) == (80, 2, 20)
     for fmt in ("official", "tensors", "folder"):
         dest = tmp_path / fmt
-        r = _cli("export", str(out), "--format", fmt, "--out", str(dest))
+        r = cli("export", str(out), "--format", fmt, "--out", str(dest))
         assert r.returncode == 0, r.stderr[-2000:]
         path = next(dest.glob("*.pt")) if fmt == "official" else dest
         back, back_labels, back_meta = load_synthetic(str(path))
@@ -137,7 +127,7 @@ def test_digits_factor_2_evaluate_and_every_export_hold_the_decoded_set(digits_r
             torch.testing.assert_close(back, images)
     off = torch.load(next((tmp_path / "official").glob("*.pt")), weights_only=True)
     assert off["data"][0][0].shape == (80, 1, 8, 8) and off["factor"] == 2 and off["decoded"] is True
-    r = _cli("report", str(out))
+    r = cli("report", str(out))
     assert r.returncode == 0, r.stderr[-2000:]
     assert "factor 2: 8 decoded images per class" in r.stdout + r.stderr
 
@@ -147,33 +137,21 @@ MNIST = dict(dataset="mnist", ipc=2, batch_real=8, width=16, factor=2, eval_ever
              checkpoint_every=2, compile=False)
 
 
-@pytest.fixture(scope="module")
-def mnist_root():
-    root = shared_datasets()
-    if not (root / "mnist" / "raw").is_dir():
-        pytest.skip(f"real datasets not found at {root}")
-    return root
-
-
 def _mnist(root, **kw):
     return DistillConfig(data_root=str(root), **{**MNIST, **kw})
 
 
-def _images(out):
-    return torch.load(Path(out) / "synthetic.pt", weights_only=True)["images"]
-
-
 @pytest.fixture(scope="module")
-def mnist_one_pass(tmp_path_factory, mnist_root):
+def mnist_one_pass(tmp_path_factory, datasets_root):
     out = tmp_path_factory.mktemp("factor_mnist") / "one"
-    with Distiller(_mnist(mnist_root, iterations=4), str(out), progress=False) as d:
+    with Distiller(_mnist(datasets_root, iterations=4), str(out), progress=False) as d:
         d.run()
     assert d.plan.real_chunks == 1 and d.plan.syn_chunks == 1
     return out, d
 
 
-def test_mnist_factor_2_initial_cells_are_downsampled_real_images_of_the_class(mnist_root):
-    d = Distiller(_mnist(mnist_root, iterations=0), None, progress=False)
+def test_mnist_factor_2_initial_cells_are_downsampled_real_images_of_the_class(datasets_root):
+    d = Distiller(_mnist(datasets_root, iterations=0), None, progress=False)
     gen = torch.Generator().manual_seed(0)
     want = []
     for ix in d.class_idx:  # the same draws as the engine: one randperm per class, ipc * 4 images
@@ -183,42 +161,40 @@ def test_mnist_factor_2_initial_cells_are_downsampled_real_images_of_the_class(m
     d.close()
 
 
-def test_mnist_factor_2_chunked_equals_one_pass(mnist_one_pass, mnist_root, tmp_path):
+def test_mnist_factor_2_chunked_equals_one_pass(mnist_one_pass, datasets_root, tmp_path):
     out, _ = mnist_one_pass
-    with Distiller(_mnist(mnist_root, iterations=4, real_chunk=3, syn_chunk=4), str(tmp_path / "c"), progress=False) as d:
+    with Distiller(_mnist(datasets_root, iterations=4, real_chunk=3, syn_chunk=4), str(tmp_path / "c"), progress=False) as d:
         d.run()
     assert d.plan.real_chunks == 4 and d.plan.syn_chunks == 3
-    assert (_images(tmp_path / "c") - _images(out)).abs().max() < 1e-5
-    with Distiller(_mnist(mnist_root, iterations=0), None, progress=False) as start:
-        assert (start.syn.detach() - _images(out)).abs().max() > 1e-3  # the four iterations moved the set
+    assert (synthetic_images(tmp_path / "c") - synthetic_images(out)).abs().max() < 1e-5
+    with Distiller(_mnist(datasets_root, iterations=0), None, progress=False) as start:
+        assert (start.syn.detach() - synthetic_images(out)).abs().max() > 1e-3  # the four iterations moved the set
 
 
-def test_mnist_factor_2_killed_and_resumed_equals_uninterrupted(mnist_one_pass, mnist_root, tmp_path):
+def test_mnist_factor_2_killed_and_resumed_equals_uninterrupted(mnist_one_pass, datasets_root, tmp_path):
     out, _ = mnist_one_pass
     cut = tmp_path / "cut"
-    with Distiller(_mnist(mnist_root, iterations=4), str(cut), progress=False) as d:
+    with Distiller(_mnist(datasets_root, iterations=4), str(cut), progress=False) as d:
         assert d.run(stop_after=3) == {"stopped": True, "iteration": 3}  # checkpoint at 2, then "killed"
-    with Distiller(_mnist(mnist_root, iterations=4), str(cut), resume=True, progress=False) as d:
+    with Distiller(_mnist(datasets_root, iterations=4), str(cut), resume=True, progress=False) as d:
         assert d.iteration == 2
         d.run()
-    assert torch.equal(_images(cut), _images(out))
+    assert torch.equal(synthetic_images(cut), synthetic_images(out))
     with pytest.raises(UserError, match="different settings"):
-        Distiller(_mnist(mnist_root, iterations=4, factor=1), str(cut), resume=True, progress=False)
+        Distiller(_mnist(datasets_root, iterations=4, factor=1), str(cut), resume=True, progress=False)
 
 
-def test_mnist_factor_2_two_gloo_processes_equal_one(mnist_one_pass, mnist_root, tmp_path):
+def test_mnist_factor_2_two_gloo_processes_equal_one(mnist_one_pass, datasets_root, tmp_path):
     out, _ = mnist_one_pass
     two = tmp_path / "two"
-    flags = ["distill", "--dataset", "mnist", "--data-root", str(mnist_root), "--ipc", "2", "--batch-real", "8",
+    flags = ["distill", "--dataset", "mnist", "--data-root", str(datasets_root), "--ipc", "2", "--batch-real", "8",
              "--width", "16", "--factor", "2", "--iterations", "4", "--eval-every", "-1", "--log-every", "1",
              "--checkpoint-every", "2", "--no-compile", "--no-progress", "--out", str(two)]
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-                        "-m", "datadam_fast", *flags], capture_output=True, text=True, timeout=600, cwd=str(ROOT),
-                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    r = torchrun(*flags)
     assert r.returncode == 0, r.stderr[-3000:]
     plan = next(json.loads(x)["plan"] for x in (two / "metrics.jsonl").read_text().splitlines() if "plan" in x)
     assert plan["world_size"] == 2
-    assert (_images(two) - _images(out)).abs().max() < 1e-5
+    assert (synthetic_images(two) - synthetic_images(out)).abs().max() < 1e-5
 
 
 def test_field_presets_set_method_factor_and_networks_and_explicit_values_win():

@@ -1,10 +1,6 @@
 """Methods as plug-ins: the user method of docs/methods.md through the engine (chunks, 2 gloo
 processes, kill + resume each equal the uninterrupted one-pass run), and the built-in ones."""
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,19 +9,14 @@ from datadam_fast.distill import DM, DataDAM, DistillConfig, Distiller, Method, 
 from datadam_fast.errors import UserError
 
 from _user_method import SMALL, load_user_method
-from conftest import run_small
+from conftest import ROOT, run_small, synthetic_images, torchrun
 
-ROOT = Path(__file__).resolve().parents[2]
 ChannelAttention = load_user_method()["ChannelAttention"]
 
 
 def _run(out, iterations=4, method=None, **kw):
     return run_small(out, iterations=iterations, method=method or ChannelAttention(),
                      **{"log_every": 1, "checkpoint_every": 2, **kw})
-
-
-def _images(out):
-    return torch.load(Path(out) / "synthetic.pt", weights_only=True)["images"]
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +36,7 @@ def test_user_method_runs_through_the_engine(one_pass):
     assert logged and {"loss_attention", "loss_embedding"} <= set(logged[-1])
     assert logged[-1]["loss"] == pytest.approx(logged[-1]["loss_attention"] + logged[-1]["loss_embedding"], rel=1e-5)
     start = d.train_set.normalized_all("cpu")
-    assert not torch.equal(_images(out), start[:20])  # it moved the pixels
+    assert not torch.equal(synthetic_images(out), start[:20])  # it moved the pixels
     assert json.loads((out / "summary.json").read_text())["iteration"] == 4
 
 
@@ -69,7 +60,7 @@ def test_user_method_chunked_equals_one_pass(one_pass, tmp_path):
     out, _ = one_pass
     d = _run(tmp_path / "chunked", real_chunk=3, syn_chunk=4)
     assert d.plan.real_chunks == 4 and d.plan.syn_chunks == 3
-    assert (_images(tmp_path / "chunked") - _images(out)).abs().max() < 1e-5
+    assert (synthetic_images(tmp_path / "chunked") - synthetic_images(out)).abs().max() < 1e-5
 
 
 def test_user_method_killed_and_resumed_equals_uninterrupted(one_pass, tmp_path):
@@ -87,7 +78,7 @@ def test_user_method_killed_and_resumed_equals_uninterrupted(one_pass, tmp_path)
     assert d.iteration == 2
     d.run()
     d.close()
-    assert torch.equal(_images(cut), _images(out))
+    assert torch.equal(synthetic_images(cut), synthetic_images(out))
     # the checkpoint records the method's settings: another power does not resume it
     with pytest.raises(UserError, match="different settings"):
         Distiller(DistillConfig(iterations=4, **SMALL), str(cut), resume=True, progress=False,
@@ -98,13 +89,11 @@ def test_user_method_killed_and_resumed_equals_uninterrupted(one_pass, tmp_path)
 def test_user_method_two_gloo_processes_equal_one(one_pass, tmp_path):
     out, _ = one_pass
     two = tmp_path / "two"
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-                        str(ROOT / "tests" / "_user_method.py"), str(two), "4"],
-                       capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    r = torchrun(two, 4, script=ROOT / "tests" / "_user_method.py")
     assert r.returncode == 0, r.stderr[-3000:]
     plan = next(json.loads(x)["plan"] for x in (two / "metrics.jsonl").read_text().splitlines() if "plan" in x)
     assert plan["world_size"] == 2 and plan["num_classes"] == 5
-    assert (_images(two) - _images(out)).abs().max() < 1e-5
+    assert (synthetic_images(two) - synthetic_images(out)).abs().max() < 1e-5
 
 
 def test_moments_method_of_the_page_chunked_equals_one_pass(tmp_path):
@@ -115,7 +104,7 @@ def test_moments_method_of_the_page_chunked_equals_one_pass(tmp_path):
     rows = [json.loads(x) for x in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
     assert any("loss_moments" in r for r in rows)
     _run(tmp_path / "chunked", method=ChannelMoments(), real_chunk=3, syn_chunk=4)
-    assert (_images(tmp_path / "chunked") - _images(tmp_path / "one")).abs().max() < 1e-5
+    assert (synthetic_images(tmp_path / "chunked") - synthetic_images(tmp_path / "one")).abs().max() < 1e-5
 
 
 def test_distill_function_and_callable_package_take_a_method(tmp_path):
@@ -135,7 +124,7 @@ def test_user_method_compiles(tmp_path):
     eager = _run(tmp_path / "eager", iterations=1, compile=False)
     comp = _run(tmp_path / "compiled", iterations=1, compile=True)
     assert eager.passes is None and comp.passes is not None and comp.compile_seconds is not None
-    assert (_images(tmp_path / "eager") - _images(tmp_path / "compiled")).abs().max() < 1e-4
+    assert (synthetic_images(tmp_path / "eager") - synthetic_images(tmp_path / "compiled")).abs().max() < 1e-4
 
 
 def test_builtin_methods_are_implementations():

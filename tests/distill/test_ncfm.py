@@ -2,10 +2,7 @@
 ``--resume`` each give the uninterrupted one-pass result; the frequencies are a function of
 (iteration seed, class) alone; the targets are the per-class characteristic functions."""
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
+
 
 import pytest
 import torch
@@ -13,9 +10,8 @@ import torch
 from datadam_fast.distill import NCFM, DistillConfig, Distiller
 from datadam_fast.distill.config import DistillConfig as Config
 from datadam_fast.errors import UserError
-from conftest import shared_datasets
+from conftest import synthetic_images, torchrun
 
-ROOT = Path(__file__).resolve().parents[2]
 # a small MNIST run: 2 images per class, 8 real per class, a 16-channel ConvNet, 64 frequencies
 FLAGS = dict(dataset="mnist", ipc=2, batch_real=8, width=16, num_freqs=64, method="ncfm", eval_every=-1,
              log_every=1, checkpoint_every=2)
@@ -31,26 +27,8 @@ def _run(out, root, iterations=4, **kw):
     return d
 
 
-def _images(out):
-    return torch.load(Path(out) / "synthetic.pt", weights_only=True)["images"]
-
-
 @pytest.fixture(scope="module")
-def mnist_root():
-    root = shared_datasets()
-    if not (root / "mnist" / "raw").is_dir():
-        pytest.skip(f"real datasets not found at {root}")
-    return root
-
-
-@pytest.fixture
-def datasets_root(mnist_root):
-    return mnist_root
-
-
-@pytest.fixture(scope="module")
-def one_pass(tmp_path_factory, mnist_root):
-    datasets_root = mnist_root
+def one_pass(tmp_path_factory, datasets_root):
     out = tmp_path_factory.mktemp("ncfm") / "one"
     d = _run(out, datasets_root)
     assert d.plan.real_chunks == 1 and d.plan.syn_chunks == 1
@@ -68,14 +46,14 @@ def test_ncfm_runs_with_its_published_defaults(one_pass, datasets_root):
     c = Config(dataset="mnist", method="ncfm").resolved((28, 28))
     assert (c.batch_real, c.lr_img, c.iterations, c.optimizer, c.num_freqs) == (1024, 1e-3, 20000, "adamw", 4096)
     start = d.train_set.normalized_all("cpu")
-    assert not torch.equal(_images(out), start[:20])
+    assert not torch.equal(synthetic_images(out), start[:20])
 
 
 def test_ncfm_chunked_equals_one_pass(one_pass, datasets_root, tmp_path):
     out, _ = one_pass
     d = _run(tmp_path / "chunked", datasets_root, real_chunk=3, syn_chunk=4)
     assert d.plan.real_chunks == 4 and d.plan.syn_chunks == 3
-    assert (_images(tmp_path / "chunked") - _images(out)).abs().max() < 1e-5
+    assert (synthetic_images(tmp_path / "chunked") - synthetic_images(out)).abs().max() < 1e-5
 
 
 def test_ncfm_killed_and_resumed_equals_uninterrupted(one_pass, datasets_root, tmp_path):
@@ -88,7 +66,7 @@ def test_ncfm_killed_and_resumed_equals_uninterrupted(one_pass, datasets_root, t
     with Distiller(_cfg(datasets_root, iterations=4), str(cut), resume=True, progress=False) as d:
         assert d.iteration == 2
         d.run()
-    assert torch.equal(_images(cut), _images(out))
+    assert torch.equal(synthetic_images(cut), synthetic_images(out))
     with pytest.raises(UserError, match="different settings"):
         Distiller(_cfg(datasets_root, iterations=4, num_freqs=32), str(cut), resume=True, progress=False)
 
@@ -99,13 +77,11 @@ def test_ncfm_two_gloo_processes_equal_one(one_pass, datasets_root, tmp_path):
     flags = ["distill", "--method", "ncfm", "--dataset", "mnist", "--data-root", str(datasets_root), "--ipc", "2",
              "--batch-real", "8", "--width", "16", "--num-freqs", "64", "--iterations", "4", "--eval-every", "-1",
              "--log-every", "1", "--checkpoint-every", "2", "--no-progress", "--out", str(two)]
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-                        "-m", "datadam_fast", *flags], capture_output=True, text=True, timeout=600, cwd=str(ROOT),
-                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    r = torchrun(*flags)
     assert r.returncode == 0, r.stderr[-3000:]
     plan = next(json.loads(x)["plan"] for x in (two / "metrics.jsonl").read_text().splitlines() if "plan" in x)
     assert plan["world_size"] == 2 and plan["num_classes"] == 5
-    assert (_images(two) - _images(out)).abs().max() < 1e-5
+    assert (synthetic_images(two) - synthetic_images(out)).abs().max() < 1e-5
 
 
 def test_frequencies_depend_on_iteration_seed_and_class_only():

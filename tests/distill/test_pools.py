@@ -4,9 +4,6 @@ pool networks for every method, and the run's exactness with a pool (digits and 
 chunked == one pass, 2 gloo processes == 1 and build the same pool, kill + ``--resume`` ==
 uninterrupted)."""
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,23 +13,12 @@ from datadam_fast.distill import DistillConfig, Distiller
 from datadam_fast.distill import networks as N
 from datadam_fast.distill.config import NetworkSpec, parse_networks
 from datadam_fast.errors import UserError
-from conftest import shared_datasets
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def _cli(*args, timeout=600):
-    return subprocess.run([sys.executable, "-m", "datadam_fast", *args], capture_output=True, text=True,
-                          cwd=str(ROOT), timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1"})
+from conftest import cli, synthetic_images, torchrun
 
 
 def _pool_events(out):
     return [json.loads(x) for x in (Path(out) / "metrics.jsonl").read_text().splitlines()
             if '"network_pool"' in x]
-
-
-def _images(out):
-    return torch.load(Path(out) / "synthetic.pt", weights_only=True)["images"]
 
 
 def _net_files(pool_root):
@@ -76,7 +62,7 @@ def test_pool_key_covers_what_defines_the_networks(tmp_path):
 def digits_pool(tmp_path_factory):
     base = tmp_path_factory.mktemp("pool_digits")
     out = base / "first"
-    r = _cli("distill", "--dataset", "digits", "--ipc", "2", "--networks", "pool:3:1", "--pool-dir", str(base / "pools"),
+    r = cli("distill", "--dataset", "digits", "--ipc", "2", "--networks", "pool:3:1", "--pool-dir", str(base / "pools"),
              "--iterations", "4", "--eval-runs", "1", "--eval-epochs", "1", "--out", str(out))
     assert r.returncode == 0, r.stderr[-3000:]
     return base, out, r
@@ -95,18 +81,18 @@ def test_digits_pool_end_to_end_trains_then_a_second_run_reuses_it(digits_pool):
         assert obj["steps"] == 6 and obj["final_loss"] < 2.3  # below chance (ln 10) after one epoch
     stamps = {f: f.stat().st_mtime_ns for f in files}
     again = base / "again"
-    r2 = _cli("distill", "--dataset", "digits", "--ipc", "2", "--networks", "pool:3:1", "--pool-dir", str(base / "pools"),
+    r2 = cli("distill", "--dataset", "digits", "--ipc", "2", "--networks", "pool:3:1", "--pool-dir", str(base / "pools"),
               "--iterations", "4", "--eval-runs", "1", "--eval-epochs", "1", "--out", str(again))
     assert r2.returncode == 0, r2.stderr[-3000:]
     assert "network pool: reusing 3 cached network(s)" in r2.stderr and "training" not in r2.stderr
     assert _pool_events(again)[0]["trained"] == 0
     assert {f: f.stat().st_mtime_ns for f in _net_files(base / "pools")} == stamps  # nothing trained or rewritten
-    assert torch.equal(_images(again), _images(out))  # same seed, same pool: the same set
+    assert torch.equal(synthetic_images(again), synthetic_images(out))  # same seed, same pool: the same set
 
 
 def test_digits_changed_pool_setting_builds_a_new_pool(digits_pool, tmp_path):
     base, out, _ = digits_pool
-    r = _cli("distill", "--dataset", "digits", "--ipc", "2", "--networks", "pool:3:0.5", "--pool-dir",
+    r = cli("distill", "--dataset", "digits", "--ipc", "2", "--networks", "pool:3:0.5", "--pool-dir",
              str(base / "pools"), "--iterations", "2", "--eval-every", "-1", "--no-progress", "--out", str(tmp_path / "o"))
     assert r.returncode == 0, r.stderr[-3000:]
     assert "training 3 of 3" in r.stderr
@@ -115,7 +101,7 @@ def test_digits_changed_pool_setting_builds_a_new_pool(digits_pool, tmp_path):
 
 def test_plan_only_shows_the_pool_and_its_cost_and_trains_nothing(digits_pool, tmp_path):
     base, _, _ = digits_pool
-    r = _cli("distill", "--dataset", "digits", "--networks", "pool:4:2", "--pool-dir", str(tmp_path / "p"),
+    r = cli("distill", "--dataset", "digits", "--networks", "pool:4:2", "--pool-dir", str(tmp_path / "p"),
              "--plan-only")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "networks: pool of 4 ConvNet networks x 2 epoch(s) (12 steps of 256 each)" in r.stderr
@@ -123,7 +109,7 @@ def test_plan_only_shows_the_pool_and_its_cost_and_trains_nothing(digits_pool, t
     plan = json.loads(r.stdout.strip().splitlines()[-1])["plan"]
     assert plan["networks"]["to_train"] == 4 and plan["networks"]["build_seconds"] > 0
     assert not (tmp_path / "p").exists()
-    r = _cli("distill", "--dataset", "digits", "--ipc", "2", "--networks", "pool:3:1", "--pool-dir", str(base / "pools"),
+    r = cli("distill", "--dataset", "digits", "--ipc", "2", "--networks", "pool:3:1", "--pool-dir", str(base / "pools"),
              "--plan-only")
     assert "cached, nothing to train" in r.stderr
 
@@ -192,18 +178,10 @@ MNIST = dict(dataset="mnist", ipc=2, batch_real=8, width=8, networks="pool:3:1",
 
 
 @pytest.fixture(scope="module")
-def mnist_root():
-    root = shared_datasets()
-    if not (root / "mnist" / "raw").is_dir():
-        pytest.skip(f"real datasets not found at {root}")
-    return root
-
-
-@pytest.fixture(scope="module")
-def mnist_pool(tmp_path_factory, mnist_root):
+def mnist_pool(tmp_path_factory, datasets_root):
     base = tmp_path_factory.mktemp("pool_mnist")
     out = base / "one"
-    with Distiller(DistillConfig(data_root=str(mnist_root), pool_dir=str(base / "pools"), iterations=4, **MNIST),
+    with Distiller(DistillConfig(data_root=str(datasets_root), pool_dir=str(base / "pools"), iterations=4, **MNIST),
                    str(out), progress=False) as d:
         d.run()
     assert d.plan.real_chunks == 1 and d.plan.syn_chunks == 1 and _pool_events(out)[0]["trained"] == 3
@@ -214,46 +192,44 @@ def _mnist(root, base, **kw):
     return DistillConfig(data_root=str(root), pool_dir=str(base / "pools"), **{**MNIST, **kw})
 
 
-def test_mnist_pool_chunked_equals_one_pass(mnist_pool, mnist_root, tmp_path):
+def test_mnist_pool_chunked_equals_one_pass(mnist_pool, datasets_root, tmp_path):
     base, out = mnist_pool
-    with Distiller(_mnist(mnist_root, base, iterations=4, real_chunk=3, syn_chunk=4), str(tmp_path / "c"),
+    with Distiller(_mnist(datasets_root, base, iterations=4, real_chunk=3, syn_chunk=4), str(tmp_path / "c"),
                    progress=False) as d:
         d.run()
     assert d.plan.real_chunks == 4 and d.plan.syn_chunks == 3 and _pool_events(tmp_path / "c")[0]["trained"] == 0
-    assert (_images(tmp_path / "c") - _images(out)).abs().max() < 1e-5
+    assert (synthetic_images(tmp_path / "c") - synthetic_images(out)).abs().max() < 1e-5
 
 
-def test_mnist_pool_killed_and_resumed_equals_uninterrupted(mnist_pool, mnist_root, tmp_path):
+def test_mnist_pool_killed_and_resumed_equals_uninterrupted(mnist_pool, datasets_root, tmp_path):
     base, out = mnist_pool
     cut = tmp_path / "cut"
-    with Distiller(_mnist(mnist_root, base, iterations=4), str(cut), progress=False) as d:
+    with Distiller(_mnist(datasets_root, base, iterations=4), str(cut), progress=False) as d:
         assert d.run(stop_after=3) == {"stopped": True, "iteration": 3}
-    with Distiller(_mnist(mnist_root, base, iterations=4), str(cut), resume=True, progress=False) as d:
+    with Distiller(_mnist(datasets_root, base, iterations=4), str(cut), resume=True, progress=False) as d:
         assert d.iteration == 2
         d.run()
-    assert torch.equal(_images(cut), _images(out))
+    assert torch.equal(synthetic_images(cut), synthetic_images(out))
     with pytest.raises(UserError, match="different settings"):
-        Distiller(_mnist(mnist_root, base, iterations=4, networks="pool:2:1"), str(cut), resume=True,
+        Distiller(_mnist(datasets_root, base, iterations=4, networks="pool:2:1"), str(cut), resume=True,
                   progress=False)
 
 
-def _torchrun(flags, timeout=900):
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-                        "-m", "datadam_fast", *flags], capture_output=True, text=True, timeout=timeout, cwd=str(ROOT),
-                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+def _torchrun(flags):
+    r = torchrun(*flags, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     return r
 
 
-def test_mnist_pool_two_gloo_processes_equal_one(mnist_pool, mnist_root, tmp_path):
+def test_mnist_pool_two_gloo_processes_equal_one(mnist_pool, datasets_root, tmp_path):
     base, out = mnist_pool
     two = tmp_path / "two"
-    _torchrun(["distill", "--dataset", "mnist", "--data-root", str(mnist_root), "--ipc", "2", "--batch-real", "8",
+    _torchrun(["distill", "--dataset", "mnist", "--data-root", str(datasets_root), "--ipc", "2", "--batch-real", "8",
                "--width", "8", "--networks", "pool:3:1", "--pool-dir", str(base / "pools"), "--iterations", "4",
                "--eval-every", "-1", "--log-every", "1", "--checkpoint-every", "2", "--no-compile", "--no-progress",
                "--out", str(two)])
     assert _pool_events(two)[0]["trained"] == 0  # the cached pool, shared by both processes
-    assert (_images(two) - _images(out)).abs().max() < 1e-5
+    assert (synthetic_images(two) - synthetic_images(out)).abs().max() < 1e-5
 
 
 def test_two_gloo_processes_build_the_pool_one_process_builds(digits_pool, tmp_path):
@@ -270,4 +246,4 @@ def test_two_gloo_processes_build_the_pool_one_process_builds(digits_pool, tmp_p
     for a, b in zip(ours, theirs):
         sa, sb = torch.load(a, weights_only=True)["state"], torch.load(b, weights_only=True)["state"]
         assert all(torch.equal(sa[k], sb[k]) for k in sa), a.name
-    assert (_images(two) - _images(out)).abs().max() < 1e-5
+    assert (synthetic_images(two) - synthetic_images(out)).abs().max() < 1e-5

@@ -14,7 +14,7 @@ import torch
 from datadam_fast.distill import DistillConfig, Distiller
 from datadam_fast.errors import UserError
 from datadam_fast.distill.memory import GB, MB, linear_fit, plan_chunks
-from conftest import SMALL_RUN, run_small
+from conftest import SMALL_RUN, cli, run_small, synthetic_images, torchrun
 
 pytestmark = pytest.mark.slow  # torchrun jobs and planner runs
 
@@ -93,17 +93,12 @@ def _poll_rss(proc, peak):
         time.sleep(0.01)
 
 
-def _cli(args, **kw):
-    return subprocess.run([sys.executable, "-m", "datadam_fast", *args], capture_output=True, text=True,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"}, **kw)
-
-
 def test_planner_keeps_a_small_run_within_budget(tmp_path, datasets_root):
     base = ["distill", "--dataset", "mnist", "--data-root", str(datasets_root), "--width", "64", "--ipc", "10",
             "--iterations", "2", "--eval-every", "-1", "--no-progress", "--log-every", "1",
             "--real-epilogue", "off"]  # the network's own real pass: large enough per image to need chunks
     # a budget below one class is rejected up front: exit 2, one line, nothing written
-    r = _cli(base + ["--out", str(tmp_path / "tiny"), "--memory-budget", "0.2"])
+    r = cli(*base + ["--out", str(tmp_path / "tiny"), "--memory-budget", "0.2"])
     assert r.returncode == 2 and "too small for even one class" in r.stderr
     # the first log line names the device (devices.py); the error itself is one line
     assert len([l for l in r.stderr.strip().splitlines() if not l.startswith("device: ")]) == 1
@@ -131,25 +126,14 @@ def test_planner_keeps_a_small_run_within_budget(tmp_path, datasets_root):
 
 
 # ----------------------------------------------------------------------------- sharding
-def _torchrun(nproc, args, timeout=600):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           "-m", "datadam_fast", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
-
-
-def _images(out):
-    return torch.load(Path(out) / "synthetic.pt", weights_only=True)["images"]
-
-
 def test_two_process_gloo_equals_one_process_and_resumes(tmp_path):
     flags = ["distill", "--ipc", "2", "--batch-real", "6", "--width", "16", "--no-progress", "--log-every", "1",
              "--eval-every", "4", "--eval-runs", "3", "--eval-epochs", "2", "--checkpoint-every", "2"]
-    r2 = _torchrun(2, flags + ["--iterations", "4", "--out", str(tmp_path / "two")])
+    r2 = torchrun(*flags + ["--iterations", "4", "--out", str(tmp_path / "two")])
     assert r2.returncode == 0, r2.stderr[-3000:]
-    r1 = _cli(flags + ["--iterations", "4", "--out", str(tmp_path / "one")])
+    r1 = cli(*flags + ["--iterations", "4", "--out", str(tmp_path / "one")])
     assert r1.returncode == 0, r1.stderr
-    a, b = _images(tmp_path / "two"), _images(tmp_path / "one")
+    a, b = synthetic_images(tmp_path / "two"), synthetic_images(tmp_path / "one")
     assert a.shape == b.shape == (20, 1, 8, 8)
     assert (a - b).abs().max() < 1e-5
     m2 = [json.loads(x) for x in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
@@ -163,13 +147,13 @@ def test_two_process_gloo_equals_one_process_and_resumes(tmp_path):
     ev1 = next(x["eval"] for x in m1 if "eval" in x)
     assert len(ev2["accuracies"]) == 3 and ev2["accuracies"] == pytest.approx(ev1["accuracies"], abs=0.5)
     # a 2-process checkpoint resumes in 1 process (and for longer) to the uninterrupted result
-    r = _torchrun(2, flags + ["--iterations", "2", "--out", str(tmp_path / "cut"), "--eval-every", "-1"])
+    r = torchrun(*flags + ["--iterations", "2", "--out", str(tmp_path / "cut"), "--eval-every", "-1"])
     assert r.returncode == 0, r.stderr[-3000:]
     ck = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)
     assert ck["world_size"] == 2 and ck["iteration"] == 2 and ck["images"].shape[0] == 20
-    r = _cli(flags + ["--iterations", "4", "--out", str(tmp_path / "cut"), "--resume", "--eval-every", "-1"])
+    r = cli(*flags + ["--iterations", "4", "--out", str(tmp_path / "cut"), "--resume", "--eval-every", "-1"])
     assert r.returncode == 0, r.stderr
-    assert (_images(tmp_path / "cut") - b).abs().max() < 1e-5
+    assert (synthetic_images(tmp_path / "cut") - b).abs().max() < 1e-5
 
 
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads thread names from Linux /proc")

@@ -19,7 +19,8 @@ spill store or load for any kernel of unit 1 on any arch (a spill turns a stream
 register traffic into local-memory traffic). Registers, stack and spills per kernel are printed;
 ``benchmarks/cuda_ptxas.py`` writes them to ``benchmarks/results/cuda_ptxas.json``. It skips only
 when nvcc is absent (or, for unit 2 alone, when PyTorch's or Python's headers are missing). Each
-unit is compiled once per test run (about 40 s for unit 1 on two cores).
+unit is compiled once per test run (about 40 s for unit 1 on two cores), started in the background
+as soon as the suite is collected.
 """
 import inspect
 import os
@@ -27,6 +28,7 @@ import re
 import shutil
 import subprocess
 import sysconfig
+import tempfile
 import time
 from pathlib import Path
 
@@ -134,9 +136,8 @@ class _Job:
         return self.result
 
 
-@pytest.fixture(scope="module")
-def jobs(tmp_path_factory):
-    out = tmp_path_factory.mktemp("cuda_compile")
+def start_jobs(out: Path) -> dict:
+    """Both nvcc units, started (nvcc is single-threaded per unit: they compile at once)."""
     archs = _archs()
     common = [NVCC, "-c", "-I", str(CSRC), *_torch_nvcc_flags()]
 
@@ -166,14 +167,36 @@ def jobs(tmp_path_factory):
            "--compiler-options", "-fPIC", *_gencode([arch]),
            str(CSRC / "spatial_attention_cuda.cu"), "-o", str(out / "extension_check.o")]
     ext = _Job("extension", cmd, skip_reason=skip, notes=[f"sm_{arch}", *notes])
-
     jobs = {"kernels": kernels, "extension": ext}
-    for j in jobs.values():  # both compile at once (nvcc is single-threaded per unit)
+    for j in jobs.values():
         j.start()
+    return jobs
+
+
+#: the units started when the suite's collection finished (``tests/conftest.py`` calls
+#: :func:`start_in_background`): they compile while the tests before this file run, mostly
+#: single-threaded subprocesses that leave a core idle, instead of holding the suite ~80 s here
+_BACKGROUND: dict = {}
+
+
+def start_in_background() -> None:
+    if NVCC is not None and not _BACKGROUND:
+        out = Path(tempfile.mkdtemp(prefix="datadam_fast_cuda_compile_"))
+        _BACKGROUND.update(start_jobs(out), _dir=out)
+
+
+@pytest.fixture(scope="module")
+def jobs(tmp_path_factory):
+    if _BACKGROUND:
+        jobs, out = {k: v for k, v in _BACKGROUND.items() if k != "_dir"}, _BACKGROUND["_dir"]
+    else:
+        jobs, out = start_jobs(tmp_path_factory.mktemp("cuda_compile")), None
     yield jobs
     for j in jobs.values():
         if j.proc is not None and j.proc.poll() is None:
             j.proc.kill()
+    if out is not None:
+        shutil.rmtree(out, ignore_errors=True)
 
 
 def _report(job, rc, out, secs):

@@ -43,14 +43,22 @@ def test_verify_passes_here_and_prints_the_table(tmp_path, capsys):
 
 
 @pytest.fixture
-def small_cpu_only(monkeypatch):
-    """Only the C++ implementations, only the small problems (the failing-kernel checks)."""
+def small_problems(monkeypatch):
+    """Only the small problem of each kind (the verdict checks below test the verdict, not the
+    full matrix of the test above)."""
     _cpu_or_skip()
-    monkeypatch.setattr(B, "BACKEND_NAMES", ("reference", "cpu"))
-    monkeypatch.setattr(real_side, "IMPLS", ("cpu",))
-    loss, epilogue = verify.loss_problems, verify.epilogue_problems
+    loss, epilogue, stats = verify.loss_problems, verify.epilogue_problems, verify.statistics_problems
     monkeypatch.setattr(verify, "loss_problems", lambda device: loss(device)[:1])
     monkeypatch.setattr(verify, "epilogue_problems", lambda device: epilogue(device)[:1])
+    monkeypatch.setattr(verify, "statistics_problems", lambda device, impl="cpu": stats(device, impl)[:1])
+
+
+@pytest.fixture
+def small_cpu_only(monkeypatch, small_problems):
+    """Only the C++ implementations, only the small problems (the failing-kernel checks)."""
+    monkeypatch.setattr(B, "BACKEND_NAMES", ("reference", "cpu"))
+    monkeypatch.setattr(real_side, "IMPLS", ("cpu",))
+    monkeypatch.setattr(verify, "STATS_IMPLS", ("cpu",))
 
 
 def test_verify_fails_naming_a_wrong_kernel(monkeypatch, capsys, small_cpu_only):
@@ -87,11 +95,9 @@ def test_verify_refuses_a_missing_device(capsys):
     assert main(["backends", "--json", "x.json"]) == 2  # --json without --verify
 
 
-@pytest.mark.slow
-def test_required_but_unavailable_fails(tmp_path, capsys):
+def test_required_but_unavailable_fails(tmp_path, capsys, small_problems):
     """--require names what must be verified: a GPU run whose Triton cannot load is a failure,
     not a table of the rest."""
-    _cpu_or_skip()
     path = tmp_path / "v.json"
     rc = main(["backends", "--verify", "--require", "cpu,cuda", "--json", str(path)])
     out = capsys.readouterr().out
@@ -111,6 +117,7 @@ def test_cuda_backend_is_not_loaded_on_cpu(monkeypatch):
     loaded.clear()
     monkeypatch.setattr(verify, "verify_loss_backend", lambda *a, **k: [])
     monkeypatch.setattr(verify, "verify_epilogue", lambda *a, **k: [])
+    monkeypatch.setattr(verify, "verify_statistics", lambda *a, **k: [])
     _, skipped = verify.verify("cpu")
     assert "cuda" not in loaded
     assert any(s.startswith("cuda: does not run on cpu (not loaded)") for s in skipped)

@@ -2,7 +2,6 @@
 functions too), a small ground floor, one name per module, the engine's modules reading no private
 attribute of another module's object, and docs/architecture.md naming only modules that exist."""
 import ast
-import os
 import re
 import subprocess
 from pathlib import Path
