@@ -159,6 +159,7 @@ if [ "$DRY" = 1 ]; then
     VERIFY_REQUIRE=cpu,triton,epilogue:cpu,epilogue:triton,stats:cpu,stats:triton
     KERNEL_ENV=(TRITON_INTERPRET=1)
     VERIFY_ENV=(TRITON_INTERPRET=1)
+    VERIFY_ARGS=(--quick)  # the plumbing is what a dry run checks; the full CPU matrix is a test
     TEST_K="not emulated and (device_checked or registry_and_supports or bad_arguments)"
 else
     LOSS_ARGS=(--device cuda --repeat 10)
@@ -174,6 +175,7 @@ else
     VERIFY_REQUIRE=triton,cuda,epilogue:triton,stats:triton
     KERNEL_ENV=(TRITON_INTERPRET=0)
     VERIFY_ENV=(TRITON_INTERPRET=0)
+    VERIFY_ARGS=()
     TEST_K="not emulated"
 fi
 [ -n "${SUITE_LOSS_ARGS:-}" ] && read -r -a LOSS_ARGS <<< "$SUITE_LOSS_ARGS"
@@ -187,7 +189,7 @@ for s in "${STAGES[@]}"; do
         stage install "$PY" -m pip install --no-deps --no-build-isolation --no-index -e . ;;
     verify)
         stage verify env "${VERIFY_ENV[@]}" "$PY" -m datadam_fast backends --verify --device "$DEV" \
-            --require "$VERIFY_REQUIRE" --json "$WORK/verify.json" ;;
+            --require "$VERIFY_REQUIRE" ${VERIFY_ARGS[@]+"${VERIFY_ARGS[@]}"} --json "$WORK/verify.json" ;;
     loss)
         stage loss "$PY" benchmarks/bench_loss.py "${LOSS_ARGS[@]}" --json "$WORK/bench_loss_fp32.json" ;;
     loss_bf16)

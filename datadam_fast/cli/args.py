@@ -291,4 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--require", default=[], metavar="NAMES", type=lambda v: [x for x in v.split(",") if x],
                    help="with --verify: exit 1 unless these implementations were verified: 'all', or a comma list "
                         "of cpu, cuda, triton, epilogue:cpu, epilogue:triton, stats:cpu, stats:triton (default: none required)")
+    p.add_argument("--quick", action="store_true",
+                   help="with --verify: only the small, odd-sized problem of each kind (seconds; without it the "
+                        "DataDAM- and CIFAR-sized problems run too)")
     return parser

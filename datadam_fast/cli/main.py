@@ -198,10 +198,11 @@ def _cmd_backends(args) -> int:
     import torch
     if getattr(args, "verify", False):
         from ..loss.verify import run
-        return run(args.device, args.json, require=args.require)
-    if getattr(args, "json", None) or getattr(args, "device", "cpu") != "cpu" or getattr(args, "require", None):
+        return run(args.device, args.json, require=args.require, quick=args.quick)
+    if getattr(args, "json", None) or getattr(args, "device", "cpu") != "cpu" or getattr(args, "require", None) \
+            or getattr(args, "quick", False):
         from ..errors import UserError
-        raise UserError("--device, --json and --require go with --verify")
+        raise UserError("--device, --json, --require and --quick go with --verify")
     from ..loss.backends import BACKEND_NAMES, BackendUnavailable, get_backend
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
     for name in BACKEND_NAMES:

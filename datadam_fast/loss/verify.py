@@ -166,12 +166,12 @@ def _make_feats(shapes, dtype, layout, device, seed) -> List[torch.Tensor]:
 
 
 def verify_loss_backend(name: str, device: torch.device, repeat: int,
-                        on_row: Callable[[Row], None] = lambda r: None) -> List[Row]:
+                        on_row: Callable[[Row], None] = lambda r: None, quick: bool = False) -> List[Row]:
     from .backends import ReferenceBackend, get_backend
     be = get_backend(name)
     ref = ReferenceBackend()
     rows = _Rows(on_row)
-    for pname, shapes, power in loss_problems(device):
+    for pname, shapes, power in loss_problems(device)[:1 if quick else None]:
         for dname, dtype in DTYPES.items():
             for layout in LAYOUTS:
                 case = f"{pname} {dname} {layout}"
@@ -215,11 +215,11 @@ def statistics_problems(device: torch.device, impl: str = "cpu"):
 
 
 def verify_statistics(impl: str, device: torch.device, repeat: int,
-                      on_row: Callable[[Row], None] = lambda r: None) -> List[Row]:
+                      on_row: Callable[[Row], None] = lambda r: None, quick: bool = False) -> List[Row]:
     from . import reference as R
     name = f"stats:{impl}"
     rows = _Rows(on_row)
-    for pname, (K, n, D, F), fshape in statistics_problems(device, impl):
+    for pname, (K, n, D, F), fshape in statistics_problems(device, impl)[:1 if quick else None]:
         for dname, dtype in DTYPES.items():
             g = torch.Generator().manual_seed(len(rows))
             emb = torch.randn(K * n, D, generator=g).div_(D ** 0.5).to(dtype)
@@ -295,13 +295,13 @@ def _eager_class_sums(net, x, classes: int, power: float):
 
 
 def verify_epilogue(impl: str, device: torch.device, repeat: int,
-                    on_row: Callable[[Row], None] = lambda r: None) -> List[Row]:
+                    on_row: Callable[[Row], None] = lambda r: None, quick: bool = False) -> List[Row]:
     import copy
     from ..models.networks import get_network
     from ..distill.real_side import real_class_sums
     rows = _Rows(on_row)
     name = f"epilogue:{impl}"
-    for pname, opts, per, (ch, H, W) in epilogue_problems(device):
+    for pname, opts, per, (ch, H, W) in epilogue_problems(device)[:1 if quick else None]:
         for dname, dtype in DTYPES.items():
             for layout in LAYOUTS:
                 case = f"{pname} {dname} {layout} fwd"
@@ -353,9 +353,10 @@ _STATS_DEVICE_TYPES = {"cpu": ("cpu",), "triton": ("cuda", "cpu")}
 
 
 def verify(device="cpu", repeat: Optional[int] = None, log: Callable[[str], None] = lambda s: None,
-           on_row: Callable[[Row], None] = lambda r: None) -> Tuple[List[Row], List[str]]:
+           on_row: Callable[[Row], None] = lambda r: None, quick: bool = False) -> Tuple[List[Row], List[str]]:
     """Run every fused implementation available on ``device``: (rows, lines ``"<name>: <why>"``
-    naming each one that is not available here). ``on_row`` sees each row as it finishes."""
+    naming each one that is not available here). ``on_row`` sees each row as it finishes.
+    ``quick``: only the first (small, odd-sized) problem of each kind."""
     from .backends import BACKEND_NAMES, DEVICE_TYPES, BackendUnavailable, get_backend
     from ..models.networks import get_network
     from ..distill.real_side import IMPLS, unavailable_reason
@@ -379,7 +380,7 @@ def verify(device="cpu", repeat: Optional[int] = None, log: Callable[[str], None
             skipped.append(f"{name}: {why}")
             continue
         log(f"verifying backend {name} on {device}")
-        rows += verify_loss_backend(name, device, _repeat(name, device, repeat), on_row)
+        rows += verify_loss_backend(name, device, _repeat(name, device, repeat), on_row, quick)
     probe = get_network("ConvNet", 1, 2, (16, 16), width=4, depth=2)
     for impl in IMPLS:
         if device.type not in _EPILOGUE_DEVICE_TYPES.get(impl, (device.type,)):
@@ -390,7 +391,7 @@ def verify(device="cpu", repeat: Optional[int] = None, log: Callable[[str], None
             skipped.append(f"epilogue:{impl}: {why}")
             continue
         log(f"verifying the {impl} real-side epilogue on {device}")
-        rows += verify_epilogue(impl, device, _repeat(impl, device, repeat), on_row)
+        rows += verify_epilogue(impl, device, _repeat(impl, device, repeat), on_row, quick)
     for impl in STATS_IMPLS:
         if device.type not in _STATS_DEVICE_TYPES[impl]:
             skipped.append(f"stats:{impl}: does not run on {device.type} (not loaded)")
@@ -404,7 +405,7 @@ def verify(device="cpu", repeat: Optional[int] = None, log: Callable[[str], None
             skipped.append(f"stats:{impl}: {why}")
             continue
         log(f"verifying the {impl} statistics ops on {device}")
-        rows += verify_statistics(impl, device, _repeat(impl, device, repeat), on_row)
+        rows += verify_statistics(impl, device, _repeat(impl, device, repeat), on_row, quick)
     return rows, skipped
 
 
@@ -433,7 +434,8 @@ def _check_required(require: Sequence[str]) -> List[str]:
     return req
 
 
-def run(device="cpu", json_path: Optional[str] = None, out=print, require: Sequence[str] = ()) -> int:
+def run(device="cpu", json_path: Optional[str] = None, out=print, require: Sequence[str] = (),
+        quick: bool = False) -> int:
     """The ``backends --verify`` command: print the table, write JSON, 0 when every row passes and
     every implementation named in ``require`` (``["all"]``: every one) was verified.
 
@@ -462,7 +464,7 @@ def run(device="cpu", json_path: Optional[str] = None, out=print, require: Seque
         doc = {"device": str(device), "device_name": torch.cuda.get_device_name(device) if device.type == "cuda"
                else "cpu", "torch": torch.__version__, "complete": complete, "rows": [asdict(r) for r in rows],
                "not_verified": skipped, "required": required, "required_not_verified": list(missing),
-               "passed": complete and bool(rows) and not failures and not missing}
+               "passed": complete and bool(rows) and not failures and not missing, "quick": quick}
         atomic_write_text(json_path, json.dumps(doc, indent=2))
 
     def on_row(r: Row) -> None:
@@ -470,7 +472,7 @@ def run(device="cpu", json_path: Optional[str] = None, out=print, require: Seque
         print(_row_line(r), file=sys.stderr, flush=True)
         write(done, [], False)
 
-    rows, skipped = verify(device, log=lambda s: print(s, file=sys.stderr, flush=True), on_row=on_row)
+    rows, skipped = verify(device, log=lambda s: print(s, file=sys.stderr, flush=True), on_row=on_row, quick=quick)
     out(format_table(rows))
     for s in skipped:
         out(f"not verified (unavailable here): {s}")

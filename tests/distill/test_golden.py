@@ -9,7 +9,7 @@ ISA, and the C++ kernels are compiled with ``-march=native``), so the exact dige
 a recording was made on a machine like this one (``recorded_with``, or one of ``more_recordings``:
 the same code recorded on another CPU); elsewhere the recorded leading values and the sum are
 compared with a tolerance, and the test says so in its skip reason for the exact part. Re-record with ``python tests/distill/test_golden.py`` (only when a change of results
-is intended).
+is intended). All runs happen in one subprocess (``--json``), in the order of ``RUNS``.
 """
 import hashlib
 import json
@@ -71,24 +71,43 @@ def recording(golden):
     return max(matching, key=lambda r: len(r["recorded_with"]), default=None)
 
 
-def run_digest(args, out: Path, data_root=None):
-    env = dict(os.environ)
-    if data_root is not None:
-        env["DATADAM_FAST_DATA"] = str(data_root)
-    subprocess.run([sys.executable, "-m", "datadam_fast", "distill", *args, *COMMON, "--out", str(out)], check=True,
-                   capture_output=True, env=env)
-    x = torch.load(out / "synthetic.pt", weights_only=True)["images"].contiguous()
+def _digest(x: torch.Tensor) -> dict:
+    x = x.contiguous()
     return {"sha256": hashlib.sha256(x.numpy().tobytes()).hexdigest(), "shape": list(x.shape),
             "first": [float(v) for v in x.flatten()[:4]], "sum": float(x.double().sum())}
 
 
+def run_all(names, work: Path, data_root=None) -> dict:
+    """The digests of ``names``, each a ``datadam-fast distill`` run of this one process (every run
+    seeds its own generators; one process instead of one per run saves a torch import each)."""
+    from datadam_fast.cli import main
+    runs = {}
+    for name in names:  # the compiled run last: nothing after it shares dynamo's state
+        out = work / name
+        args = RUNS[name] + (["--data-root", str(data_root)] if "--dataset" in RUNS[name] else [])
+        rc = main(["distill", *args, *COMMON, "--out", str(out)])
+        if rc != 0:
+            raise SystemExit(f"{name}: datadam-fast distill exited with {rc}")
+        runs[name] = _digest(torch.load(out / "synthetic.pt", weights_only=True)["images"])
+    return runs
+
+
+@pytest.fixture(scope="module")
+def digests(tmp_path_factory, datasets_root):
+    work = tmp_path_factory.mktemp("golden")
+    p = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--json", str(work / "digests.json"),
+                        "--data-root", str(datasets_root), "--work", str(work)],
+                       capture_output=True, text=True, env={**os.environ, "DATADAM_FAST_COMPILE": "0"})
+    assert p.returncode == 0, p.stderr[-3000:]
+    return json.loads((work / "digests.json").read_text())
+
+
 @pytest.mark.parametrize("name", list(RUNS))
-def test_same_seed_same_synthetic_images(name, tmp_path, request):
+def test_same_seed_same_synthetic_images(name, digests):
     golden = json.loads(GOLDEN.read_text())
     rec = recording(golden)
     want = (rec or golden)["runs"][name]
-    data_root = request.getfixturevalue("datasets_root") if "--dataset" in RUNS[name] else None
-    got = run_digest(RUNS[name], tmp_path / "out", data_root)
+    got = digests[name]
     assert got["shape"] == want["shape"]
     if rec is not None:
         assert got["sha256"] == want["sha256"], (got, want)
@@ -100,13 +119,24 @@ def test_same_seed_same_synthetic_images(name, tmp_path, request):
                     f"(values matched within tolerance)")
 
 
-if __name__ == "__main__":  # re-record (only when a change of results is intended)
+if __name__ == "__main__":
+    # --json FILE: the digests of every run (the test's subprocess); no flags: re-record the golden
+    # file (only when a change of results is intended)
+    import argparse
     import tempfile
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from conftest import shared_datasets
     os.environ.setdefault("DATADAM_FAST_COMPILE", "0")
-    runs = {}
-    for name, args in RUNS.items():
-        with tempfile.TemporaryDirectory() as d:
-            runs[name] = run_digest(args, Path(d) / "out", shared_datasets())
-            print(name, runs[name])
-    GOLDEN.write_text(json.dumps({"recorded_with": fingerprint(), "runs": runs}, indent=1))
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--json")
+    ap.add_argument("--data-root", default=str(shared_datasets()))
+    ap.add_argument("--work")
+    a = ap.parse_args()
+    with tempfile.TemporaryDirectory() as d:
+        runs = run_all(list(RUNS), Path(a.work or d), a.data_root)
+    if a.json:
+        Path(a.json).write_text(json.dumps(runs))
+    else:
+        for name, r in runs.items():
+            print(name, r)
+        GOLDEN.write_text(json.dumps({"recorded_with": fingerprint(), "runs": runs}, indent=1))

@@ -61,6 +61,20 @@ def small_cpu_only(monkeypatch, small_problems):
     monkeypatch.setattr(verify, "STATS_IMPLS", ("cpu",))
 
 
+def test_quick_verifies_only_the_small_problem_of_each_kind(tmp_path, monkeypatch):
+    _cpu_or_skip()
+    monkeypatch.setattr(B, "BACKEND_NAMES", ("reference", "cpu"))
+    monkeypatch.setattr(real_side, "IMPLS", ("cpu",))
+    monkeypatch.setattr(verify, "STATS_IMPLS", ("cpu",))
+    path = tmp_path / "q.json"
+    assert main(["backends", "--verify", "--quick", "--json", str(path)]) == 0
+    doc = json.loads(path.read_text())
+    assert doc["passed"] and doc["quick"] is True
+    assert {r["backend"] for r in doc["rows"]} == {"cpu", "epilogue:cpu", "stats:cpu"}
+    assert all(" small " in f" {r['case']} " for r in doc["rows"]), [r["case"] for r in doc["rows"]]
+    assert main(["backends", "--quick"]) == 2  # --quick without --verify
+
+
 def test_verify_fails_naming_a_wrong_kernel(monkeypatch, capsys, small_cpu_only):
     be = B.get_backend("cpu")
     forward = type(be).forward
