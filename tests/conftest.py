@@ -109,8 +109,10 @@ def _cuda_compile_module(session):
 
 
 def pytest_collection_finish(session):
-    # the nvcc compile check's two units start now, in the background (see test_cuda_compile.py)
-    if session.config.option.collectonly:
+    # the nvcc compile check's two units start now, in the background (see test_cuda_compile.py).
+    # Under pytest-xdist every worker collects every test: the worker that runs the file starts
+    # them instead (its fixture), while the other workers keep the cores busy.
+    if session.config.option.collectonly or os.environ.get("PYTEST_XDIST_WORKER"):
         return
     mod = _cuda_compile_module(session)
     if mod is not None:
