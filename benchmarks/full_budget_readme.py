@@ -174,7 +174,15 @@ def best_variant(d: str, k: int, m: str) -> Optional[Dict]:
     if not found:
         return None
     mean, v, c = max(found, key=lambda t: t[0])
-    return {**c, "variant": v}
+    return {**c, "variant": v, "variants_run": len(found)}
+
+
+def fmt_best(best: Optional[Dict]) -> str:
+    """The best variant, named; while some of the three are unfinished, of how many it is the best."""
+    if not best:
+        return "not run yet"
+    of = "" if best["variants_run"] == len(VARIANTS) else f"; {best['variants_run']} of {len(VARIANTS)} run"
+    return f"{fmt(best)} ({VARIANT_NAMES[best['variant']]}{of})"
 
 
 def best_published(d: str, k: int):
@@ -214,7 +222,7 @@ def field_table() -> str:
             for m in MATCHING:
                 plain, best = cell(d, k, m), best_variant(d, k, m)
                 row.append(fmt(plain))
-                row.append(f"{fmt(best)} ({VARIANT_NAMES[best['variant']]})" if best else "not run yet")
+                row.append(fmt_best(best))
                 ours += [c for c in (plain, best) if c]
             pub = PUBLISHED_FIELD[(d, k)]
             row.append(", ".join(f"{a} {v}" for a, v in pub.items()))
@@ -250,7 +258,8 @@ The same protocol as above (width-128 ConvNet, 2000 distillation iterations, 5 e
 DataDAM `paper`, DM and NCFM (batch-real 256), each plain and with the field's two ingredients:
 multi-formation (`--factor 2`) and matching in a trained network pool (`--networks {POOL}`: five
 networks trained half an epoch each, one pool per dataset in `benchmarks/results/full_budget/pools/`),
-alone and together; the column shows the best of the three with its name. Produced by
+alone and together; the column shows the best of the three with its name (and, until all three
+are finished, of how many it is the best). Produced by
 `python benchmarks/full_budget_table.py --data-root ../shared/datasets --runs-dir benchmarks/results/full_budget/runs --methods datadam-paper dm ncfm datadam-paper-f2 dm-f2 ncfm-f2 datadam-paper-pool dm-pool ncfm-pool datadam-paper-f2pool dm-f2pool ncfm-f2pool`
 (resumable, one JSON per cell); this section and the README table by
 `python benchmarks/full_budget_readme.py --write`. Test accuracy %, mean ± std; the verdict compares
