@@ -22,7 +22,8 @@ checkpoints, then ``evaluate`` (``--runs`` networks x ``--eval-epochs`` epochs, 
 SGD 0.01 / momentum 0.9 / wd 5e-4, lr x0.1 after epoch E//2+1, DSA, batch 256; the network is the one
 recorded in the set - BatchNorm ConvNet for ``official`` - unless ``--eval-model`` fixes one for all
 cells). A finished cell writes ``<results-dir>/<cell>.json`` at once; rerunning the script skips
-finished cells, resumes a distillation from its checkpoint, and only re-does what was lost.
+finished cells, resumes a distillation from its checkpoint and an evaluation from its finished runs
+(``eval.json.partial`` in the run directory), and only re-does what was lost.
 ``<results-dir>/table.md`` is rewritten from the cell files after every cell.
 
     python benchmarks/full_budget_table.py --data-root ../shared/datasets --device cuda
@@ -167,7 +168,7 @@ def run_cell(args, dataset: str, ipc: int, method: str) -> Optional[Dict]:
             "network_source": res.get("network_source"), "eval_epochs": args.eval_epochs, "eval_runs": args.runs,
             "distill_width": args.width, "seed": args.seed, "device": args.device,
             "distill_seconds": round(distill_s, 1), "eval_seconds": round(time.time() - t1, 1),
-            "resumed": state == "resume", "run_dir": run_dir,
+            "resumed": state == "resume", "eval_resumed_runs": res.get("resumed_runs", 0), "run_dir": run_dir,
             "distill_command": "datadam-fast distill " + " ".join(flags),
             "evaluate_command": "datadam-fast " + " ".join(ev),
             "date": datetime.datetime.now().isoformat(timespec="seconds"), "git_commit": _git_commit()}

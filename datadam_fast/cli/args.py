@@ -226,7 +226,8 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--json", default=None,
                    help="also write the result as JSON here: {'accuracies': [...], 'mean', 'std', 'network': {model, "
-                        "norm, width, depth}, 'seed', ...} (the folder must exist)")
+                        "norm, width, depth}, 'seed', ...} (the folder must exist); finished runs are kept in JSON.partial "
+                        "until then, so the same command continues an interrupted evaluation")
 
 
 def _add_report(sub) -> None:

@@ -148,8 +148,22 @@ def _cmd_evaluate(args) -> int:
         print(f"network: {network_label(network)} ({pick['source']})", flush=True)
         if args.seed is None and rec["seed"] is not None:
             print(f"seed {seed}: the seed of the run's final evaluation (recorded in the file; --seed to choose)")
+        partial = None
+        if args.json:  # finished runs are kept beside the result, so a rerun continues
+            import torch
+            from ..evaluation.resume import PartialRuns, run_key
+            key = run_key(synthetic=args.synthetic, dataset=dataset, data_options={"folder": opts.get("path")},
+                          cfg=cfg, seed=seed, device_type=torch.device(args.device).type, outputs=[args.json])
+            partial = PartialRuns(args.json + ".partial", key)
+            if partial.set_aside:
+                print(f"{partial.path}: not resumed ({partial.set_aside}); it is replaced as runs finish")
+            usable = sorted(r for r in partial.runs if r < cfg.runs)
+            if usable:
+                print(f"resuming the evaluation: run(s) {', '.join(map(str, usable))} of {cfg.runs} finished earlier "
+                      f"({partial.path})", flush=True)
         result = evaluate_synthetic(images, labels, test_set, cfg, seed=seed, device=args.device,
-                                    progress=not args.no_progress)
+                                    progress=not args.no_progress, completed=partial.runs if partial else None,
+                                    on_run=partial.record if partial else None)
         result["network_source"] = pick["source"]
         mode = "batched" if result["batched"] else "sequential"
         print(f"{network_label(result['network'])} on {dataset}: {result['mean']:.2f} ± {result['std']:.2f} % over "
@@ -165,8 +179,12 @@ def _cmd_evaluate(args) -> int:
                "factor": int(meta.get("factor", 1)), "stored_images": int(meta.get("stored_images", images.shape[0]))}
         if args.frozen_model:
             out["frozen_model"] = args.frozen_model
+        if not args.frozen_model:
+            out["resumed_runs"] = result["resumed_runs"]
         from .._io import atomic_write_text
         atomic_write_text(args.json, json.dumps(out, indent=2))
+        if not args.frozen_model:
+            partial.finish()
     return 0
 
 
@@ -276,7 +294,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         time.sleep(PEER_GONE_GRACE_S)
         return 1
     except KeyboardInterrupt:
-        print("interrupted; resume with --resume (the last checkpoint is kept)", file=sys.stderr)
+        cmd = getattr(args, "command", None)
+        if cmd == "distill":
+            print("interrupted; resume with --resume (the last checkpoint is kept)", file=sys.stderr)
+        elif cmd == "evaluate" and getattr(args, "json", None):
+            print(f"interrupted; the same command continues from the finished runs ({args.json}.partial)",
+                  file=sys.stderr)
+        else:
+            print("interrupted", file=sys.stderr)
         return 130
 
 

@@ -330,15 +330,26 @@ def train_and_test(images: torch.Tensor, labels: torch.Tensor, test_set, cfg: Ev
     return {"accuracy": acc, "train_loss": losses[0], "train_time_s": seconds}
 
 
+RunCallback = Callable[[int, Dict], None]
+
+
 def evaluate_synthetic(images, labels, test_set, cfg: EvalConfig, *, seed: int = 0, device="cpu",
                        progress: bool = False, epoch_callback: Optional[EpochCallback] = None,
-                       run_ids: Optional[Sequence[int]] = None) -> Dict:
+                       run_ids: Optional[Sequence[int]] = None, completed: Optional[Dict[int, Dict]] = None,
+                       on_run: Optional[RunCallback] = None) -> Dict:
     """``cfg.runs`` independent runs; returns ``{"accuracies", "mean", "std", "network", ...}`` in percent.
 
     Run ``r`` uses ``torch.Generator().manual_seed(seed * 1000003 + r)`` whether the runs are
     batched or not, so the mode changes the speed, not the draws. ``run_ids`` runs only those
     runs (e.g. one process's share of a sharded evaluation): they give the same accuracies as in
     a full call.
+
+    Resuming: ``completed`` maps run ids to the result dicts (``accuracy``, ``train_loss``,
+    ``train_time_s``) of runs finished by an earlier, interrupted call with the same set, protocol
+    and seed; those runs are not trained again. ``on_run(r, result)`` is called as each run
+    finishes (all at the end when batched), so a caller can record them (``evaluate --json`` keeps
+    them in ``JSON.partial``). Since each run draws only from its own generator, a resumed
+    evaluation gives the accuracies of an uninterrupted one.
     """
     if images.shape[0] != labels.shape[0]:
         raise UserError(f"{images.shape[0]} images but {labels.shape[0]} labels")
@@ -362,33 +373,40 @@ def evaluate_synthetic(images, labels, test_set, cfg: EvalConfig, *, seed: int =
     ids = list(range(cfg.runs)) if run_ids is None else [int(r) for r in run_ids]
     if not ids:
         raise UserError("run_ids: no evaluation run to do")
-    batched, why = resolve_batched(cfg.batched, device, len(ids))
-    gens = [torch.Generator().manual_seed(seed * 1000003 + r) for r in ids]
-    details = []
-    if batched:
+    done: Dict[int, Dict] = {int(r): dict(v) for r, v in (completed or {}).items() if int(r) in ids}
+    todo = [r for r in ids if r not in done]
+    batched, why = resolve_batched(cfg.batched, device, len(todo)) if todo else (False, "every run finished earlier")
+    gens = [torch.Generator().manual_seed(seed * 1000003 + r) for r in todo]
+    if todo and batched:
         nets, losses, seconds = train_networks(images, labels, cfg, gens, num_classes=K, device=device, batched=True,
                                                epoch_callback=epoch_callback, progress=progress)
         if BATCHED_TEST.get(torch.device(device).type, False):
             accs = accuracies_batched(nets, test_set, device, cfg.test_batch)
         else:
             accs = [accuracy(net, test_set, torch.device(device), cfg.test_batch) for net in nets]
-        details = [{"accuracy": a, "train_loss": l, "train_time_s": seconds / len(nets)} for a, l in zip(accs, losses)]
-    else:
-        it = range(len(ids))
+        for r, a, l in zip(todo, accs, losses):
+            done[r] = {"accuracy": a, "train_loss": l, "train_time_s": seconds / len(nets)}
+            if on_run is not None:
+                on_run(r, done[r])
+    elif todo:
+        it = range(len(todo))
         if progress:
             from tqdm import tqdm
-            it = tqdm(it, desc=f"evaluate {cfg.model}", unit="run")
-        accs = []
-        for r in it:
-            nets, losses, seconds = train_networks(images, labels, cfg, [gens[r]], num_classes=K, device=device,
+            it = tqdm(it, desc=f"evaluate {cfg.model}", unit="run", total=len(ids), initial=len(ids) - len(todo))
+        for j in it:
+            nets, losses, seconds = train_networks(images, labels, cfg, [gens[j]], num_classes=K, device=device,
                                                    epoch_callback=epoch_callback)
             acc = accuracy(nets[0], test_set, torch.device(device), cfg.test_batch)
-            accs.append(acc)
-            details.append({"accuracy": acc, "train_loss": losses[0], "train_time_s": seconds})
+            done[todo[j]] = {"accuracy": acc, "train_loss": losses[0], "train_time_s": seconds}
+            if on_run is not None:
+                on_run(todo[j], done[todo[j]])
+    details = [done[r] for r in ids]
+    accs = [d["accuracy"] for d in details]
     t = torch.tensor(accs, dtype=torch.float64)
     return {"accuracies": accs, "mean": float(t.mean()), "std": float(t.std(unbiased=False)) if len(accs) > 1 else 0.0,
             "runs": details, "model": cfg.model, "network": network, "epochs": cfg.epochs,
-            "num_images": int(images.shape[0]), "batched": batched, "batched_reason": why}
+            "num_images": int(images.shape[0]), "batched": batched, "batched_reason": why,
+            "resumed_runs": len(ids) - len(todo)}
 
 
 # testing a frozen official network (no training): evaluation/frozen_model.py

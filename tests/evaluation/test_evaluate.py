@@ -297,3 +297,84 @@ def test_unknown_taps_is_a_user_error():
     from datadam_fast.distill import DistillConfig
     with pytest.raises(UserError, match="taps"):
         DistillConfig(taps="every").resolved((32, 32))
+
+
+# ------------------------------------------------------------------- resumable evaluation
+class _Interrupted(Exception):
+    pass
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_an_interrupted_evaluation_continues_to_the_uninterrupted_result(digits_small, batched):
+    x, y = digits_small
+    test = load_dataset("digits", split="test")
+    cfg = EvalConfig(model="ConvNet", width=8, epochs=2, runs=3, batch_size=8, batched=batched)
+    full = evaluate_synthetic(x, y, test, cfg, seed=3)
+    kept = {}
+
+    def stop_after_first(r, res):
+        kept[r] = res
+        if len(kept) == 1:
+            raise _Interrupted
+
+    if batched:  # all runs finish together: nothing to keep before the end
+        kept = {r: full["runs"][r] for r in (0, 2)}
+    else:
+        with pytest.raises(_Interrupted):
+            evaluate_synthetic(x, y, test, cfg, seed=3, on_run=stop_after_first)
+        assert list(kept) == [0]
+    seen = []
+    resumed = evaluate_synthetic(x, y, test, cfg, seed=3, completed=kept, on_run=lambda r, res: seen.append(r))
+    assert seen == [r for r in range(3) if r not in kept]  # only the missing runs are trained
+    assert resumed["resumed_runs"] == len(kept)
+    assert resumed["accuracies"] == full["accuracies"]
+    assert (resumed["mean"], resumed["std"]) == (full["mean"], full["std"])
+    # every run finished earlier: nothing is trained
+    again = evaluate_synthetic(x, y, test, cfg, seed=3, completed={r: full["runs"][r] for r in range(3)},
+                               on_run=lambda r, res: pytest.fail("trained a finished run"))
+    assert again["accuracies"] == full["accuracies"] and again["resumed_runs"] == 3
+
+
+def test_evaluate_json_keeps_finished_runs_and_a_rerun_continues(tmp_path, capsys, monkeypatch):
+    import datadam_fast.evaluation.evaluate as ev
+    syn = str(_random_real(tmp_path) / "synthetic.pt")
+    args = ["evaluate", "--synthetic", syn, "--runs", "3", "--epochs", "1", "--seed", "5", "--no-progress"]
+    ref = tmp_path / "ref.json"
+    assert cli.main([*args, "--json", str(ref)]) == 0
+    assert not (tmp_path / "ref.json.partial").exists()  # removed once the result is written
+    capsys.readouterr()
+    js = tmp_path / "e.json"
+    partial = tmp_path / "e.json.partial"
+    real_accuracy, calls = ev.accuracy, []
+
+    def dies_in_the_second_run(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # the process is killed while testing run 1
+        return real_accuracy(*a, **k)
+
+    monkeypatch.setattr(ev, "accuracy", dies_in_the_second_run)
+    assert cli.main([*args, "--json", str(js)]) == 130
+    assert "the same command continues from the finished runs" in capsys.readouterr().err
+    monkeypatch.setattr(ev, "accuracy", real_accuracy)
+    assert not js.exists()
+    kept = json.loads(partial.read_text())
+    assert list(kept["runs"]) == ["0"] and kept["key"]["seed"] == 5
+    assert cli.main([*args, "--json", str(js)]) == 0
+    out = capsys.readouterr().out
+    assert "resuming the evaluation: run(s) 0 of 3 finished earlier" in out
+    res, want = json.loads(js.read_text()), json.loads(ref.read_text())
+    assert res["accuracies"] == want["accuracies"] and res["resumed_runs"] == 1 and want["resumed_runs"] == 0
+    assert not partial.exists()
+    # a partial file of another protocol (here: another seed) is not used, and says so
+    kept["runs"]["0"]["accuracy"] = -1.0
+    partial.write_text(json.dumps(kept))
+    assert cli.main([*args[:-2], "6", "--no-progress", "--json", str(js)]) == 0
+    out = capsys.readouterr().out
+    assert "not resumed (written for another set, protocol, seed or device)" in out
+    assert "resuming" not in out and -1.0 not in json.loads(js.read_text())["accuracies"]
+    # a torn or foreign file is set aside too
+    partial.write_text("{not json")
+    assert cli.main([*args, "--json", str(js)]) == 0
+    assert "not resumed (unreadable)" in capsys.readouterr().out
+    assert json.loads(js.read_text())["accuracies"] == want["accuracies"]

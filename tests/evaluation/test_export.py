@@ -87,3 +87,31 @@ def test_tensors(run_dir, tmp_path, capsys):
 def test_bad_source(tmp_path, capsys):
     assert cli.main(["export", str(tmp_path), "--format", "tensors", "--out", str(tmp_path / "o")]) == 2
     assert "no synthetic.pt" in capsys.readouterr().err
+
+
+def test_an_exported_folder_evaluation_resumes_with_its_json_inside_the_folder(run_dir, tmp_path, capsys,
+                                                                                monkeypatch):
+    """The set's hash leaves out the evaluation's own files, so a JSON kept in the folder still resumes."""
+    import datadam_fast.evaluation.evaluate as ev
+    out = tmp_path / "folder"
+    assert cli.main(["export", str(run_dir), "--format", "folder", "--out", str(out)]) == 0
+    args = ["evaluate", "--synthetic", str(out), "--runs", "2", "--epochs", "1", "--seed", "3", "--no-progress",
+            "--json", str(out / "eval.json")]
+    real, calls = ev.accuracy, []
+
+    def dies_in_the_second_run(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(ev, "accuracy", dies_in_the_second_run)
+    assert cli.main(args) == 130
+    monkeypatch.setattr(ev, "accuracy", real)
+    assert (out / "eval.json.partial").exists()
+    capsys.readouterr()
+    assert cli.main(args) == 0
+    assert "resuming the evaluation: run(s) 0 of 2" in capsys.readouterr().out
+    res = json.loads((out / "eval.json").read_text())
+    assert res["resumed_runs"] == 1 and len(res["accuracies"]) == 2
+    assert not (out / "eval.json.partial").exists()
