@@ -92,6 +92,15 @@ def test_matches_eager_for_every_norm_and_depth(norm, depth, impl):
                 _assert_close(a.running_var, b.running_var, 1e-5, "running_var")
 
 
+@pytest.mark.parametrize("channel,size,width", [(1, (15, 13), 40), (3, (11, 9), 33), (1, (28, 28), 32)])
+def test_first_layer_convolution_blocks(channel, size, width, impl):
+    """The C++ first layer convolves 8 pixels x 16 channels at a time: full channel blocks, a
+    channel tail, a pixel count that is not a multiple of 8 (15 x 13, 11 x 9) and the MNIST first
+    layer (28 x 28 input, padding 3, 32 x 32 output)."""
+    net = _net("instancenorm", channel=channel, size=size, width=width)
+    _check(net, torch.randn(5, channel, *size, device=DEVICE), 5, 4.0, impl=impl)
+
+
 @pytest.mark.parametrize("power", [1.0, 2.0, 4.0, 2.5])
 def test_powers(power, impl):
     net = _net("instancenorm", size=(12, 12))
