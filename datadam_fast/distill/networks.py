@@ -19,6 +19,11 @@ or on which process trained it. A network in training is checkpointed every
 :data:`CHECKPOINT_STEPS` steps, so an interrupted build resumes where it stopped; each finished
 network is one atomically written file. Under ``torchrun`` network ``i`` is trained by rank
 ``i mod world size`` and every rank waits for the others' files (the pool folder must be shared).
+Whoever trains a network holds its claim (an exclusive ``flock`` on ``net_i.lock``, which the
+system releases when the process ends, however it ends): separate runs that need the same pool at
+the same time (two cells of one dataset, say) train each network once between them, a process that
+has finished its share trains the networks nobody has claimed yet, and a network whose trainer died
+is taken over from its partial checkpoint.
 
 Matching reads a pool network exactly as a fresh one: the same module (train mode, frozen
 parameters, the run's memory format) with the pool's weights loaded into it at each draw, so a
@@ -26,12 +31,18 @@ BatchNorm network's running statistics never carry over from one iteration to th
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
 import os
 import time
-from typing import Dict, List, Optional
+from typing import Dict, Iterator, List, Optional
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not POSIX: no claims, each process trains what it misses
+    fcntl = None
 
 import torch
 import torch.nn.functional as F
@@ -47,6 +58,25 @@ CHECKPOINT_STEPS = 100
 POOL_LR, POOL_MOMENTUM, POOL_WEIGHT_DECAY, POOL_BATCH = 0.01, 0.9, 5e-4, 256
 #: seconds between two looks for the files other ranks train
 WAIT_POLL_S = 1.0
+
+
+@contextlib.contextmanager
+def claim(path: str) -> Iterator[bool]:
+    """Try to hold the exclusive claim ``path`` (a lock file) without waiting: yields whether this
+    process holds it; released on exit (or by the system when the process dies)."""
+    if fcntl is None:  # pragma: no cover
+        yield True
+        return
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            held = True
+        except OSError:
+            held = False
+        yield held
+    finally:
+        os.close(fd)
 
 
 def default_pool_root() -> str:
@@ -108,6 +138,7 @@ class NetworkPool:
         self.states: Optional[List[Dict[str, torch.Tensor]]] = None
         self.template = None
         self.build_seconds = 0.0
+        self.trained_here = 0  # networks this process trained (the rest: cached, or other processes')
 
     # ------------------------------------------------------------------ files
     def net_path(self, i: int) -> str:
@@ -115,6 +146,9 @@ class NetworkPool:
 
     def partial_path(self, i: int) -> str:
         return os.path.join(self.dir, f"net_{i}.partial.pt")
+
+    def lock_path(self, i: int) -> str:
+        return os.path.join(self.dir, f"net_{i}.lock")
 
     def missing(self) -> List[int]:
         return [i for i in range(self.spec.count) if not os.path.isfile(self.net_path(i))]
@@ -152,11 +186,11 @@ class NetworkPool:
                            dynamic_ncols=True)
             try:
                 for i in mine:
-                    train_pool_network(d, i, self, bar)
+                    self._train_unclaimed(d, i, bar)
+                self._wait_for(d, missing, bar)
             finally:
                 if bar is not None:
                     bar.close()
-            self._wait_for(missing)
         self.build_seconds = time.perf_counter() - t0
         self.states = [self._load(i, d.device) for i in range(self.spec.count)]
         self.template = d.new_network(torch.Generator().manual_seed(0))
@@ -167,13 +201,39 @@ class NetworkPool:
             say(d, f"network pool: reusing {self.spec.count} cached network(s) from {self.dir}")
         rundir.log(d, {"iteration": d.iteration, "event": "network_pool", "dir": self.dir, "key": self.key,
                        "count": self.spec.count, "epochs": self.spec.epochs, "trained": len(missing),
-                       "seconds": self.build_seconds})
+                       "trained_here": self.trained_here, "seconds": self.build_seconds})
 
-    def _wait_for(self, indices: List[int]) -> None:
-        """Every network of ``indices`` on disk (other ranks train theirs; torchrun stops the job
-        if one of them fails, so the wait needs no timeout of its own)."""
-        while any(not os.path.isfile(self.net_path(i)) for i in indices):
-            time.sleep(WAIT_POLL_S)
+    def _train_unclaimed(self, d, i: int, bar=None, extra: bool = False) -> bool:
+        """Train network ``i`` unless it is on disk or another process holds its claim; whether
+        this process held the claim. ``extra``: not in this process's share (the bar grows)."""
+        if os.path.isfile(self.net_path(i)):
+            return False
+        with claim(self.lock_path(i)) as held:
+            if held:
+                if not os.path.isfile(self.net_path(i)):
+                    if extra and bar is not None:
+                        bar.total += self.steps
+                        bar.refresh()
+                    train_pool_network(d, i, self, bar)
+                    self.trained_here += 1
+                # the network is on disk: whoever takes the claim from now on finds it and stops
+                # there, so the lock file can go (before, removing it could split one claim in two)
+                with contextlib.suppress(OSError):
+                    os.remove(self.lock_path(i))
+            return held
+
+    def _wait_for(self, d, indices: List[int], bar=None) -> None:
+        """Every network of ``indices`` on disk: the ones other processes are training are waited
+        for, the unclaimed ones (another rank's share not yet started, or a trainer that died) are
+        trained here. torchrun stops the job if a rank fails, so the wait needs no timeout."""
+        while True:
+            left = [i for i in indices if not os.path.isfile(self.net_path(i))]
+            if not left:
+                return
+            for i in left:
+                self._train_unclaimed(d, i, bar, extra=True)
+            if any(not os.path.isfile(self.net_path(i)) for i in left):
+                time.sleep(WAIT_POLL_S)
 
     def _load(self, i: int, device) -> Dict[str, torch.Tensor]:
         path = self.net_path(i)

@@ -1,8 +1,8 @@
 """Trained network pools (``--networks pool:N[:EPOCHS]``): the spec, the cache (built once, reused,
-a changed setting builds another), an interrupted build resumes to the same weights, matching in
-pool networks for every method, and the run's exactness with a pool (digits and MNIST end to end;
-chunked == one pass, 2 gloo processes == 1 and build the same pool, kill + ``--resume`` ==
-uninterrupted)."""
+a changed setting builds another), an interrupted build resumes to the same weights, runs sharing a
+pool folder train each network once, matching in pool networks for every method, and the run's
+exactness with a pool (digits and MNIST end to end; chunked == one pass, 2 gloo processes == 1 and
+build the same pool, kill + ``--resume`` == uninterrupted)."""
 import json
 from pathlib import Path
 
@@ -247,3 +247,62 @@ def test_two_gloo_processes_build_the_pool_one_process_builds(digits_pool, tmp_p
         sa, sb = torch.load(a, weights_only=True)["state"], torch.load(b, weights_only=True)["state"]
         assert all(torch.equal(sa[k], sb[k]) for k in sa), a.name
     assert (synthetic_images(two) - synthetic_images(out)).abs().max() < 1e-5
+
+
+# ------------------------------------------------------------------------------------------ shared pool folders
+def _distill_pool(pool_dir, out):
+    """A digits pool:3:1 run as a separate process (what a second cell of the same dataset is)."""
+    import subprocess
+    import sys
+    from conftest import ROOT, _one_thread_env
+    return subprocess.Popen([sys.executable, "-m", "datadam_fast", "distill", "--dataset", "digits", "--ipc", "2",
+                             "--networks", "pool:3:1", "--pool-dir", str(pool_dir), "--iterations", "4",
+                             "--eval-runs", "1", "--eval-epochs", "1", "--no-progress", "--out", str(out)],
+                            cwd=str(ROOT), env=_one_thread_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+
+
+def _finish(proc, timeout=600):
+    out, err = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, err[-3000:]
+    return err
+
+
+def test_two_runs_sharing_a_pool_folder_train_each_network_once(digits_pool, tmp_path):
+    base, out, _ = digits_pool
+    a, b = tmp_path / "a", tmp_path / "b"
+    pa, pb = _distill_pool(tmp_path / "pools", a), _distill_pool(tmp_path / "pools", b)
+    _finish(pa), _finish(pb)
+    here = [_pool_events(o)[0]["trained_here"] for o in (a, b)]
+    assert sum(here) == 3, here  # between them, every network trained once
+    ours = _net_files(tmp_path / "pools")
+    theirs = [f for f in _net_files(base / "pools") if f.parent.name == ours[0].parent.name]
+    for x, y in zip(ours, theirs):
+        sx, sy = torch.load(x, weights_only=True)["state"], torch.load(y, weights_only=True)["state"]
+        assert all(torch.equal(sx[k], sy[k]) for k in sx), x.name
+    assert not list((tmp_path / "pools").glob("*/*.lock")) and not list((tmp_path / "pools").glob("*/*.partial.pt"))
+    assert torch.equal(synthetic_images(a), synthetic_images(out)) and torch.equal(synthetic_images(b),
+                                                                                   synthetic_images(out))
+
+
+def test_a_claimed_network_is_waited_for_and_taken_over_when_its_claim_ends(digits_pool, tmp_path):
+    """Network 1's claim is held by this test (another process training it): the run trains the
+    other two, waits, and trains network 1 itself once the claim is gone (its holder died)."""
+    import time
+    base, out, _ = digits_pool
+    (name,) = [p.name for p in (base / "pools").glob("digits_*")  # the pool:3:1 folder (other tests add more)
+               if json.loads((p / "pool.json").read_text())["definition"]["epochs"] == 1]
+    pool_dir = tmp_path / "pools" / name
+    pool_dir.mkdir(parents=True)
+    with N.claim(str(pool_dir / "net_1.lock")) as held:
+        assert held
+        proc = _distill_pool(tmp_path / "pools", tmp_path / "run")
+        deadline = time.time() + 300
+        while not ((pool_dir / "net_0.pt").exists() and (pool_dir / "net_2.pt").exists()):
+            assert proc.poll() is None and time.time() < deadline, "the run did not train its other networks"
+            time.sleep(0.2)
+        time.sleep(3 * N.WAIT_POLL_S)
+        assert proc.poll() is None and not (pool_dir / "net_1.pt").exists()  # it waits for the claimed one
+    _finish(proc)  # the claim ended: the run trained network 1 itself
+    assert _pool_events(tmp_path / "run")[0]["trained_here"] == 3
+    assert torch.equal(synthetic_images(tmp_path / "run"), synthetic_images(out))
