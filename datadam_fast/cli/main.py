@@ -126,6 +126,7 @@ def _cmd_evaluate(args) -> int:
         from ..data.zca import whiten_like
         test_set = whiten_like(test_set, meta["zca"])
         print("ZCA: test images whitened with the transform recorded in the file")
+    partial = None  # the finished runs of an interrupted evaluate --json (not for a frozen model)
     if args.frozen_model:
         sd = load_frozen_model(args.frozen_model)
         pick = frozen_model_network(sd, model=args.model, norm=args.norm, width=args.width, depth=args.depth)
@@ -148,7 +149,6 @@ def _cmd_evaluate(args) -> int:
         print(f"network: {network_label(network)} ({pick['source']})", flush=True)
         if args.seed is None and rec["seed"] is not None:
             print(f"seed {seed}: the seed of the run's final evaluation (recorded in the file; --seed to choose)")
-        partial = None
         if args.json:  # finished runs are kept beside the result, so a rerun continues
             import torch
             from ..evaluation.resume import PartialRuns, run_key
@@ -179,11 +179,11 @@ def _cmd_evaluate(args) -> int:
                "factor": int(meta.get("factor", 1)), "stored_images": int(meta.get("stored_images", images.shape[0]))}
         if args.frozen_model:
             out["frozen_model"] = args.frozen_model
-        if not args.frozen_model:
+        else:
             out["resumed_runs"] = result["resumed_runs"]
         from .._io import atomic_write_text
         atomic_write_text(args.json, json.dumps(out, indent=2))
-        if not args.frozen_model:
+        if partial is not None:  # the full result is written: the finished runs are no longer needed
             partial.finish()
     return 0
 

@@ -1,13 +1,13 @@
 """Finished evaluation runs kept on disk, so that an interrupted ``evaluate --json`` continues.
 
 An evaluation of a large set is hours of CPU (5 networks x 1000 epochs); losing it to a killed
-process or a closed session is the costly kind of lost work. Each run of an evaluation draws only
-from its own generator (``evaluate_synthetic``), so finished runs can be kept and the rest trained
-later with the same result. The runs are kept in ``<json>.partial`` (written atomically after each
-run) under a key of everything that defines a run's result: the synthetic set's bytes (its file, or its folder's files), the test
-dataset and its options, the network and protocol, the seed and the device type. A file with
-another key is set aside (replaced by the first run of the new evaluation); the file is removed
-once the full result is written.
+process is the costly kind of lost work. Each run of an evaluation draws only from its own
+generator (``evaluate_synthetic``), so finished runs can be kept and the rest trained later with
+the same result. The runs are kept in ``<json>.partial`` (written atomically after each run) under
+a key of everything that defines a run's result: the synthetic set's bytes (its file, or its
+folder's files), the test dataset and its options, the network and protocol, the seed and the
+device type. A file with another key is set aside (replaced by the first run of the new
+evaluation); the file is removed once the full result is written.
 """
 from __future__ import annotations
 
@@ -31,8 +31,13 @@ def source_sha256(path: str, chunk: int = 1 << 22, exclude: Sequence[str] = ()) 
     h = hashlib.sha256()
     if os.path.isdir(path):
         skip = [os.path.abspath(e) for e in exclude]
+
+        def excluded(p: str) -> bool:  # an output itself, or its .partial / .tmp.PID companions
+            p = os.path.abspath(p)
+            return any(p == e or p.startswith(e + ".") for e in skip)
+
         files = sorted(os.path.relpath(os.path.join(d, f), path) for d, _, fs in os.walk(path) for f in fs
-                       if not any(os.path.abspath(os.path.join(d, f)).startswith(e) for e in skip))
+                       if not excluded(os.path.join(d, f)))
     else:
         files = [None]
     for rel in files:
