@@ -29,7 +29,7 @@ from ...errors import BackendUnavailable
 from .base import NativeOpBackend
 
 _EXT_NAME = "_C_cpu"
-_SOURCES = ["spatial_attention_cpu.cpp", "real_epilogue_cpu.cpp", "statistics_cpu.cpp"]
+_SOURCES = ["spatial_attention_cpu.cpp", "real_epilogue_cpu.cpp", "statistics_cpu.cpp", "winograd_cpu.cpp"]
 _REGISTERED = []
 
 
