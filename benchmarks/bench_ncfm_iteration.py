@@ -10,6 +10,8 @@ machine's load hits every row alike):
 * ``package``: ``--method ncfm`` as a run uses it (fused ConvNet real side, fused characteristic
   function, channels_last);
 * ``package:real_epilogue=off``: the same without the fused real side (the network's own forward);
+* ``package:real_conv=direct``: the fused real side on oneDNN's direct 3x3 convolutions instead of
+  Winograd F(2x2, 3x3) (``DATADAM_FAST_REAL_CONV=direct`` around that row's steps);
 * ``package:backend=reference``: the characteristic function in plain PyTorch (materialised
   projection) inside the package's loop: what the fused operator alone is worth.
 
@@ -40,7 +42,27 @@ from datadam_fast._io import atomic_write_text  # noqa: E402
 from datadam_fast.distill import DistillConfig, Distiller  # noqa: E402
 
 VARIANTS = {"package": {}, "package:real_epilogue=off": {"real_epilogue": "off"},
-            "package:backend=reference": {"backend": "reference"}}
+            "package:real_conv=direct": {}, "package:backend=reference": {"backend": "reference"}}
+#: environment of a row's steps (read by the package at every call)
+ENVIRONMENTS = {"package:real_conv=direct": {"DATADAM_FAST_REAL_CONV": "direct"}}
+
+
+def _with_environment(env: Dict[str, str], fn):
+    if not env:
+        return fn
+
+    def run():
+        saved = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
+        try:
+            return fn()
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+    return run
 
 
 def _sync(device):
@@ -83,7 +105,7 @@ def main(argv=None) -> Dict:
                             eval_every=-1, checkpoint_every=0, iterations=args.warmup + args.iterations + 1, **kw)
         d = Distiller(cfg, None, progress=False, train_set=train_set)
         closers.append(d)
-        steps[name] = (lambda dd: lambda: float(dd.step()["loss"]))(d)
+        steps[name] = _with_environment(ENVIRONMENTS.get(name, {}), (lambda dd: lambda: float(dd.step()["loss"]))(d))
         steps[name + "#fused_real"] = d.fused_real
     ms: Dict[str, List[float]] = {n: [] for n in steps if "#" not in n}
     first_loss: Dict[str, float] = {}
