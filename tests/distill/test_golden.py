@@ -1,8 +1,8 @@
 """Same seed and flags, same synthetic images: fixed ``datadam-fast distill`` runs (digits and a
 2-iteration MNIST run; DataDAM with both presets and DM; eager, chunked, fused-real and compiled
 paths) must reproduce, bit for bit, the SHA-256 of the synthetic tensor recorded in
-``tests/distill/golden_synthetic.json`` (recorded at the commit named there, before the engine was
-split into sub-packages and methods became plug-ins).
+``tests/distill/golden_synthetic.json`` (recorded from the code of the commit named there; the
+fused C++ real side runs its 3x3 convolutions as Winograd F(2x2, 3x3) since that recording).
 
 Float results depend on the CPU's instruction set and the torch version (oneDNN picks kernels by
 ISA, and the C++ kernels are compiled with ``-march=native``), so the exact digest is asserted where
@@ -150,4 +150,7 @@ if __name__ == "__main__":
     else:
         for name, r in runs.items():
             print(name, r)
-        GOLDEN.write_text(json.dumps({"recorded_with": fingerprint(), "runs": runs}, indent=1))
+        head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).resolve().parent).stdout.strip()
+        GOLDEN.write_text(json.dumps({"recorded_with": fingerprint(), "runs": runs, "recorded_at_commit": head},
+                                     indent=1))
