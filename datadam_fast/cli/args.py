@@ -119,7 +119,8 @@ def _add_distill(sub) -> None:
                    help="real side (no_grad) of ConvNet passes through a fused epilogue: conv output -> norm "
                         "statistics -> norm + activation -> pooling and attention map, the normalised activation "
                         "never written. cpu: C++ kernels (a first layer with <= 4 input channels is convolved "
-                        "inside them); triton: Triton kernels (CUDA; CPU only under TRITON_INTERPRET=1, for tests). "
+                        "inside them; 3x3 convolutions with >= 16 input channels run as Winograd F(2x2, 3x3), "
+                        "or as oneDNN's direct convolution with DATADAM_FAST_REAL_CONV=direct); triton: Triton kernels (CUDA; CPU only under TRITON_INTERPRET=1, for tests). "
                         "auto: cpu on CPU for fp32 real passes (also replacing the compiled real pass), triton on "
                         "CUDA with --no-compile; off: the network's own forward (or the compiled pass)")
     p.add_argument("--no-prefetch", action="store_true",
