@@ -28,7 +28,8 @@ ext_modules, cmdclass = [], {}
 if os.environ.get("DATADAM_FAST_BUILD_EXT", "0") == "1":
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
     defines = _c["native_defines"]()
-    ext_modules.append(CppExtension("datadam_fast._C_cpu", ["csrc/spatial_attention_cpu.cpp", "csrc/real_epilogue_cpu.cpp", "csrc/statistics_cpu.cpp"],
+    ext_modules.append(CppExtension("datadam_fast._C_cpu", ["csrc/spatial_attention_cpu.cpp", "csrc/real_epilogue_cpu.cpp", "csrc/statistics_cpu.cpp",
+                                                          "csrc/winograd_cpu.cpp"],
                                     extra_compile_args=[*_c["CPU_CFLAGS"], *defines],
                                     extra_link_args=list(_c["CPU_LDFLAGS"])))
     if os.environ.get("DATADAM_FAST_BUILD_CUDA", "0") == "1":

@@ -334,6 +334,10 @@ def test_wheel_build_flags_are_portable_and_shared():
     assert "-march=native" not in code and "CPU_JIT_NATIVE_CFLAGS" not in code and '_c["CPU_CFLAGS"]' in code
     assert runpy.run_path(str(root / "datadam_fast" / "_constants.py"))["CPU_CFLAGS"] == _constants.CPU_CFLAGS
     assert f"-DDATADAM_FAST_NORM_EPS={_constants.NORM_EPS!r}" in _constants.native_defines()
+    # the wheel's extension compiles every source of the JIT build (a missing one = a missing op)
+    from datadam_fast.loss.backends import cpu as cpu_backend
+    for source in cpu_backend._SOURCES:
+        assert f'"csrc/{source}"' in code, source
 
 
 def test_two_clones_use_two_builds_and_neither_rebuilds_the_other(monkeypatch, tmp_path, capsys):
