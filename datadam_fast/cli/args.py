@@ -215,6 +215,13 @@ def _add_evaluate(sub) -> None:
                       help="train the runs together (vmap); default: whichever is faster on the device")
     mode.add_argument("--sequential", dest="batched", action="store_const", const=False,
                       help="train the runs one after another")
+    comp = p.add_mutually_exclusive_group()
+    comp.add_argument("--compile", dest="compile", action="store_const", const=True, default=None,
+                      help="torch.compile each training step's loss and backward (sequential runs; one compile per "
+                           "batch shape, 15-25 s on CPU). Default: on from 2000 training steps per run (epochs x "
+                           "batches), unless DATADAM_FAST_COMPILE=0. Only float rounding differs from --no-compile")
+    comp.add_argument("--no-compile", dest="compile", action="store_const", const=False,
+                      help="train the networks uncompiled")
     p.add_argument("--frozen-model", default=None,
                    help="official {'net_parameters': state_dict} file: test it without training (like "
                         "distill_test_model.py); the network (BatchNorm or not, width, depth) is read from the state "

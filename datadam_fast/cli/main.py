@@ -142,7 +142,7 @@ def _cmd_evaluate(args) -> int:
         pick = network_for_synthetic(meta, model=args.model, norm=args.norm, width=args.width, depth=args.depth)
         cfg = EvalConfig(model=pick["model"], epochs=args.epochs, runs=args.runs, lr=args.lr, batch_size=args.batch,
                          dsa=not args.no_dsa, norm=pick["norm"], width=pick["width"], depth=pick["depth"],
-                         batched=args.batched)
+                         batched=args.batched, compile=args.compile)
         from ..models.networks import check_model_name
         check_model_name(cfg.model, "recorded model")
         network = describe_eval_network(cfg, images.shape[1], test_set.num_classes, tuple(images.shape[2:]))
@@ -165,7 +165,7 @@ def _cmd_evaluate(args) -> int:
                                     progress=not args.no_progress, completed=partial.runs if partial else None,
                                     on_run=partial.record if partial else None)
         result["network_source"] = pick["source"]
-        mode = "batched" if result["batched"] else "sequential"
+        mode = ("batched" if result["batched"] else "sequential") + (", compiled" if result["compiled"] else "")
         print(f"{network_label(result['network'])} on {dataset}: {result['mean']:.2f} ± {result['std']:.2f} % over "
               f"{cfg.runs} runs ({images.shape[0]} images, {cfg.epochs}+1 epochs, {mode})")
     if args.json:
@@ -175,7 +175,8 @@ def _cmd_evaluate(args) -> int:
                "network": net, "network_source": result["network_source"], "dataset": dataset,
                "synthetic": args.synthetic, "epochs": None if args.frozen_model else args.epochs,
                "runs": len(result["accuracies"]), "seed": None if args.frozen_model else seed,
-               "batched": None if args.frozen_model else result["batched"], "num_images": int(images.shape[0]),
+               "batched": None if args.frozen_model else result["batched"],
+               "compiled": None if args.frozen_model else result["compiled"], "num_images": int(images.shape[0]),
                "factor": int(meta.get("factor", 1)), "stored_images": int(meta.get("stored_images", images.shape[0]))}
         if args.frozen_model:
             out["frozen_model"] = args.frozen_model

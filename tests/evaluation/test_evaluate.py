@@ -378,3 +378,63 @@ def test_evaluate_json_keeps_finished_runs_and_a_rerun_continues(tmp_path, capsy
     assert cli.main([*args, "--json", str(js)]) == 0
     assert "not resumed (unreadable)" in capsys.readouterr().out
     assert json.loads(js.read_text())["accuracies"] == want["accuracies"]
+
+
+# --------------------------------------------------------------------------- compiled training
+def test_compile_is_chosen_by_the_run_length(monkeypatch):
+    from datadam_fast.evaluation.evaluate import COMPILE_MIN_STEPS, resolve_compile
+    monkeypatch.delenv("DATADAM_FAST_COMPILE", raising=False)  # the test session turns compiling off
+    long_run = EvalConfig(epochs=COMPILE_MIN_STEPS // 2, batch_size=256)  # 2 batches of 400 images
+    assert resolve_compile(long_run, 400, batched=False) == (True, f"{COMPILE_MIN_STEPS} training steps per run")
+    assert resolve_compile(long_run, 256, batched=False)[0] is False     # one batch per epoch: too few steps
+    assert resolve_compile(long_run, 400, batched=True)[0] is False      # vmapped runs stay eager
+    assert resolve_compile(EvalConfig(epochs=1, compile=True), 10, batched=False) == (True, "requested")
+    assert resolve_compile(EvalConfig(epochs=10 ** 6, compile=False), 10, batched=False) == (False, "requested")
+    monkeypatch.setenv("DATADAM_FAST_COMPILE", "0")
+    assert resolve_compile(long_run, 400, batched=False) == (False, "DATADAM_FAST_COMPILE=0")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["ConvNet", "ConvNetBN"])
+def test_compiled_training_follows_the_eager_training(digits_small, model):
+    """Same draws, same steps: the compiled loss trains each run's own parameters (and BatchNorm's
+    running statistics) to the eager result within float rounding, and several runs share one
+    compiled graph per batch shape."""
+    from torch._dynamo.utils import counters
+    from datadam_fast.evaluation.evaluate import CompiledTrainingLoss, build_eval_network
+    x, y = digits_small
+    cfg = EvalConfig(model=model, width=8, epochs=3, batch_size=8, dsa=True)  # 20 images: batches 8, 8, 4
+    eager, l_eager, _ = train_networks(x, y, cfg, _gens(3, 4), num_classes=10)
+    loss_fn = CompiledTrainingLoss(build_eval_network(cfg, 1, 10, (8, 8), generator=torch.Generator().manual_seed(0)))
+    graphs = counters["stats"]["unique_graphs"]
+    comp, l_comp, _ = train_networks(x, y, cfg, _gens(3, 4), num_classes=10, loss_fn=loss_fn)
+    assert loss_fn.failed is None
+    assert counters["stats"]["unique_graphs"] - graphs <= 2  # two batch shapes, for both runs
+    for a, b in zip(eager, comp):
+        sa, sb = a.state_dict(), b.state_dict()
+        assert sa.keys() == sb.keys()
+        for k in sa:
+            torch.testing.assert_close(sb[k].float(), sa[k].float(), rtol=1e-4, atol=1e-5, msg=k)
+        if model == "ConvNetBN":  # running statistics moved away from their initial values
+            assert not torch.equal(sb["features.1.running_mean"], torch.zeros_like(sb["features.1.running_mean"]))
+    assert l_comp == pytest.approx(l_eager, rel=1e-4)
+    assert not torch.equal(comp[0].state_dict()["classifier.weight"], comp[1].state_dict()["classifier.weight"])
+
+
+def test_a_failing_compiler_falls_back_to_eager(digits_small, monkeypatch):
+    from datadam_fast.evaluation import evaluate as E
+    x, y = digits_small
+
+    def broken_compile(fn, **kw):
+        def run(*a, **k):
+            raise RuntimeError("no C++ compiler")
+        return run
+    monkeypatch.setattr(E.torch, "compile", broken_compile)
+    test = load_dataset("digits", split="test")
+    cfg = dict(model="ConvNet", width=8, epochs=2, runs=1, batch_size=8)
+    with pytest.warns(RuntimeWarning, match="compiled evaluation training failed .*no C\\+\\+ compiler"):
+        got = evaluate_synthetic(x, y, test, EvalConfig(compile=True, **cfg), seed=2)
+    want = evaluate_synthetic(x, y, test, EvalConfig(compile=False, **cfg), seed=2)
+    assert got["compiled"] is False and "no C++ compiler" in got["compiled_reason"]
+    assert want["compiled"] is False and want["compiled_reason"] == "requested"
+    assert got["accuracies"] == want["accuracies"]
