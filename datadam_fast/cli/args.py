@@ -218,7 +218,7 @@ def _add_evaluate(sub) -> None:
     comp = p.add_mutually_exclusive_group()
     comp.add_argument("--compile", dest="compile", action="store_const", const=True, default=None,
                       help="torch.compile each training step's loss and backward (sequential runs; one compile per "
-                           "batch shape, 15-25 s on CPU). Default: on from 2000 training steps per run (epochs x "
+                           "batch shape, 13-19 s on CPU). Default: on from 1000 training steps per run (epochs x "
                            "batches), unless DATADAM_FAST_COMPILE=0. Only float rounding differs from --no-compile")
     comp.add_argument("--no-compile", dest="compile", action="store_const", const=False,
                       help="train the networks uncompiled")

@@ -42,11 +42,14 @@ BATCHED_TEST = {"cpu": False, "cuda": True}
 
 
 #: torch.compile of the training step (forward, loss and backward of the network, AOTAutograd) pays
-#: for its compile (15-25 s per batch shape on CPU, two shapes when the last batch is short) only in
-#: long evaluations: by default it is on from this many training steps per run. Measured on CPU
-#: (one thread, width-128 ConvNet, InstanceNorm, batch 256 of 28x28 images): 2.40 s -> 1.69 s per
-#: step, the norm, ReLU and pooling passes forward and backward fused; the convolutions are left.
-COMPILE_MIN_STEPS = 2000
+#: for its compile (13-19 s on CPU: one graph per batch shape, two when the last batch is short)
+#: only in long evaluations: by default it is on from this many training steps per run, so the DM
+#: protocol's 1001 epochs compile even with one batch per epoch. Measured on a 2-core CPU
+#: (width-128 ConvNet, InstanceNorm, benchmarks/results/bench_eval_cpu_2026-12-07.json): training
+#: 1.48x faster at 40 images (one batch of 40: 37 ms saved per step, so the compile pays for itself
+#: after about 400 steps) and 1.57x at 400 images, the norm, ReLU and pooling passes of the forward
+#: and backward fused; the convolutions are left.
+COMPILE_MIN_STEPS = 1000
 
 DEFAULT_EPOCHS = 1000  # the DM protocol's; evaluate of a run's file uses its recorded --eval-epochs
 DEFAULT_RUNS = 3
