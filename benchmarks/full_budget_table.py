@@ -168,7 +168,8 @@ def run_cell(args, dataset: str, ipc: int, method: str) -> Optional[Dict]:
             "network_source": res.get("network_source"), "eval_epochs": args.eval_epochs, "eval_runs": args.runs,
             "distill_width": args.width, "seed": args.seed, "device": args.device,
             "distill_seconds": round(distill_s, 1), "eval_seconds": round(time.time() - t1, 1),
-            "resumed": state == "resume", "eval_resumed_runs": res.get("resumed_runs", 0), "run_dir": run_dir,
+            "resumed": state == "resume", "eval_resumed_runs": res.get("resumed_runs", 0),
+            "eval_compiled": res.get("compiled"), "run_dir": run_dir,
             "distill_command": "datadam-fast distill " + " ".join(flags),
             "evaluate_command": "datadam-fast " + " ".join(ev),
             "date": datetime.datetime.now().isoformat(timespec="seconds"), "git_commit": _git_commit()}
