@@ -69,6 +69,19 @@ def test_layouts_and_many_blocks(ops):
     _check_against_float64(ops, x, wt, b)
 
 
+def test_opcheck_and_compile(ops):
+    """A real torch.library op: schema, fake kernel (shape, channels_last) and AOT dispatch
+    (opcheck), and torch.compile(fullgraph=True) around it with no graph break."""
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 16, 5, 6, generator=g)
+    w = torch.randn(3, 16, 3, 3, generator=g)
+    u, b = winograd_filters(w), torch.randn(3, generator=g)
+    result = torch.library.opcheck(ops.cpu_winograd_conv3x3.default, (x, u, b))
+    assert all(v == "SUCCESS" for v in result.values()), result
+    compiled = torch.compile(lambda x: ops.cpu_winograd_conv3x3(x, u, b).relu(), fullgraph=True, backend="eager")
+    torch.testing.assert_close(compiled(x), ops.cpu_winograd_conv3x3(x, u, b).relu())
+
+
 def test_bad_input_is_named(ops):
     x = torch.randn(2, 16, 5, 5)
     u = winograd_filters(torch.randn(4, 16, 3, 3))

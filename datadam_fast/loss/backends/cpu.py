@@ -83,7 +83,8 @@ def _register_python_parts() -> None:
 
 def _register_statistics_fakes() -> None:
     """Fake kernels of the C++ statistics ops (``csrc/statistics_cpu.cpp``): float32/float64 in,
-    the same dtype out; gradients in the feature map's layout."""
+    the same dtype out; gradients in the feature map's layout. And of the real side's Winograd
+    convolution (float32, channels_last out)."""
     from .._oplib import grad_memory_format
     lib = "datadam_fast::"
 
@@ -104,9 +105,13 @@ def _register_statistics_fakes() -> None:
     def grad(feat, *_):
         return torch.empty_like(feat, memory_format=grad_memory_format(feat))
 
+    def winograd(x, u, bias):  # csrc/winograd_cpu.cpp: the real side's 3x3 convolution (no autograd)
+        return torch.empty((x.shape[0], u.shape[2], x.shape[2], x.shape[3]), dtype=x.dtype, device=x.device,
+                           memory_format=torch.channels_last)
+
     for name, fn in (("cpu_cf_class_sums", cf), ("cpu_cf_class_sums_bwd", cf_bwd), ("cpu_channel_attention", att),
                      ("cpu_channel_attention_bwd", grad), ("cpu_channel_moments", rows),
-                     ("cpu_channel_moments_bwd", grad)):
+                     ("cpu_channel_moments_bwd", grad), ("cpu_winograd_conv3x3", winograd)):
         torch.library.register_fake(lib + name)(fn)
 
 
