@@ -383,7 +383,7 @@ def test_evaluate_json_keeps_finished_runs_and_a_rerun_continues(tmp_path, capsy
 # --------------------------------------------------------------------------- compiled training
 def test_compile_is_chosen_by_the_run_length(monkeypatch):
     from datadam_fast.evaluation.evaluate import COMPILE_MIN_STEPS, resolve_compile
-    monkeypatch.delenv("DATADAM_FAST_COMPILE", raising=False)  # the test session turns compiling off
+    monkeypatch.delenv("DATADAM_FAST_COMPILE", raising=False)  # tests/conftest.py sets it to 0
     long_run = EvalConfig(epochs=COMPILE_MIN_STEPS // 2, batch_size=256)  # 2 batches of 400 images
     assert resolve_compile(long_run, 400, batched=False) == (True, f"{COMPILE_MIN_STEPS} training steps per run")
     assert resolve_compile(long_run, 256, batched=False)[0] is False     # one batch per epoch: too few steps
