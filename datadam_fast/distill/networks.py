@@ -49,7 +49,7 @@ import torch.nn.functional as F
 
 from .._io import atomic_torch_save, atomic_write_text
 from ..errors import UserError
-from .config import NetworkSpec, parse_networks
+from .config import NetworkSpec, net_overrides, parse_networks
 
 POOL_FORMAT = "datadam_fast.pool/1"
 #: training steps between two checkpoints of the network being trained
@@ -86,11 +86,19 @@ def default_pool_root() -> str:
 
 
 def pool_definition(cfg, dataset, spec: NetworkSpec) -> Dict:
-    """Everything that defines a pool's weights (its cache key is a hash of this)."""
+    """Everything that defines a pool's weights (its cache key is a hash of this). The architecture
+    (norm, width, depth) is read from the network the run builds, so an option left at its default
+    and the same value given explicitly (``--width 128``) share one pool."""
+    from ..models.networks import describe_network, get_network
     opts = {k: v for k, v in sorted(dict(cfg.data_opts).items()) if k not in ("cache_dir", "cache")}
+    net = get_network(cfg.model, dataset.channels, dataset.num_classes, tuple(dataset.image_size),
+                      generator=torch.Generator().manual_seed(0), taps=cfg.taps,
+                      **net_overrides(cfg.width, cfg.depth, cfg.norm))
+    arch = describe_network(net, cfg.model)
     return {"format": POOL_FORMAT, "dataset": dataset.name, "data_opts": opts, "train_images": len(dataset),
             "num_classes": dataset.num_classes, "image_shape": [dataset.channels, *dataset.image_size],
-            "zca": bool(cfg.zca), "model": cfg.model, "norm": cfg.norm, "width": cfg.width, "depth": cfg.depth,
+            "zca": bool(cfg.zca), "model": cfg.model, "norm": arch["norm"], "width": arch["width"],
+            "depth": arch["depth"],
             "taps": cfg.taps, "count": spec.count, "epochs": spec.epochs, "batch": POOL_BATCH, "lr": POOL_LR,
             "momentum": POOL_MOMENTUM, "weight_decay": POOL_WEIGHT_DECAY, "lr_decay": "x0.1 for the second half",
             "dsa": cfg.dsa_strategy if cfg.dsa else None, "seed": cfg.seed}

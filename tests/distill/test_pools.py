@@ -54,6 +54,11 @@ def test_pool_key_covers_what_defines_the_networks(tmp_path):
     # what does not define the weights does not change the key
     c = dataclasses.replace(d.cfg, ipc=3, method="dm", factor=2, iterations=50, lr_img=0.1)
     assert N.pool_key(N.pool_definition(c, d.train_set, parse_networks("pool:2:1"))) == base
+    # a default and the same value given explicitly build the same networks: one pool
+    assert d.cfg.width is None and d.cfg.depth is not None
+    for same in (dict(width=128), dict(width=128, norm="instancenorm")):
+        c = dataclasses.replace(d.cfg, **same)
+        assert N.pool_key(N.pool_definition(c, d.train_set, parse_networks("pool:2:1"))) == base, same
     d.close()
 
 
