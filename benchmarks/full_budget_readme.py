@@ -171,6 +171,11 @@ section.
 '''
 
 
+#: the IPC at which every variant of a method is run; above it, a method runs the variant that was
+#: best there (the ablation on the cheap cells, the chosen setting on the costly ones)
+SELECT_IPC = 1
+
+
 def best_variant(d: str, k: int, m: str) -> Optional[Dict]:
     """The best finished cell of ``m`` with the field's ingredients (factor 2, pool, both)."""
     found = [(c["mean"], v, c) for v in VARIANTS if (c := cell(d, k, f"{m}-{v}"))]
@@ -180,12 +185,66 @@ def best_variant(d: str, k: int, m: str) -> Optional[Dict]:
     return {**c, "variant": v, "variants_run": len(found)}
 
 
-def fmt_best(best: Optional[Dict]) -> str:
-    """The best variant, named; while some of the three are unfinished, of how many it is the best."""
+def chosen_variant(d: str, m: str) -> Optional[str]:
+    """The variant of ``m`` that IPC > :data:`SELECT_IPC` runs on ``d``: the best of the three at
+    :data:`SELECT_IPC`, once all three are finished there (None before)."""
+    if not all(cell(d, SELECT_IPC, f"{m}-{v}") for v in VARIANTS):
+        return None
+    return best_variant(d, SELECT_IPC, m)["variant"]
+
+
+def required_variants(d: str, k: int, m: str):
+    """The variant cells of ``m`` that the row (``d``, ``k``) needs: all three at :data:`SELECT_IPC`,
+    the chosen one above it (None while it is not decided yet)."""
+    if k == SELECT_IPC:
+        return list(VARIANTS)
+    v = chosen_variant(d, m)
+    return [v] if v else None
+
+
+def fmt_best(best: Optional[Dict], d: str = "", k: int = SELECT_IPC, m: str = "") -> str:
+    """The best variant, named; at :data:`SELECT_IPC` while some of the three are unfinished, of
+    how many it is the best; above it, whether it is the variant chosen at :data:`SELECT_IPC`."""
     if not best:
+        if k != SELECT_IPC and m:
+            v = chosen_variant(d, m)
+            return f"not run yet ({VARIANT_NAMES[v]}, the best at IPC {SELECT_IPC})" if v else \
+                f"not run yet (its best IPC {SELECT_IPC} variant, not decided yet)"
         return "not run yet"
+    if k != SELECT_IPC and m and best["variants_run"] == 1 and best["variant"] == chosen_variant(d, m):
+        return f"{fmt(best)} ({VARIANT_NAMES[best['variant']]}, the best at IPC {SELECT_IPC})"
     of = "" if best["variants_run"] == len(VARIANTS) else f"; {best['variants_run']} of {len(VARIANTS)} run"
     return f"{fmt(best)} ({VARIANT_NAMES[best['variant']]}{of})"
+
+
+def missing_cells(k_values=IPCS):
+    """(dataset, ipc, method) of every cell the field table still needs: the plain methods, all three
+    variants at :data:`SELECT_IPC` and the chosen one above it (a method whose choice is not made
+    yet: ``<method>-best``)."""
+    out = []
+    for d in DATASETS:
+        for k in k_values:
+            for m in MATCHING:
+                if not cell(d, k, m):
+                    out.append((d, k, m))
+                req = required_variants(d, k, m)
+                if req is None:
+                    out.append((d, k, f"{m}-best"))
+                else:
+                    out += [(d, k, f"{m}-{v}") for v in req if not cell(d, k, f"{m}-{v}")]
+    return out
+
+
+def fill_commands(missing) -> str:
+    """The driver commands that produce the missing cells that can be run now, one per dataset and IPC."""
+    lines = []
+    for d in DATASETS:
+        for k in IPCS:
+            ms = [m for dd, kk, m in missing if dd == d and kk == k and not m.endswith("-best")]
+            if ms:
+                lines.append("python benchmarks/full_budget_table.py --data-root ../shared/datasets --runs-dir "
+                             f"benchmarks/results/full_budget/runs --datasets {d} --ipcs {k} --methods {' '.join(ms)}")
+    return "\n".join(lines)
 
 
 def best_published(d: str, k: int):
@@ -225,7 +284,7 @@ def field_table() -> str:
             for m in MATCHING:
                 plain, best = cell(d, k, m), best_variant(d, k, m)
                 row.append(fmt(plain))
-                row.append(fmt_best(best))
+                row.append(fmt_best(best, d, k, m))
                 ours += [c for c in (plain, best) if c]
             pub = PUBLISHED_FIELD[(d, k)]
             row.append(", ".join(f"{a} {v}" for a, v in pub.items()))
@@ -252,8 +311,11 @@ def field_verdicts() -> str:
 
 
 def field_section() -> str:
-    missing = [f"{DATASETS[d]} IPC {k} `{m}`" for d in DATASETS for k in (1, 10)
-               for m in [*MATCHING, *(f"{m}-{v}" for m in MATCHING for v in VARIANTS)] if not cell(d, k, m)]
+    missing = missing_cells()
+    named = [f"{DATASETS[d]} IPC {k} `{m}`" if not m.endswith("-best") else
+             f"{DATASETS[d]} IPC {k} `{m[:-5]}` with its best IPC {SELECT_IPC} variant (not decided yet)"
+             for d, k, m in missing]
+    commands = fill_commands(missing)
     return f'''{FIELD_START}
 
 The same protocol as above (width-128 ConvNet, 2000 distillation iterations, 5 evaluation runs x
@@ -261,8 +323,10 @@ The same protocol as above (width-128 ConvNet, 2000 distillation iterations, 5 e
 DataDAM `paper`, DM and NCFM (batch-real 256), each plain and with the field's two ingredients:
 multi-formation (`--factor 2`) and matching in a trained network pool (`--networks {POOL}`: five
 networks trained half an epoch each, one pool per dataset in `benchmarks/results/full_budget/pools/`),
-alone and together; the column shows the best of the three with its name (and, until all three
-are finished, of how many it is the best). Produced by
+alone and together. At IPC {SELECT_IPC} all three are run and the column shows the best with its
+name (until all three are finished, of how many it is the best); at IPC 10 each method runs the
+variant that was best at IPC {SELECT_IPC} on the same dataset (the ablation on the cheap cells,
+the chosen setting on the ones that cost 3-5 hours of this CPU each), and the column names it. Produced by
 `python benchmarks/full_budget_table.py --data-root ../shared/datasets --runs-dir benchmarks/results/full_budget/runs --methods datadam-paper dm ncfm datadam-paper-f2 dm-f2 ncfm-f2 datadam-paper-pool dm-pool ncfm-pool datadam-paper-f2pool dm-f2pool ncfm-f2pool`
 (resumable, one JSON per cell); this section and the README table by
 `python benchmarks/full_budget_readme.py --write`. Test accuracy %, mean ± std; the verdict compares
@@ -276,7 +340,8 @@ Published numbers: {SOURCES["mnist"]}. Fashion-MNIST: {SOURCES["fashion_mnist"]}
 Every finished cell against the best published number of its row:
 
 {field_verdicts()}
-{("- Not run yet: " + ", ".join(missing) + ".") if missing else ""}
+{("- Not run yet: " + ", ".join(named) + ".") if named else ""}
+{(chr(10) + "The cells that can be run now (resumable; each writes its JSON as it finishes):" + chr(10) + chr(10) + "    " + commands.replace(chr(10), chr(10) + "    ") + chr(10)) if commands else ""}
 
 '''
 

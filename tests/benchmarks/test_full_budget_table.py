@@ -101,3 +101,29 @@ def test_field_verdicts_are_computed_against_the_best_published_number():
     assert fbr.judge({"mean": 82.0, "std": 0.5}, "fashion_mnist", 1).startswith("above IDC (+1.00)")
     assert fbr.judge({"mean": 80.8, "std": 0.5}, "fashion_mnist", 1).startswith("within one std of IDC")
     assert fbr.judge({"mean": 79.0, "std": 0.5}, "fashion_mnist", 1).startswith("below IDC (-2.00)")
+
+
+def test_ipc10_runs_the_variant_that_was_best_at_ipc1(monkeypatch):
+    """All three variants at IPC 1; above it, the one that was best there: undecided until the three
+    are finished, then that one cell is required (and named in the table)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import full_budget_readme as fbr
+    cells = {("mnist", 1, "dm-f2"): {"mean": 90.0, "std": 0.1}, ("mnist", 1, "dm-pool"): {"mean": 88.0, "std": 0.1}}
+    monkeypatch.setattr(fbr, "cell", lambda d, k, m: cells.get((d, k, m)))
+    assert fbr.chosen_variant("mnist", "dm") is None and fbr.required_variants("mnist", 10, "dm") is None
+    assert ("mnist", 10, "dm-best") in fbr.missing_cells()
+    assert "not decided yet" in fbr.fmt_best(None, "mnist", 10, "dm")
+    cells[("mnist", 1, "dm-f2pool")] = {"mean": 91.0, "std": 0.2}
+    assert fbr.chosen_variant("mnist", "dm") == "f2pool"
+    assert fbr.required_variants("mnist", 10, "dm") == ["f2pool"]
+    assert fbr.required_variants("mnist", 1, "dm") == list(fbr.VARIANTS)
+    missing = fbr.missing_cells()
+    assert ("mnist", 10, "dm-f2pool") in missing and ("mnist", 10, "dm-f2") not in missing
+    assert not any(m.startswith("dm-") for d, k, m in missing if (d, k) == ("mnist", 1))
+    assert "--datasets mnist --ipcs 10 --methods datadam-paper dm dm-f2pool ncfm\n" in fbr.fill_commands(missing) + "\n"
+    assert "dm-f2pool" in fbr.fill_commands(missing)
+    assert "factor 2 + pool, the best at IPC 1" in fbr.fmt_best(None, "mnist", 10, "dm")
+    cells[("mnist", 10, "dm-f2pool")] = {"mean": 97.0, "std": 0.1}
+    assert ("mnist", 10, "dm-f2pool") not in fbr.missing_cells()
+    best = fbr.best_variant("mnist", 10, "dm")
+    assert fbr.fmt_best(best, "mnist", 10, "dm") == "97.00 ± 0.10 (factor 2 + pool, the best at IPC 1)"
