@@ -16,7 +16,8 @@ from typing import Dict, Optional
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from full_budget_table import MATCHING, POOL, VARIANTS, cell_name  # noqa: E402
+from full_budget_table import MATCHING, POOL, SELECT_IPC, VARIANTS, cell_name  # noqa: E402
+import full_budget_table  # noqa: E402
 
 RESULTS = os.path.join(ROOT, "benchmarks", "results", "full_budget")
 DATASETS = {"mnist": "MNIST", "fashion_mnist": "Fashion-MNIST"}
@@ -171,11 +172,6 @@ section.
 '''
 
 
-#: the IPC at which every variant of a method is run; above it, a method runs the variant that was
-#: best there (the ablation on the cheap cells, the chosen setting on the costly ones)
-SELECT_IPC = 1
-
-
 def best_variant(d: str, k: int, m: str) -> Optional[Dict]:
     """The best finished cell of ``m`` with the field's ingredients (factor 2, pool, both)."""
     found = [(c["mean"], v, c) for v in VARIANTS if (c := cell(d, k, f"{m}-{v}"))]
@@ -186,11 +182,8 @@ def best_variant(d: str, k: int, m: str) -> Optional[Dict]:
 
 
 def chosen_variant(d: str, m: str) -> Optional[str]:
-    """The variant of ``m`` that IPC > :data:`SELECT_IPC` runs on ``d``: the best of the three at
-    :data:`SELECT_IPC`, once all three are finished there (None before)."""
-    if not all(cell(d, SELECT_IPC, f"{m}-{v}") for v in VARIANTS):
-        return None
-    return best_variant(d, SELECT_IPC, m)["variant"]
+    """The variant of ``m`` that IPC > :data:`SELECT_IPC` runs on ``d`` (the driver's own rule)."""
+    return full_budget_table.chosen_variant(lambda dd, k, mm: cell(dd, k, mm), d, m)
 
 
 def required_variants(d: str, k: int, m: str):
@@ -327,8 +320,9 @@ alone and together. At IPC {SELECT_IPC} all three are run and the column shows t
 name (until all three are finished, of how many it is the best); at IPC 10 each method runs the
 variant that was best at IPC {SELECT_IPC} on the same dataset (the ablation on the cheap cells,
 the chosen setting on the ones that cost 3-5 hours of this CPU each), and the column names it. Produced by
-`python benchmarks/full_budget_table.py --data-root ../shared/datasets --runs-dir benchmarks/results/full_budget/runs --methods datadam-paper dm ncfm datadam-paper-f2 dm-f2 ncfm-f2 datadam-paper-pool dm-pool ncfm-pool datadam-paper-f2pool dm-f2pool ncfm-f2pool`
-(resumable, one JSON per cell); this section and the README table by
+`python benchmarks/full_budget_table.py --data-root ../shared/datasets --runs-dir benchmarks/results/full_budget/runs --ipcs {SELECT_IPC} 10 --methods datadam-paper dm ncfm datadam-paper-best dm-best ncfm-best`
+(`<method>-best`: the three variants at IPC {SELECT_IPC}, the chosen one above it; resumable, one JSON
+per cell); this section and the README table by
 `python benchmarks/full_budget_readme.py --write`. Test accuracy %, mean ± std; the verdict compares
 our best cell of the row with the best published hard-label number (above; within one std, ours;
 below):

@@ -12,6 +12,9 @@ Cells: dataset x IPC x method, where a method is
                        same method with multi-formation (``--factor 2``), matching in a trained network
                        pool (``--networks`` :data:`POOL`, cached in ``--pool-dir`` and shared by every
                        cell of a dataset) or both: the field's two ingredients (see ``docs/usage.md``)
+* ``<method>-best``     for ``datadam-paper``, ``dm`` and ``ncfm``: the three variants at IPC 1; above
+                       it, the variant that was best at IPC 1 on the same dataset (read from the IPC 1
+                       cells' JSON; skipped, with a message, until all three are finished)
 * ``random``           the random real subset the runs start from (``--iterations 0``), evaluated on
                        the ``paper`` preset's network (InstanceNorm ConvNet)
 * ``random-official``  the same real subset, evaluated on the ``official`` preset's network (BatchNorm
@@ -61,6 +64,11 @@ METHODS = dict(BASE_METHODS)
 for _m in MATCHING:
     for _v, _extra in VARIANTS.items():
         METHODS[f"{_m}-{_v}"] = {**BASE_METHODS[_m], **_extra}
+#: ``<method>-best``: at :data:`SELECT_IPC` all three variants of the method; above it, the one of
+#: them that was best at :data:`SELECT_IPC` on the same dataset (the ablation runs on the cheap
+#: cells, the chosen setting on the costly ones)
+SELECT_IPC = 1
+BEST = {f"{m}-best": m for m in MATCHING}
 MIN_ITERATIONS = 2000
 TABLE_ORDER = ["random", "datadam-paper", "random-official", "datadam-official", "dm", "ncfm"] + [
     f"{m}-{v}" for m in MATCHING for v in VARIANTS]  # each baseline first
@@ -68,6 +76,44 @@ TABLE_ORDER = ["random", "datadam-paper", "random-official", "datadam-official",
 
 def cell_name(dataset: str, ipc: int, method: str) -> str:
     return f"{dataset}_ipc{ipc}_{method}"
+
+
+def chosen_variant(get, dataset: str, method: str) -> Optional[str]:
+    """The variant of ``method`` that runs above :data:`SELECT_IPC` on ``dataset``: the best mean of
+    the three at :data:`SELECT_IPC` (the first in :data:`VARIANTS` order on a tie), or None while
+    one of them is unfinished. ``get(dataset, ipc, method)``: that cell's JSON or None."""
+    found = [(c["mean"], v) for v in VARIANTS if (c := get(dataset, SELECT_IPC, f"{method}-{v}"))]
+    if len(found) < len(VARIANTS):
+        return None
+    return max(found, key=lambda t: t[0])[1]
+
+
+def read_cell(results_dir: str, dataset: str, ipc: int, method: str) -> Optional[Dict]:
+    path = os.path.join(results_dir, cell_name(dataset, ipc, method) + ".json")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def expand_method(results_dir: str, dataset: str, ipc: int, method: str) -> List[str]:
+    """The concrete cells that ``method`` names at (``dataset``, ``ipc``): itself, or for
+    ``<m>-best`` the three variants at :data:`SELECT_IPC` and the chosen one above it (none, with a
+    message, while the choice is not made)."""
+    if method not in BEST:
+        return [method]
+    base = BEST[method]
+    if ipc == SELECT_IPC:
+        return [f"{base}-{v}" for v in VARIANTS]
+    v = chosen_variant(lambda d, k, m: read_cell(results_dir, d, k, m), dataset, base)
+    if v is None:
+        print(f"[{cell_name(dataset, ipc, method)}] skipped: {method} at IPC {ipc} runs the variant of {base} "
+              f"that was best at IPC {SELECT_IPC}, and its three IPC {SELECT_IPC} cells are not all finished "
+              f"(run --ipcs {SELECT_IPC} --methods {method} first)", flush=True)
+        return []
+    print(f"[{cell_name(dataset, ipc, method)}] is {base}-{v}: the best of {base}'s variants at IPC "
+          f"{SELECT_IPC} on {dataset}", flush=True)
+    return [f"{base}-{v}"]
 
 
 def _atomic_json(obj, path: str) -> None:
@@ -229,8 +275,9 @@ def main(argv=None) -> int:
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--datasets", nargs="+", default=["mnist", "fashion_mnist"])
     ap.add_argument("--ipcs", type=int, nargs="+", default=[1, 10], help="add 50 for the optional column")
-    ap.add_argument("--methods", nargs="+", default=list(BASE_METHODS), choices=list(METHODS),
-                    help="cells to run (the -f2 / -pool / -f2pool variants only when named)")
+    ap.add_argument("--methods", nargs="+", default=list(BASE_METHODS), choices=[*METHODS, *BEST],
+                    help="cells to run (the -f2 / -pool / -f2pool variants only when named; <method>-best: all "
+                         f"three at IPC {SELECT_IPC}, above it the one that was best at IPC {SELECT_IPC})")
     ap.add_argument("--iterations", type=int, default=MIN_ITERATIONS,
                     help=f"distillation iterations (>= {MIN_ITERATIONS} for the table; less only with --tiny)")
     ap.add_argument("--eval-epochs", type=int, default=1000)
@@ -261,13 +308,13 @@ def main(argv=None) -> int:
     done = skipped = 0
     for d in args.datasets:
         for k in args.ipcs:
-            for m in args.methods:
+            for m in [c for name in args.methods for c in expand_method(args.results_dir, d, k, name)]:
                 cell = run_cell(args, d, k, m)
                 if cell is not None:
                     done += 1
                 else:
                     skipped += 1
-                write_table(args.results_dir, args.datasets, args.ipcs, args.methods)
+                write_table(args.results_dir, args.datasets, args.ipcs, [m for m in args.methods if m in METHODS])
     print(f"finished {done} cell(s) this time, {skipped} skipped/failed/already done; "
           f"table: {os.path.join(args.results_dir, 'table.md')}", flush=True)
     return 0

@@ -127,3 +127,24 @@ def test_ipc10_runs_the_variant_that_was_best_at_ipc1(monkeypatch):
     assert ("mnist", 10, "dm-f2pool") not in fbr.missing_cells()
     best = fbr.best_variant("mnist", 10, "dm")
     assert fbr.fmt_best(best, "mnist", 10, "dm") == "97.00 ± 0.10 (factor 2 + pool, the best at IPC 1)"
+
+
+def test_best_method_names_all_variants_at_ipc1_and_the_chosen_one_above(tmp_path, capsys):
+    """``<method>-best``: the three variants at IPC 1; above it nothing (with a message) until they
+    are all finished, then the one with the best mean; the driver accepts the name."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import full_budget_table as fbt
+    res = tmp_path / "results"
+    res.mkdir()
+    assert fbt.expand_method(str(res), "digits", 1, "dm-best") == ["dm-f2", "dm-pool", "dm-f2pool"]
+    assert fbt.expand_method(str(res), "digits", 1, "dm") == ["dm"]
+    for v, mean in (("f2", 80.0), ("pool", 82.5)):
+        (res / f"digits_ipc1_dm-{v}.json").write_text(json.dumps({"mean": mean, "std": 1.0}))
+    assert fbt.expand_method(str(res), "digits", 10, "dm-best") == []
+    assert "not all finished" in capsys.readouterr().out
+    (res / "digits_ipc1_dm-f2pool.json").write_text(json.dumps({"mean": 81.0, "std": 1.0}))
+    assert fbt.expand_method(str(res), "digits", 10, "dm-best") == ["dm-pool"]
+    assert fbt.expand_method(str(res), "mnist", 10, "dm-best") == []  # another dataset chooses for itself
+    # the driver: an undecided -best cell is skipped without running anything
+    out = _run(tmp_path / "drv", "--ipcs", "10", "--methods", "ncfm-best")
+    assert "skipped: ncfm-best at IPC 10" in out and "finished 0 cell(s)" in out
