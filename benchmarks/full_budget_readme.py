@@ -183,7 +183,7 @@ def best_variant(d: str, k: int, m: str) -> Optional[Dict]:
 
 def chosen_variant(d: str, m: str) -> Optional[str]:
     """The variant of ``m`` that IPC > :data:`SELECT_IPC` runs on ``d`` (the driver's own rule)."""
-    return full_budget_table.chosen_variant(lambda dd, k, mm: cell(dd, k, mm), d, m)
+    return full_budget_table.chosen_variant(cell, d, m)
 
 
 def required_variants(d: str, k: int, m: str):
@@ -210,13 +210,13 @@ def fmt_best(best: Optional[Dict], d: str = "", k: int = SELECT_IPC, m: str = ""
     return f"{fmt(best)} ({VARIANT_NAMES[best['variant']]}{of})"
 
 
-def missing_cells(k_values=IPCS):
+def missing_cells():
     """(dataset, ipc, method) of every cell the field table still needs: the plain methods, all three
     variants at :data:`SELECT_IPC` and the chosen one above it (a method whose choice is not made
     yet: ``<method>-best``)."""
     out = []
     for d in DATASETS:
-        for k in k_values:
+        for k in IPCS:
             for m in MATCHING:
                 if not cell(d, k, m):
                     out.append((d, k, m))
