@@ -303,6 +303,33 @@ def field_verdicts() -> str:
     return "\n".join(out) if out else "- No cell finished yet."
 
 
+EFFECTS = (("factor 2 over plain", "", "f2"), ("the pool over plain", "", "pool"),
+           ("the pool on top of factor 2", "f2", "f2pool"))
+
+
+def ingredient_effects() -> str:
+    """What each ingredient adds, read from every pair of finished cells that differ by it (same
+    dataset, IPC and method): the difference of means, and whether it is larger than the larger of
+    the two standard deviations."""
+    out = []
+    for label, base, with_ in EFFECTS:
+        pairs = []
+        for d, name in DATASETS.items():
+            for k in FIELD_IPCS:
+                for m in MATCHING:
+                    a = cell(d, k, f"{m}-{base}" if base else m)
+                    b = cell(d, k, f"{m}-{with_}")
+                    if a and b:
+                        pairs.append((f"{name} IPC {k} `{m}`", b["mean"] - a["mean"], max(a["std"], b["std"])))
+        if not pairs:
+            continue
+        up = sum(diff > spread for _, diff, spread in pairs)
+        down = sum(-diff > spread for _, diff, spread in pairs)
+        out.append(f"- {label}: " + ", ".join(f"{diff:+.2f} {where}" for where, diff, _ in pairs)
+                   + f" (higher by more than one std in {up} of {len(pairs)}, lower in {down}).")
+    return "\n".join(out) if out else "- No pair of cells finished yet."
+
+
 def field_section() -> str:
     missing = missing_cells()
     named = [f"{DATASETS[d]} IPC {k} `{m}`" if not m.endswith("-best") else
@@ -330,6 +357,10 @@ below):
 {field_table()}
 
 Published numbers: {SOURCES["mnist"]}. Fashion-MNIST: {SOURCES["fashion_mnist"]}. {NOT_RUN_50}.
+
+What each ingredient changes, from the pairs of finished cells that differ only by it:
+
+{ingredient_effects()}
 
 Every finished cell against the best published number of its row:
 

@@ -103,6 +103,27 @@ def test_field_verdicts_are_computed_against_the_best_published_number():
     assert fbr.judge({"mean": 79.0, "std": 0.5}, "fashion_mnist", 1).startswith("below IDC (-2.00)")
 
 
+def test_ingredient_effects_pair_cells_that_differ_by_one_ingredient(monkeypatch):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import full_budget_readme as fbr
+    cells = {("mnist", 1, "dm"): {"mean": 87.0, "std": 0.3}, ("mnist", 1, "dm-f2"): {"mean": 94.0, "std": 0.2},
+             ("mnist", 1, "dm-pool"): {"mean": 86.9, "std": 0.4}, ("mnist", 1, "dm-f2pool"): {"mean": 95.0, "std": 0.1},
+             ("fashion_mnist", 1, "ncfm"): {"mean": 70.0, "std": 0.5},
+             ("fashion_mnist", 1, "ncfm-pool"): {"mean": 69.0, "std": 0.2},
+             # an IPC 10 cell of the chosen variant alone pairs with nothing: no line claims it
+             ("mnist", 10, "dm-f2pool"): {"mean": 97.0, "std": 0.1}}
+    monkeypatch.setattr(fbr, "cell", lambda d, k, m: cells.get((d, k, m)))
+    lines = fbr.ingredient_effects().splitlines()
+    assert lines == [
+        "- factor 2 over plain: +7.00 MNIST IPC 1 `dm` (higher by more than one std in 1 of 1, lower in 0).",
+        "- the pool over plain: -0.10 MNIST IPC 1 `dm`, -1.00 Fashion-MNIST IPC 1 `ncfm` "
+        "(higher by more than one std in 0 of 2, lower in 1).",
+        "- the pool on top of factor 2: +1.00 MNIST IPC 1 `dm` (higher by more than one std in 1 of 1, lower in 0).",
+    ]
+    monkeypatch.setattr(fbr, "cell", lambda d, k, m: None)
+    assert fbr.ingredient_effects() == "- No pair of cells finished yet."
+
+
 def test_ipc10_runs_the_variant_that_was_best_at_ipc1(monkeypatch):
     """All three variants at IPC 1; above it, the one that was best there: undecided until the three
     are finished, then that one cell is required (and named in the table)."""
