@@ -10,6 +10,13 @@ import torch
 # a 2-core machine). Tests run the eager path unless they ask for compile=True explicitly (see
 # tests/distill/test_compiled.py); subprocesses inherit this.
 os.environ.setdefault("DATADAM_FAST_COMPILE", "0")
+# Under pytest-xdist each worker is a process of its own: torch's default of one intra-op thread per
+# core in every worker oversubscribes the cores, and the many small ops of the tests then wait on
+# contended threads (an MNIST pool build ran 2.2x slower with 2 threads than with 1 on a busy 2-core
+# machine). Each worker takes its share of the cores.
+_XDIST_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT") or 0)
+if _XDIST_WORKERS > 1:
+    torch.set_num_threads(max(1, torch.get_num_threads() // _XDIST_WORKERS))
 # A native crash in a subprocess (torchrun ranks, the CLI) prints the Python stack of every thread.
 os.environ.setdefault("PYTHONFAULTHANDLER", "1")
 
