@@ -81,10 +81,15 @@ def table() -> str:
     return "\n".join(lines)
 
 
+def cell_pairs(a: str, b: str, ipcs=IPCS):
+    """(dataset, ipc, cell of ``a``, cell of ``b``) over the rows where both finished."""
+    pairs = [(d, k, cell(d, k, a), cell(d, k, b)) for d in DATASETS for k in ipcs]
+    return [(d, k, ca, cb) for d, k, ca, cb in pairs if ca and cb]
+
+
 def diffs(a: str, b: str):
     """(dataset, ipc, mean of ``a`` - mean of ``b``) over the cells where both columns finished."""
-    pairs = [(d, k, cell(d, k, a), cell(d, k, b)) for d in DATASETS for k in IPCS]
-    return [(d, k, ca["mean"] - cb["mean"]) for d, k, ca, cb in pairs if ca and cb]
+    return [(d, k, ca["mean"] - cb["mean"]) for d, k, ca, cb in cell_pairs(a, b)]
 
 
 def verdict(method: str) -> str:
@@ -313,14 +318,11 @@ def ingredient_effects() -> str:
     the two standard deviations."""
     out = []
     for label, base, with_ in EFFECTS:
-        pairs = []
-        for d, name in DATASETS.items():
-            for k in FIELD_IPCS:
-                for m in MATCHING:
-                    a = cell(d, k, f"{m}-{base}" if base else m)
-                    b = cell(d, k, f"{m}-{with_}")
-                    if a and b:
-                        pairs.append((f"{name} IPC {k} `{m}`", b["mean"] - a["mean"], max(a["std"], b["std"])))
+        found = [(d, k, m, a, b) for m in MATCHING
+                 for d, k, b, a in cell_pairs(f"{m}-{with_}", f"{m}-{base}" if base else m, FIELD_IPCS)]
+        found.sort(key=lambda t: (list(DATASETS).index(t[0]), t[1]))  # the table's row order
+        pairs = [(f"{DATASETS[d]} IPC {k} `{m}`", b["mean"] - a["mean"], max(a["std"], b["std"]))
+                 for d, k, m, a, b in found]
         if not pairs:
             continue
         up = sum(diff > spread for _, diff, spread in pairs)
